@@ -1,0 +1,1 @@
+"""Benchmarks and comparison reports (not built yet)."""

@@ -1,0 +1,1 @@
+"""Images: matrix → locks → Dockerfiles → built images."""

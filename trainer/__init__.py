@@ -1,0 +1,1 @@
+"""The bundled GRPO trainer (megatron-core, CPU and GPU)."""
