@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from matrix.errors import MatrixError, Problem
-from matrix.rules import check_matrix
+from matrix.rules import check_matrix, check_references
 from matrix.schema import Matrix, pattern_names
 
 PATTERN_NAMES = pattern_names()
@@ -159,9 +159,11 @@ def load_matrix(path: str | Path = DEFAULT_MATRIX_PATH) -> Matrix:
         matrix = Matrix.model_validate(data)
     except ValidationError as exc:
         problems += _problems_from_validation(exc, file, where)
+        findings = list(check_references(data))
         rest = _valid_remainder(data)
         if rest is not None:  # cross-check what did validate, so one pass reports everything
-            problems += [Problem(file, where.line(p), _dotted(p), msg) for p, msg in check_matrix(rest)]
+            findings += check_matrix(rest, references=False)
+        problems += [Problem(file, where.line(p), _dotted(p), msg) for p, msg in findings]
         raise MatrixError(problems) from None
     problems += [Problem(file, where.line(p), _dotted(p), msg) for p, msg in check_matrix(matrix)]
     if problems:

@@ -35,19 +35,30 @@ def _names(entries: dict) -> str:
     return ", ".join(sorted(entries)) or "(none defined)"
 
 
-def check_references(m: Matrix) -> Iterator[Finding]:
-    for name, r in m.recipes.items():
-        for key, table in (("model", m.models), ("image", m.images), ("layout", m.layouts)):
-            target = getattr(r, key)
-            if target not in table:
+def check_references(data: dict) -> Iterator[Finding]:
+    """Names used by recipes, gates and benchmarks exist. Works on raw YAML data too, so a reference is
+    checked even when the entry it names failed validation (it is defined, only invalid)."""
+
+    def section(key: str) -> dict:
+        value = data.get(key)
+        return value if isinstance(value, dict) else {}
+
+    def entries(key: str):
+        return ((n, e) for n, e in section(key).items() if isinstance(e, dict))
+
+    recipes = section("recipes")
+    for name, r in entries("recipes"):
+        for key in ("model", "image", "layout"):
+            table, target = section(key + "s"), r.get(key)
+            if isinstance(target, str) and target not in table:
                 yield ("recipes", name, key), f"'{target}' is not defined under {key}s; defined: {_names(table)}"
-    for name, g in m.gates.items():
-        if g.recipe not in m.recipes:
-            yield ("gates", name, "recipe"), f"'{g.recipe}' is not a recipe; recipes: {_names(m.recipes)}"
-    for name, b in m.benchmarks.items():
-        for i, recipe in enumerate(b.recipes):
-            if recipe not in m.recipes:
-                yield ("benchmarks", name, "recipes", i), f"'{recipe}' is not a recipe; recipes: {_names(m.recipes)}"
+    for name, g in entries("gates"):
+        if isinstance(g.get("recipe"), str) and g["recipe"] not in recipes:
+            yield ("gates", name, "recipe"), f"'{g['recipe']}' is not a recipe; recipes: {_names(recipes)}"
+    for name, b in entries("benchmarks"):
+        for i, recipe in enumerate(b.get("recipes") or []):
+            if isinstance(recipe, str) and recipe not in recipes:
+                yield ("benchmarks", name, "recipes", i), f"'{recipe}' is not a recipe; recipes: {_names(recipes)}"
 
 
 def check_model(name: str, model: Model) -> Iterator[Finding]:
@@ -169,16 +180,16 @@ def check_gate(name: str, g: Gate, m: Matrix) -> Iterator[Finding]:
             yield at, msg
 
 
-def check_matrix(m: Matrix) -> list[Finding]:
+def check_matrix(m: Matrix, *, references: bool = True) -> list[Finding]:
     """All cross-entry findings; reference errors first, since later checks assume resolved names."""
-    findings = list(check_references(m))
+    findings = list(check_references(m.model_dump())) if references else []
     for name, model in m.models.items():
         findings += check_model(name, model)
-    broken = {f[0][1] for f in findings if f[0][0] in ("recipes", "gates", "benchmarks")}
+    unresolved = {f[0][1] for f in check_references(m.model_dump())}
     for name, r in m.recipes.items():
-        if name not in broken:
+        if name not in unresolved:
             findings += check_recipe(name, r, m)
     for name, g in m.gates.items():
-        if name not in broken and g.recipe not in broken and g.recipe in m.recipes:
+        if name not in unresolved and g.recipe not in unresolved and g.recipe in m.recipes:
             findings += check_gate(name, g, m)
     return findings

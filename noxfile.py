@@ -1,0 +1,96 @@
+"""The workflow: every user-facing action is a nox session (thin: install, parse posargs, call a package).
+
+`nox -l` lists them. Heavy sessions (train, tests) install the CPU torch stack; the matrix and image
+sessions install only the light dependency groups of pyproject.toml. torch is installed with pip (the
+virtualenv backend), because pip sees the CPU wheel configured for this machine and uv would fetch CUDA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.5.1"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["matrix"]  # a bare `nox` only validates the matrix
+
+PYTHON = "3.11"
+PYPROJECT = nox.project.load_toml(Path(__file__).parent / "pyproject.toml")
+
+
+def _install_light(session: nox.Session, group: str) -> None:
+    session.install(*nox.project.dependency_groups(PYPROJECT, group))
+    session.install("--no-deps", "-e", ".")
+
+
+def _not_built(session: nox.Session, what: str) -> None:
+    session.error(f"{what} is not built yet (see ../shared/ROADMAP.md); nothing was run")
+
+
+@nox.session(python=PYTHON)
+def matrix(session: nox.Session) -> None:
+    """Validate matrix.yaml and show its recipes (`-- --json` for the resolved form, `-- --file F`)."""
+    _install_light(session, "matrix")
+    session.run("python", "-m", "matrix", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def train(session: nox.Session) -> None:
+    """Train a recipe (default: the embedded CPU demo): `nox -s train -- RECIPE key=value ...`."""
+    session.install("-e", ".")
+    session.run("python", "-m", "trainer", *(session.posargs or ["demo"]))
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (CI runs exactly this); posargs go to pytest, e.g. `-- -m 'not slow'`."""
+    session.install("-e", ".[images,bench,grading,dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lock(session: nox.Session) -> None:
+    """Resolve each image's Python set with hashes into images/locks/ (`-- --check` is offline)."""
+    _install_light(session, "images")
+    session.run("python", "-m", "images", "lock", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def render(session: nox.Session) -> None:
+    """Render build/images/<image>/Dockerfile and build/docker-bake.json from the matrix and locks."""
+    _install_light(session, "images")
+    session.run("python", "-m", "images", "render", *session.posargs)
+
+
+@nox.session(python=PYTHON, requires=["render"])
+def lint(session: nox.Session) -> None:
+    """hadolint over every rendered Dockerfile."""
+    _install_light(session, "images")
+    session.run("python", "-m", "images", "lint", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Build images: `-- IMAGE ... [--backend docker|podman|buildah] [--dry-run]`."""
+    _install_light(session, "images")
+    session.run("python", "-m", "images", "build", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def equivalence(session: nox.Session) -> None:
+    """Run the layout-equivalence gates of the matrix (CP=1 against CP>1 first)."""
+    _not_built(session, "The equivalence gates")
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Run benchmark suites of the matrix."""
+    _not_built(session, "Benchmarking")
+
+
+@nox.session(python=PYTHON, default=False)
+def report(session: nox.Session) -> None:
+    """Write a comparison report of benchmark results (baseline = first)."""
+    _not_built(session, "Reporting")
