@@ -54,7 +54,9 @@ def agg_loss(
     """
     if not isinstance(global_denominator, torch.Tensor) and global_denominator <= 0:
         # tensors are not checked: .item() would be a device sync on every micro-batch
-        raise ValueError(f"global_denominator must be > 0 (no response tokens in the batch?), got {global_denominator}")
+        raise ValueError(
+            f"global_denominator must be > 0 (no response tokens in the batch?), got {global_denominator}"
+        )
     denom = torch.as_tensor(global_denominator, dtype=loss.dtype, device=loss.device)
     return AGG_MODES.get(mode)(loss, mask) / denom
 

@@ -95,6 +95,12 @@ def dual_clip_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """verl's dual-clip PPO loss (``clip_ratio_c`` = 3.0, no constant cap); shapes as in the module doc."""
     return ppo_clip_loss(
-        logp, old_logp, advantages, mask,
-        clip_low=clip_low, clip_high=clip_high, loss_cap=None, dual_clip_c=dual_clip_c,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        loss_cap=None,
+        dual_clip_c=dual_clip_c,
     )

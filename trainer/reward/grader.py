@@ -1,0 +1,135 @@
+"""Rule rewards for math answers: ``score(response, ground_truth, grader) -> 1.0 | 0.0``.
+
+Graders are registered by name and compare an extracted answer with the ground truth:
+
+* ``"hendrycks"`` (default; ChatLearn / verl MATH parity): normalised exact match
+  (:mod:`trainer.reward.normalize`). Pure string work, linear in the (bounded) answer length.
+* ``"math-verify"``: symbolic equivalence via the ``math-verify`` package (HuggingFace), imported only
+  when this grader is selected.
+
+Bounds on hostile outputs (a reward must never crash or stall a training step): only the last 64 KiB of
+a response are searched, boxes nested deeper than 64 are refused (``extract.py``), and before any
+sympy parsing :func:`sympy_safe` refuses long answers, exponent towers (``10^{10^{10}}``,
+``9**9**9**9``), huge integer exponents and huge factorials. math-verify's own ``signal.alarm`` timeouts
+are passed too, but they only work in the main thread and cannot interrupt one long C-level big-integer
+operation, which is why the screen comes first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import threading
+from collections.abc import Callable
+
+from trainer.algo.registry import Registry
+from trainer.reward.extract import MAX_RESPONSE_CHARS, last_boxed
+from trainer.reward.normalize import is_equiv
+
+logger = logging.getLogger(__name__)
+
+GRADERS = Registry("grader")
+register_grader = GRADERS.register
+
+SYMPY_MAX_CHARS = 1000  # MATH ground truths are far shorter; longer "answers" are not worth parsing
+MAX_EXPONENT = 10_000  # 2^10000 has 3011 digits: cheap; 9^(9^9) has 3.7e8 digits: a stall
+MAX_FACTORIAL_DIGITS = 4  # 9999! is fast; 10^5! is not
+
+_POWER = re.compile(r"\^|\*\*")
+_TOKEN = re.compile(r"\s*([-+]?[\w.\\]+)")
+_FACTORIAL = re.compile(r"(\d+)\s*!")
+
+
+class GraderUnavailableError(ImportError):
+    """The selected grader needs a package that is not installed; the message names the pip command."""
+
+
+def _operand(expr: str, pos: int) -> tuple[str, int]:
+    """The exponent operand starting at ``pos`` (brace/paren group or token) and the index after it."""
+    rest = expr[pos:].lstrip()
+    start = len(expr) - len(rest)
+    if rest[:1] in ("{", "("):
+        close = "}" if rest[0] == "{" else ")"
+        depth = 0
+        for i in range(start, len(expr)):
+            depth += expr[i] == rest[0]
+            depth -= expr[i] == close
+            if depth == 0:
+                return expr[start + 1 : i], i + 1
+        return expr[start:], len(expr)  # unbalanced: the whole rest is the operand
+    match = _TOKEN.match(expr, start)
+    return (match.group(1), match.end()) if match else ("", start)
+
+
+def sympy_safe(expr: str, max_chars: int = SYMPY_MAX_CHARS) -> bool:
+    """Whether ``expr`` is small enough to hand to a symbolic parser/evaluator without risk of a stall."""
+    if len(expr) > max_chars:
+        return False
+    if any(len(m.group(1)) > MAX_FACTORIAL_DIGITS for m in _FACTORIAL.finditer(expr)):
+        return False
+    for power in _POWER.finditer(expr):
+        operand, end = _operand(expr, power.end())
+        if _POWER.search(operand) or _POWER.match(expr[end:].lstrip()):
+            return False  # a tower: the exponent itself is a power, or the power is chained
+        digits = operand.strip().lstrip("+-")
+        if digits.isdigit() and (len(digits) > 6 or int(digits) > MAX_EXPONENT):
+            return False
+    return True
+
+
+@register_grader("hendrycks")
+def hendrycks_grader(answer: str, ground_truth: str) -> bool:
+    """Hendrycks MATH normalised exact match (ChatLearn / verl ``math.compute_score``)."""
+    return is_equiv(answer, ground_truth)
+
+
+@register_grader("math-verify")
+def math_verify_grader(answer: str, ground_truth: str, timeout_s: int = 5) -> bool:
+    """Symbolic equivalence with ``math_verify.verify`` after the :func:`sympy_safe` screen."""
+    math_verify = _import_math_verify()
+    if not (sympy_safe(answer) and sympy_safe(ground_truth)):
+        return False
+    # signal-based timeouts raise outside the main thread; there the screen above is the only bound
+    timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
+    gold = math_verify.parse("\\boxed{" + ground_truth + "}", parsing_timeout=timeout)
+    pred = math_verify.parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+    return bool(gold and pred and math_verify.verify(gold, pred, timeout_seconds=timeout))
+
+
+def _import_math_verify():
+    """Import ``math_verify`` or raise :class:`GraderUnavailableError` with the install command."""
+    try:
+        return importlib.import_module("math_verify")
+    except ImportError as exc:
+        raise GraderUnavailableError(
+            "grader 'math-verify' needs the math-verify package: pip install math-verify "
+            "(or pip install 'grpo-stack[grading]'); the default grader 'hendrycks' needs nothing"
+        ) from exc
+
+
+def get_grader(name: str = "hendrycks") -> Callable[[str, str], bool]:
+    """The grader registered as ``name``; fails now (not at the first reward) if its package is missing."""
+    fn = GRADERS.get(name)
+    if fn is math_verify_grader:
+        _import_math_verify()
+    return fn
+
+
+def score(
+    response: str, ground_truth: str | None, grader: str = "hendrycks", max_chars: int = MAX_RESPONSE_CHARS
+) -> float:
+    """1.0 if the last boxed answer of ``response`` equals ``ground_truth`` under ``grader``, else 0.0.
+
+    A missing or unparseable answer, and any error inside the grader, score 0.0; an unknown or
+    uninstalled grader raises.
+    """
+    grade = get_grader(grader)
+    answer = last_boxed(response, max_chars=max_chars)
+    if answer is None or ground_truth is None:
+        return 0.0
+    try:
+        return 1.0 if grade(answer, ground_truth) else 0.0
+    except Exception:  # a reward bug must cost one sample, not the run
+        logger.debug("grader %r failed on answer %.200r", grader, answer, exc_info=True)
+        return 0.0
