@@ -255,7 +255,10 @@ class Run(Strict):
     episodes: PositiveInt
     seed: int = 1234
     checkpoint_every: NonNegativeInt = 0
+    """Episodes between checkpoints; 0 → only at the end."""
     full_recompute: bool = False
+    warm_start_steps: NonNegativeInt = 0
+    """Supervised steps on the demo task's answer format before GRPO (the embedded demo's tiny model)."""
 
 
 class Recipe(Strict):

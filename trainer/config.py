@@ -1,0 +1,87 @@
+"""A recipe resolved from the matrix plus `key=value` overrides, checked like the matrix itself.
+
+Overrides address the recipe's own fields with dotted keys (`grpo.lr=5e-4`, `run.episodes=3`,
+`layout=tp2`); values are parsed as YAML scalars, so `1e-3`, `true` and `null` have their usual types.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from matrix import DEFAULT_MATRIX_PATH, MatrixError, ResolvedRecipe, load_matrix
+from matrix.rules import check_recipe
+from matrix.schema import Recipe
+
+
+class TrainerInputError(Exception):
+    """Bad input to the trainer (recipe name, override, environment): one line, exit code 2."""
+
+
+def _apply(recipe: dict, key: str, value: object) -> None:
+    *parents, leaf = key.split(".")
+    node = recipe
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            valid = ", ".join(k for k, v in node.items() if isinstance(v, dict))
+            raise TrainerInputError(f"override '{key}': '{part}' is not a section of the recipe; sections: {valid}")
+        node = child
+    if leaf not in node:
+        raise TrainerInputError(f"override '{key}': unknown key '{leaf}'; valid keys here: {', '.join(node)}")
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    parsed = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise TrainerInputError(f"argument '{item}': expected key=value (e.g. grpo.lr=5e-4 or run.episodes=3)")
+        parsed[key.strip()] = _scalar(item, text)
+    return parsed
+
+
+def _scalar(item: str, text: str) -> object:
+    for number in (int, float):  # YAML 1.1 reads "5e-4" as a string; users mean a number
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        raise TrainerInputError(f"override '{item}': the value is not a YAML scalar") from None
+
+
+def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | Path = DEFAULT_MATRIX_PATH
+            ) -> ResolvedRecipe:
+    """Load the matrix, apply overrides to one recipe, re-check it against the matrix's rules."""
+    try:
+        m = load_matrix(matrix_path)
+    except MatrixError as exc:
+        raise TrainerInputError(str(exc)) from None
+    if recipe_name not in m.recipes:
+        raise TrainerInputError(f"unknown recipe '{recipe_name}'; recipes: {', '.join(m.recipes)}")
+    data = m.recipes[recipe_name].model_dump()
+    for key, value in overrides.items():
+        _apply(data, key, value)
+    shown = " ".join(f"{k}={v}" for k, v in overrides.items())
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TrainerInputError(f"override {shown}: {where}: {first['input']!r}: {first['msg']}") from None
+    m = m.model_copy(update={"recipes": {**m.recipes, recipe_name: recipe}})
+    for key in ("model", "image", "layout"):
+        table = getattr(m, key + "s")
+        if getattr(recipe, key) not in table:
+            raise TrainerInputError(f"override {shown}: {key} '{getattr(recipe, key)}' is not defined; "
+                                    f"defined: {', '.join(table)}")
+    problems = [f"{'.'.join(map(str, path))}: {msg}" for path, msg in check_recipe(recipe_name, recipe, m)]
+    if problems:
+        raise TrainerInputError(f"recipe {recipe_name} with {shown or 'no overrides'}: {problems[0]}")
+    return m.resolve(recipe_name)

@@ -1,0 +1,101 @@
+"""Per-episode metrics: `metrics.jsonl` always (one flushed line per episode), TensorBoard and W&B on request.
+
+metrics.jsonl is the only interface between the trainer and `bench/`: keys are stable and flat
+(`reward/mean`, `time/rollout`, `throughput/tokens_per_s`, ...). Loggers that are off are not called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from trainer.atomic import write_bytes, write_json
+
+STAGES = ("rollout", "old_logprob", "ref_logprob", "reward", "train", "sync", "eval", "checkpoint")
+
+
+class StageTimer:
+    """Seconds per loop stage for one episode; every stage of STAGES is reported, 0.0 when it did not run."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/episode": sum(self.seconds.values())}
+
+
+def length_stats(lengths: torch.Tensor, max_len: int) -> dict[str, float]:
+    """Response length mean, p25/p50/p75, max and the share that hit the limit (ChatLearn's set)."""
+    x = lengths.float()
+    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75]))
+    return {"response_length/mean": x.mean().item(), "response_length/p25": q[0].item(),
+            "response_length/p50": q[1].item(), "response_length/p75": q[2].item(),
+            "response_length/max": x.max().item(),
+            "response_length/clip_ratio": (lengths >= max_len).float().mean().item()}
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = False, wandb_project: str | None = None,
+                 config: dict | None = None):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self._sinks = []
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the `logging` extra
+
+            writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self._sinks.append(lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()
+                                                  if isinstance(v, int | float)])
+        if wandb_project:
+            import wandb  # needs the `logging` extra and WANDB_API_KEY
+
+            run = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
+            self._sinks.append(lambda step, row: run.log(row, step=step))
+
+    def truncate_after(self, episode: int) -> None:
+        """Drop rows past `episode` (a resumed run rewrites what followed its checkpoint)."""
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["episode"] <= episode]
+        write_bytes(self.path, "".join(r + "\n" for r in rows).encode())
+
+    def log(self, episode: int, row: dict) -> None:
+        row = {"episode": episode, **row}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for sink in self._sinks:
+            sink(episode, row)
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, extra: dict) -> dict:
+        """summary.json: first/last values of the main metrics plus `extra` (run dir, recipe, status)."""
+        rows = self.rows()
+        rewards = [r["reward/mean"] for r in rows]
+        tenth = max(1, len(rewards) // 10)
+        summary = {"episodes": len(rows), **extra}
+        if rewards:
+            summary |= {"reward/first": rewards[0], "reward/last": rewards[-1],
+                        "reward/first_10pct_mean": sum(rewards[:tenth]) / tenth,
+                        "reward/last_10pct_mean": sum(rewards[-tenth:]) / tenth,
+                        "throughput/tokens_per_s_mean": sum(r["throughput/tokens_per_s"] for r in rows) / len(rows)}
+        write_json(self.run_dir / "summary.json", summary)
+        return summary

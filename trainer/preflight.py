@@ -1,0 +1,56 @@
+"""Before anything heavy: can this machine run the recipe? Lists everything missing at once, in seconds.
+
+A recipe for GPUs, a GPU rollout engine, hub weights or a dataset fails here with what exactly is missing
+and how to get it, instead of an hour into a job.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from matrix import ResolvedRecipe
+
+IMPLEMENTED_FAMILIES = {"megatron": {"qwen2", "qwen3"}}
+IMAGE_ENV = "GRPO_STACK_IMAGE"  # set inside images built by `nox -s build`
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _hub_weights_present(hf_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(hf_id, "config.json"), str)
+
+
+def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
+    """Human-readable list of what this machine lacks for recipe `r` (empty: it can run)."""
+    recipe, problems = r.recipe, []
+    if r.model.family not in IMPLEMENTED_FAMILIES.get(recipe.trainer, set()):
+        built = ", ".join(sorted(IMPLEMENTED_FAMILIES.get(recipe.trainer, set()))) or "none"
+        problems.append(f"the {recipe.trainer} trainer backend does not build family {r.model.family} yet "
+                        f"(built: {built})")
+    gpu_recipe = recipe.image != "cpu" or recipe.rollout.engine != "torch"
+    if gpu_recipe:
+        have = _gpu_count()
+        if have < recipe.gpus:
+            problems.append(f"{recipe.gpus} GPUs (layout {recipe.layout}, min {r.min_gpus}), this machine has {have}")
+        inside = os.environ.get(IMAGE_ENV)
+        if inside != recipe.image:
+            problems.append(f"image {recipe.image} (running {'in ' + inside if inside else 'outside any image'}; "
+                            f"build it with `nox -s build -- {recipe.image}`)")
+    if recipe.rollout.engine in ("vllm", "sglang") and importlib.util.find_spec(recipe.rollout.engine) is None:
+        problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; it ships in image {recipe.image})")
+    if r.model.hf_id and not _hub_weights_present(r.model.hf_id):
+        problems.append(f"weights of {r.model.hf_id} (not in the Hugging Face cache; download them first, e.g. "
+                        f"`huggingface-cli download {r.model.hf_id}`)")
+    if recipe.data.path and not (root / recipe.data.path).is_file():
+        problems.append(f"data file {recipe.data.path} (preprocess MATH-lighteval into it first)")
+    return problems
