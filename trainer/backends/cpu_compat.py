@@ -1,0 +1,153 @@
+"""Make megatron-core 0.16.1 run on a machine without CUDA, by patching objects in memory.
+
+megatron-core assumes a CUDA device in a handful of places that are not about compute: the current
+device id, streams and events, a scratch buffer allocated on the GPU, and the CUDA RNG tracker. On CPU
+each has an exact CPU meaning (one device, synchronous execution, CPU RNG), so the patches below
+provide it. Megatron's files on disk are never edited (STYLE §3); everything here is undone by a new
+interpreter. ``install()`` is a no-op when CUDA is available and idempotent otherwise.
+
+Measured needs are listed in shared/REFERENCE.md §10.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_INSTALLED = False
+
+
+class _CpuStream:
+    """A CUDA stream on CPU: work is already ordered and synchronous, so every wait is immediate."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class _CpuEvent:
+    """A CUDA event on CPU: recorded work has already finished when the call returns."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _cpu_stream_context(stream):
+    return contextlib.nullcontext()
+
+
+def _patch_torch_cuda() -> None:
+    # megatron allocates with device=torch.cuda.current_device(); "cpu" is a valid device for those calls.
+    torch.cuda.current_device = lambda: "cpu"
+    # Streams / events order GPU work (PP p2p, activation offload); CPU execution is already ordered.
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
+    torch.cuda.stream = _cpu_stream_context
+
+
+def _patch_memory_buffer() -> None:
+    from megatron.core import utils
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        # The original allocates its scratch buffer on the CUDA device; same logic, on CPU.
+        numel = 1
+        for size in tensor_shape:
+            numel *= size
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype, device="cpu")
+        return buf[0:numel].view(*tensor_shape)
+
+    utils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random
+
+    tracker = random.CudaRNGStatesTracker
+
+    def add(self, name, seed):
+        # The original seeds a CUDA generator; the CPU twin keeps a CPU generator state per name.
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator(device="cpu").manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name=random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        # Swap the named state into the default CPU generator for the block (dropout in TP regions),
+        # then store its advance and restore the caller's state, as the CUDA version does on the GPU.
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    tracker.add = add
+    tracker.fork = fork
+
+
+def _patch_moe_utils() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    # Only defined when Transformer Engine imports; the router checks `te_general_gemm is not None`
+    # and falls back to torch matmuls, so None is the correct value without TE.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def install() -> bool:
+    """Apply the CPU patches once. Returns True if the patches are (now) active, False on a CUDA machine."""
+    global _INSTALLED
+    if torch.cuda.is_available():
+        return False
+    if not _INSTALLED:
+        _patch_torch_cuda()
+        _patch_memory_buffer()
+        _patch_rng_tracker()
+        _patch_moe_utils()
+        _INSTALLED = True
+    return True
+
+
+def installed() -> bool:
+    """Whether ``install()`` has patched this interpreter."""
+    return _INSTALLED

@@ -1,0 +1,71 @@
+"""torch.distributed (gloo) and megatron ``parallel_state`` set-up and tear-down for one layout.
+
+Today the trainer runs as one process (world size 1, every degree 1). The same entry point takes the
+layout's degrees so multi-process gloo layouts (TP/PP/CP/EP on CPU) only add a launcher: each process
+calls ``init_process_groups`` with its rank and the world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from matrix.schema import Layout
+from trainer.backends import cpu_compat
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for MASTER_PORT of a single-process group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -> None:
+    """Initialise gloo and megatron's model-parallel groups with the layout's degrees.
+
+    Idempotent for the process: an existing default group is reused (its world size must match).
+    """
+    cpu_compat.install()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"torch.distributed already has world size {dist.get_world_size()}, "
+            f"this layout asks for {world_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+    )
+
+
+def destroy_process_groups() -> None:
+    """Undo ``init_process_groups`` so another layout (or test) can start in the same process."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_groups(layout: Layout | None = None) -> Iterator[None]:
+    """``init_process_groups`` for a block, torn down afterwards (tests, one-off conversions)."""
+    init_process_groups(layout or Layout())
+    try:
+        yield
+    finally:
+        destroy_process_groups()

@@ -1,0 +1,169 @@
+"""The CPU rollout engine: a transformers model with a KV cache, batched sampling of left-padded prompts.
+
+The model is ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` built from the matrix shape's HF config, so the
+weights the trainer pushes under HF names (``weight_map``) load by name, as they will into vLLM / SGLang.
+Decoding: one prefill of the left-padded batch, then one token per step for every live sequence, with a
+``DynamicCache``; a sequence stops at EOS / a stop token ("stop") or after ``max_tokens`` ("length").
+Sampling draws from one ``torch.Generator`` seeded by ``SamplingParams.seed``, so runs are repeatable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig
+
+from matrix.schema import Model
+from trainer.models.config import hf_config as hf_config_of
+from trainer.rollout.base import RolloutOutput, SamplingParams
+
+
+def filter_logits(logits: Tensor, *, top_k: int, top_p: float) -> Tensor:
+    """Logits (B, V) with tokens outside top-k and outside the top-p nucleus set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
+    """Next token ids (B,) from logits (B, V) under ``params``; argmax at temperature 0."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(
+        filter_logits(logits / params.temperature, top_k=params.top_k, top_p=params.top_p), dim=-1
+    )
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TorchEngine:
+    """Rollout engine on CPU (or any torch device) over a transformers causal LM.
+
+    ``model``: a matrix ``Model`` (its HF config is derived by ``trainer.models.config.hf_config``) or a
+    transformers config. ``decode`` turns token ids into text; ``eos_token_id`` (optional) always stops a
+    sequence, in addition to ``SamplingParams.stop_token_ids``.
+    """
+
+    def __init__(
+        self,
+        model: Model | PretrainedConfig,
+        *,
+        decode: Callable[[list[int]], str],
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        seed: int = 0,
+    ):
+        hf_config = model if isinstance(model, PretrainedConfig) else hf_config_of(model)
+        dtype = getattr(hf_config, "dtype", None) or torch.float32
+        rng = torch.get_rng_state()
+        torch.manual_seed(seed)  # initial weights only matter until the first update_weights
+        try:
+            self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        finally:
+            torch.set_rng_state(rng)
+        self.model.eval().requires_grad_(False)
+        self.decode = decode
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy tensors into the parameters of the same HF name; unknown names and shape mismatches raise."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"engine model has no parameter {name!r}")
+                if params[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"{name}: got shape {tuple(tensor.shape)}, engine has {tuple(params[name].shape)}"
+                    )
+                params[name].copy_(tensor)
+
+    def sleep(self) -> None:
+        """No-op: the KV cache lives only inside ``generate`` and the CPU shares no device with the trainer."""
+
+    def wake(self) -> None:
+        """No-op, see ``sleep``."""
+
+    # ------------------------------------------------------------------ generation
+
+    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """input_ids and attention_mask (B, L), prompts right-aligned."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {row} is empty")
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        return ids, mask
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[RolloutOutput]:
+        """Sample up to ``params.max_tokens`` tokens after each prompt; see ``RolloutOutput``."""
+        if not prompts:
+            return []
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        generator = torch.Generator().manual_seed(seed)
+        stop_ids = set(params.stop_token_ids) | (
+            {self.eos_token_id} if self.eos_token_id is not None else set()
+        )
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
+
+        ids, mask = self._left_pad(prompts)
+        batch = ids.shape[0]
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        tokens = torch.zeros((batch, params.max_tokens), dtype=torch.long)
+        logprobs = torch.zeros((batch, params.max_tokens), dtype=torch.float32)
+        lengths = torch.full((batch,), params.max_tokens, dtype=torch.long)
+        finished = torch.zeros(batch, dtype=torch.bool)
+
+        step_ids, step_pos = ids, positions
+        for step in range(params.max_tokens):
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1].float()  # (B, V)
+            next_ids = sample(logits, params, generator)
+            tokens[:, step] = next_ids
+            logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(-1, next_ids[:, None]).squeeze(-1)
+            hit = torch.isin(next_ids, stop) & ~finished
+            lengths[hit] = step + 1
+            finished |= hit
+            if bool(finished.all()):
+                break
+            step_ids = next_ids[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=-1)
+
+        outputs = []
+        for row, prompt in enumerate(prompts):
+            n = int(lengths[row])
+            seq = tokens[row, :n].tolist()
+            outputs.append(
+                RolloutOutput(
+                    prompt_token_ids=list(prompt),
+                    token_ids=seq,
+                    logprobs=logprobs[row, :n].tolist(),
+                    text=self.decode(seq),
+                    finish_reason="stop" if bool(finished[row]) else "length",
+                )
+            )
+        return outputs
