@@ -50,11 +50,14 @@ def _operand(expr: str, pos: int) -> tuple[str, int]:
     rest = expr[pos:].lstrip()
     start = len(expr) - len(rest)
     if rest[:1] in ("{", "("):
-        close = "}" if rest[0] == "{" else ")"
+        opener = rest[0]
+        closer = "}" if opener == "{" else ")"
         depth = 0
         for i in range(start, len(expr)):
-            depth += expr[i] == rest[0]
-            depth -= expr[i] == close
+            if expr[i] == opener:
+                depth += 1
+            elif expr[i] == closer:
+                depth -= 1
             if depth == 0:
                 return expr[start + 1 : i], i + 1
         return expr[start:], len(expr)  # unbalanced: the whole rest is the operand
