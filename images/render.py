@@ -130,8 +130,11 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
                  "default": f"{base.ref}@{base.digest}" if base.digest else base.ref,
                  "bootstrap": bootstrap_tag(image), "suite": base.bootstrap and base.bootstrap.suite,
                  "variant": base.bootstrap and base.bootstrap.variant},
-        "source_builds": [{"name": n, "ref": s.ref, "pinned": s.commit is not None, "env": sorted(s.env.items()),
-                           "url": f"git+{s.git}@{s.commit or s.ref}"} for n, s in image.source_builds.items()],
+        "source_builds": [{"name": n, "ref": s.ref, "pinned": s.commit is not None,
+                           "command": " ".join([*(f"{k}={v}" for k, v in sorted(s.env.items())), f"{python} -m pip",
+                                                "install --no-cache-dir --no-compile --no-deps --no-build-isolation",
+                                                f'"git+{s.git}@{s.commit or s.ref}"'])}
+                          for n, s in image.source_builds.items()],
         "labels": sorted(labels.items()),
     }
 
