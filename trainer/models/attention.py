@@ -14,9 +14,11 @@ MLA's ``k_channels`` / ``v_channels`` and has a place for context parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -102,7 +104,14 @@ class SDPACoreAttention(MegatronModule):
         else:
             mask, is_causal = None, mask_type == AttnMaskType.causal
         dropout = self.dropout_p if self.training else 0.0
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
-        )  # [b, np, sq, hv]
+        # Attention dropout draws from the tensor-parallel RNG stream, as megatron's DotProductAttention.
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout > 0 and not self.config.sequence_parallel
+            else contextlib.nullcontext()
+        )
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
+            )  # [b, np, sq, hv]
         return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * v.shape[-1])

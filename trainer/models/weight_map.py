@@ -171,13 +171,12 @@ def hf_to_mcore(tensors: Mapping[str, Tensor], shape: Shape) -> dict[str, Tensor
         raise KeyError(
             f"HF tensors with no megatron counterpart: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
         )
-    out = {}
-    for rule in table:
-        missing = [n for n in rule.hf if n not in tensors]
-        if missing:
-            raise KeyError(f"HF checkpoint lacks {missing} (needed for {rule.mcore})")
-        out[rule.mcore] = rule.to_mcore(*(tensors[n] for n in rule.hf)).contiguous()
-    return out
+    missing = [name for rule in table for name in rule.hf if name not in tensors]
+    if missing:
+        raise KeyError(
+            f"HF tensors missing for this shape: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    return {rule.mcore: rule.to_mcore(*(tensors[n] for n in rule.hf)).contiguous() for rule in table}
 
 
 def hf_names(shape: Shape) -> list[str]:

@@ -1,0 +1,51 @@
+"""Dense layer specs: the tiny models build and have exactly the parameters a hand count gives."""
+
+import pytest
+
+from trainer.models.attention import SDPACoreAttention
+from trainer.models.build import build_gpt_model
+from trainer.models.config import head_dim
+
+
+def hand_count(shape) -> int:
+    """Embedding + per layer (2 norms, fused QKV (+bias), QK-norms, o-proj, SwiGLU fc1/fc2) + final norm + head."""
+    h, f, hd = shape.hidden, shape.ffn_hidden, head_dim(shape)
+    qkv_rows = (shape.heads + 2 * shape.query_groups) * hd
+    layer = 2 * h + qkv_rows * h + shape.heads * hd * h + 2 * f * h + f * h
+    layer += qkv_rows if shape.qkv_bias else 0
+    layer += 2 * hd if shape.qk_norm else 0
+    head = 0 if shape.tie_embeddings else shape.vocab * h
+    return shape.vocab * h + shape.layers * layer + h + head
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5", "tiny-qwen3"])
+def test_parameter_count_matches_hand_formula(matrix, groups, name):
+    model = matrix.models[name]
+    gpt = build_gpt_model(model, seed=0)
+    assert sum(p.numel() for p in gpt.parameters()) == hand_count(model.shape)
+    attn = gpt.decoder.layers[0].self_attention
+    assert isinstance(attn.core_attention, SDPACoreAttention)
+    assert (attn.linear_qkv.bias is not None) == model.shape.qkv_bias
+    assert hasattr(attn.q_layernorm, "weight") == model.shape.qk_norm
+
+
+def test_tiny_counts_are_what_we_think(matrix):
+    # 128·64 + 2·(2·64 + 128·64 + 128 + 64·64 + 3·128·64) + 64 + 128·64
+    assert hand_count(matrix.models["tiny-qwen2.5"].shape) == 90688
+
+
+def test_same_seed_same_weights(matrix, groups):
+    a = build_gpt_model(matrix.models["tiny-qwen3"], seed=5).state_dict()
+    b = build_gpt_model(matrix.models["tiny-qwen3"], seed=5).state_dict()
+    c = build_gpt_model(matrix.models["tiny-qwen3"], seed=6).state_dict()
+    weights = [k for k in a if k.endswith("weight")]
+    assert all((a[k] == b[k]).all() for k in weights)
+    assert not (a["embedding.word_embeddings.weight"] == c["embedding.word_embeddings.weight"]).all()
+
+
+@pytest.mark.parametrize(
+    "name,family", [("tiny-moonlight", "deepseek_v3"), ("tiny-qwen3-next", "qwen3_next")]
+)
+def test_unbuilt_families_are_named(matrix, groups, name, family):
+    with pytest.raises(NotImplementedError, match=family):
+        build_gpt_model(matrix.models[name], seed=0)

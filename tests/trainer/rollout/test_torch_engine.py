@@ -1,0 +1,82 @@
+"""TorchEngine sampling: max_tokens, EOS / stop tokens, greedy, top-k = 1, top-p, seeded repeatability."""
+
+import pytest
+import torch
+
+from trainer.rollout import RolloutEngine, SamplingParams, TorchEngine
+from trainer.rollout.torch_engine import filter_logits
+
+
+@pytest.fixture
+def engine(matrix):
+    torch.set_num_threads(2)
+    return TorchEngine(matrix.models["tiny-qwen2.5"], decode=lambda ids: " ".join(map(str, ids)), seed=0)
+
+
+PROMPTS = [[5, 6, 7], [9], [10, 11, 12, 13, 14, 15]]
+
+
+def test_is_a_rollout_engine(engine):
+    assert isinstance(engine, RolloutEngine)
+
+
+def test_max_tokens_and_length_finish(engine):
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=7, seed=0))
+    assert [len(o.token_ids) for o in outs] == [7, 7, 7]
+    assert all(o.finish_reason == "length" and len(o.logprobs) == 7 for o in outs)
+    assert [o.prompt_token_ids for o in outs] == PROMPTS
+    assert outs[0].text == " ".join(map(str, outs[0].token_ids))
+
+
+def test_stop_token_ends_each_sequence_where_it_appears(engine):
+    greedy = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8))
+    stop = greedy[2].token_ids[3]  # a token the third sequence emits at step 4
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop]))
+    for full, cut in zip(greedy, outs, strict=True):
+        if stop in full.token_ids:
+            n = full.token_ids.index(stop) + 1
+            assert cut.token_ids == full.token_ids[:n] and cut.finish_reason == "stop"
+        else:
+            assert cut.token_ids == full.token_ids and cut.finish_reason == "length"
+    eos_engine = TorchEngine(engine.model.config, decode=str, eos_token_id=stop, seed=0)
+    eos_engine.update_weights(engine.model.named_parameters())
+    assert [
+        o.token_ids for o in eos_engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8))
+    ] == [o.token_ids for o in outs]
+
+
+def test_top_k_one_is_greedy_and_greedy_is_argmax(engine):
+    greedy = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6))
+    topk1 = engine.generate(PROMPTS, SamplingParams(temperature=1.0, top_k=1, max_tokens=6, seed=3))
+    assert [o.token_ids for o in greedy] == [o.token_ids for o in topk1]
+    # greedy token 1 of prompt 0 is the argmax of the model's next-token logits
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([PROMPTS[0]])).logits[0, -1]
+    assert greedy[0].token_ids[0] == int(logits.argmax())
+    torch.testing.assert_close(
+        greedy[0].logprobs[0], float(torch.log_softmax(logits, -1).max()), rtol=0, atol=1e-5
+    )
+
+
+def test_seed_repeats_and_differs(engine):
+    p = SamplingParams(max_tokens=10, seed=11)
+    a, b = engine.generate(PROMPTS, p), engine.generate(PROMPTS, p)
+    c = engine.generate(PROMPTS, SamplingParams(max_tokens=10, seed=12))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.logprobs for o in a] == [o.logprobs for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2, top_p=1.0)).tolist() == [[False, False, True, True]]
+    # top_p 0.7: 0.5 alone is below 0.7, 0.5 + 0.3 reaches it → keep two
+    assert torch.isinf(filter_logits(logits, top_k=-1, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_k=-1, top_p=0.4)).tolist() == [[False, True, True, True]]
+
+
+def test_sampling_params_are_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
