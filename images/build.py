@@ -22,7 +22,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from images import bootstrap
 from images.backends import BACKENDS, Backend, pick
-from images.common import BUILD_DIR, UsageError, atomic_write, display, source_date_epoch
+from images.common import BUILD_DIR, LOCKS_DIR, UsageError, atomic_write, display
 from images.hostpip import read_host_pip
 from images.lint import dockerfiles
 from images.render import CA_TARGET, bootstrap_tag, load_patches, problems, tag
@@ -122,10 +122,15 @@ class Builder:
         found = problems(name, image, load_patches(name, image))
         if self.args.strict and [p for p in found if "slot" not in p]:
             raise UsageError("--strict refuses: " + "; ".join(found))
+        rendered_lock = dockerfile.parent / "context" / "lock.txt"
+        if rendered_lock.read_text() != (LOCKS_DIR / f"{name}.lock.txt").read_text():
+            raise UsageError(f"{display(dockerfile)}: rendered from another lock; run `nox -s render -- {name}`")
+        # The epoch the Dockerfile was rendered with (its labels say the same), not today's HEAD.
+        epoch = int(re.search(r"^ARG SOURCE_DATE_EPOCH=(\d+)$", dockerfile.read_text(), re.M).group(1))
         final, building = tag(name), f"{tag(name)}-building"
         with tempfile.TemporaryDirectory(prefix="grpo-stack-secrets-") as tmp:
             secrets = self._write_secrets(Path(tmp))
-            args = {"SOURCE_DATE_EPOCH": str(source_date_epoch()), **self.base(name)}
+            args = {"SOURCE_DATE_EPOCH": str(epoch), **self.base(name)}
             public = " ".join(image.pip.extra_index_urls + self.host.extra_index_urls)
             if self.wheelhouses and image.pip.extra_index_urls:  # the wheelhouse stands in for them (as in lock)
                 public = " ".join(self.host.extra_index_urls)
@@ -133,7 +138,7 @@ class Builder:
             volumes = {w: f"{WHEELHOUSE}/{i}" for i, w in enumerate(self.wheelhouses)}
             iid = dockerfile.parent / "image-id"
             cmd = self.backend.build(dockerfile, dockerfile.parent / "context", building, args=args,
-                                     secrets=secrets, volumes=volumes, epoch=source_date_epoch(), iidfile=iid)
+                                     secrets=secrets, volumes=volumes, epoch=epoch, iidfile=iid)
             if self.args.dry_run:
                 print(f"# secrets are files in a private temporary folder (here {tmp}), deleted after the build")
                 for c in (cmd, self.backend.tag(building, final), self.backend.remove(building)):

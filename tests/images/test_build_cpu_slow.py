@@ -1,0 +1,93 @@
+"""The `cpu` image really built with buildah (air-gapped base via debootstrap), the harness run inside it, and
+every layer searched for a dummy secret passed to the build. Slow: CI runs it (`apt-get install buildah
+debootstrap`); skip locally with `-m 'not slow'`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from images.cli import main
+from images.common import BUILD_DIR, LOCKS_DIR, sha256_text
+from images.render import tag
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah not installed (apt-get install buildah)"),
+    pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap not installed"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="buildah with chroot isolation and debootstrap need root"),
+]
+
+BUILDAH = ["buildah", "--storage-driver", "vfs"]
+# `python -m trainer --help` until the demo recipe is wired end to end; then a few steps of it:
+# TRAINER_COMMAND = ["python", "-m", "trainer", "demo", "run.episodes=2"]
+TRAINER_COMMAND = ["python", "-m", "trainer", "--help"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Build `cpu` once, with a random string inside a netrc secret and a CA-bundle secret."""
+    token = "grpo-secret-" + secrets.token_hex(16)
+    folder = tmp_path_factory.mktemp("secrets")
+    (folder / "netrc").write_text(f"machine index.invalid login ci password {token}\n")
+    host_ca = Path("/etc/ssl/certs/ca-certificates.crt")
+    (folder / "ca.pem").write_text(f"# {token}\n" + (host_ca.read_text() if host_ca.is_file() else ""))
+    assert main(["render", "cpu"]) == 0
+    assert main(["build", "cpu", "--backend", "buildah", "--secret", f"netrc={folder / 'netrc'}",
+                 "--secret", f"ca.pem={folder / 'ca.pem'}"]) == 0
+    return token, json.loads((BUILD_DIR / "images" / "cpu" / "build.json").read_text())
+
+
+def _run_in_image(*command: str) -> subprocess.CompletedProcess:
+    ctr = subprocess.run(BUILDAH + ["from", tag("cpu")], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return subprocess.run(BUILDAH + ["run", "--isolation", "chroot", ctr, "--", *command],
+                              capture_output=True, text=True)
+    finally:
+        subprocess.run(BUILDAH + ["rm", ctr], capture_output=True)
+
+
+def test_labels_carry_the_lock_hash(built):
+    _, record = built
+    lock_hash = sha256_text((LOCKS_DIR / "cpu.lock.txt").read_text())
+    assert record["labels"]["io.grpo-stack.lock-hash"] == lock_hash
+    assert record["labels"]["org.opencontainers.image.title"] == "grpo-stack-cpu"
+    assert record["backend"] == "buildah" and record["size_bytes"] > 0 and record["duration_s"] > 0
+    leftover = subprocess.run(BUILDAH + ["inspect", "--type", "image", f"{tag('cpu')}-building"], capture_output=True)
+    assert leftover.returncode != 0, "the temporary build tag must be gone"
+
+
+def test_harness_runs_inside(built):
+    done = _run_in_image("python", "-m", "matrix")
+    assert done.returncode == 0, done.stderr
+    assert "matrix.yaml: valid" in done.stdout
+    done = _run_in_image(*TRAINER_COMMAND)
+    assert done.returncode == 0, done.stdout + done.stderr
+    torch = _run_in_image("python", "-c", "import torch; print(torch.__version__)")
+    assert torch.stdout.strip() == "2.13.0+cpu"
+
+
+def _blobs(layout: Path):
+    for blob in sorted((layout / "blobs" / "sha256").iterdir()):
+        data = blob.read_bytes()
+        yield blob.name, gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def test_no_layer_holds_the_secret(built, tmp_path):
+    token, record = built
+    layout = tmp_path / "oci"
+    subprocess.run(BUILDAH + ["push", tag("cpu"), f"oci:{layout}"], capture_output=True, check=True)
+    blobs = dict(_blobs(layout))
+    # The scan must be able to see content: the lock hash label is in the config blob, the harness in a layer.
+    assert any(record["labels"]["io.grpo-stack.lock-hash"].encode() in b for b in blobs.values())
+    assert any(b"grpo-stack/matrix.yaml" in b or b"opt/grpo-stack/matrix.yaml" in b for b in blobs.values())
+    leaked = [name for name, data in blobs.items() if token.encode() in data]
+    assert leaked == [], f"secret found in blobs {leaked}"
