@@ -26,10 +26,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _degrees(layout: Layout) -> tuple[int, ...]:
+    return (layout.tp, layout.pp, layout.cp, layout.ep, layout.expert_tp)
+
+
+def _degrees_now() -> tuple[int, ...]:
+    ps = parallel_state
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
+    )
+
+
 def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -> None:
     """Initialise gloo and megatron's model-parallel groups with the layout's degrees.
 
-    Idempotent for the process: an existing default group is reused (its world size must match).
+    Idempotent for the process: an existing default group is reused (its world size must match), and
+    megatron's groups are kept when their degrees already match the layout.
     """
     cpu_compat.install()
     if not dist.is_initialized():
@@ -43,6 +59,8 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -
             f"this layout asks for {world_size}"
         )
     if parallel_state.model_parallel_is_initialized():
+        if _degrees_now() == _degrees(layout):
+            return  # a second backend in the process (policy + reference) shares the groups
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,

@@ -144,3 +144,17 @@ def test_multi_process_layout_and_unbuilt_family_are_refused(matrix, teardown):
         )
     with pytest.raises(NotImplementedError, match="deepseek_v3"):
         MegatronBackend(matrix.resolve("tiny-moonlight"), seed=0)
+
+
+def test_policy_and_reference_share_one_process(resolved, teardown):
+    """The loop builds two backends in one process; the second must not tear down the first's groups."""
+    from megatron.core import parallel_state
+
+    policy = MegatronBackend(resolved, seed=0)
+    group = parallel_state.get_tensor_model_parallel_group()
+    ref = MegatronBackend(resolved, seed=0, trainable=False)
+    assert parallel_state.get_tensor_model_parallel_group() is group
+    mb = batch()
+    assert torch.equal(policy.logprobs(**mb), ref.logprobs(**mb))
+    policy.train_step(micro(), nll_loss)
+    assert not torch.equal(policy.logprobs(**mb), ref.logprobs(**mb))
