@@ -190,7 +190,9 @@ class Builder:
         info = info[0] if isinstance(info, list) else info
         config = info.get("OCIv1", {}).get("config") or info.get("Config") or {}
         labels = config.get("Labels") or {}
-        size = info.get("Size") or sum(layer.get("size", 0) for layer in info.get("Manifest", {}).get("layers", []))
+        manifest = info.get("Manifest") or {}
+        manifest = json.loads(manifest) if isinstance(manifest, str) else manifest  # buildah: a JSON string
+        size = info.get("Size") or sum(layer.get("size", 0) for layer in manifest.get("layers", []))
         record = {"image": name, "tag": ref, "backend": self.backend.name,
                   "digest": info.get("FromImageDigest") or info.get("Digest") or (info.get("RepoDigests") or [None])[0],
                   "id": info.get("FromImageID") or info.get("Id"), "size_bytes": size, "duration_s": seconds,
