@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from trainer.atomic import write_json
+    # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     from trainer.loop import RunStopped, train  # heavy imports only once the input is known good
     from trainer.metrics import MetricsLog
 

@@ -1,0 +1,29 @@
+"""Bad input to `python -m trainer` is one line on stderr, exit 2, no traceback, within seconds."""
+
+import subprocess
+import sys
+
+import pytest
+
+CASES = [
+    (["nope"], "unknown recipe 'nope'; recipes: moonlight"),
+    (["demo", "run.epsiodes=3"], "unknown key 'epsiodes'; valid keys here: episodes"),
+    (["demo", "grpo.lr=-1"], "grpo.lr: -1: Input should be greater than 0"),
+    (["demo", "layout=tp3"], "layout 'tp3' is not defined"),
+    (["demo", "lr"], "argument 'lr': expected key=value"),
+    (["demo", "layout=cp2", "gpus=2", "grpo.max_response_len=15"], "is not a multiple of 2·CP=4"),
+    (["moonlight"], "missing: the megatron trainer backend does not build family deepseek_v3 yet"),
+    (["qwen3-next"], "32 GPUs (layout qwen3-next-32, min 32), this machine has 0"),
+    (["qwen2.5-7b"], "weights of Qwen/Qwen2.5-7B-Instruct (not in the Hugging Face cache"),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_is_one_line_exit_2(repo, tmp_path, argv, words):
+    out = subprocess.run([sys.executable, "-m", "trainer", *argv, "--runs", str(tmp_path)], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], out.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written for rejected input"
