@@ -31,7 +31,7 @@ from trainer.batching import micro_batches, pack
 from trainer.metrics import MetricsLog, StageTimer, length_stats
 from trainer.objective import advantages, make_loss_fn
 from trainer.reward.grader import score
-from trainer.rollout.base import SamplingParams
+from trainer.rollout.base import NonFiniteLogitsError, SamplingParams
 from trainer.rollout.torch_engine import TorchEngine
 from trainer.tasks import Prompt, Task, build_task
 from trainer.warmstart import warm_start
@@ -43,6 +43,11 @@ class RunStopped(Exception):
 
 def _episode_seed(seed: int, episode: int, stage: int) -> int:
     return (seed * 1_000_003 + episode * 101 + stage) % (2**31 - 1)
+
+
+def _kept(run_dir: Path) -> str:
+    kept = checkpoint.latest(run_dir)
+    return f"last good checkpoint: episode {kept[0]} in {run_dir / 'checkpoints'}" if kept else "no checkpoint yet"
 
 
 def _logprobs(backend: MegatronBackend, batch: dict, size: int) -> torch.Tensor:
@@ -155,6 +160,9 @@ def train(r: ResolvedRecipe, run_dir: Path, *, log: MetricsLog, resume: bool = F
     engine.update_weights(policy.hf_named_tensors())
 
     def save(episode: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in policy.model.parameters()):
+            raise RunStopped(f"episode {episode}: the policy's weights are no longer finite, so they were "
+                             f"not checkpointed ({_kept(run_dir)})")
         checkpoint.save(
             run_dir,
             episode,
@@ -168,16 +176,8 @@ def train(r: ResolvedRecipe, run_dir: Path, *, log: MetricsLog, resume: bool = F
         timer, started = StageTimer(), time.perf_counter()
         try:
             row = run_episode(episode, r, task, policy, ref, engine, timer)
-        except NonFiniteLossError as exc:
-            kept = checkpoint.latest(run_dir)
-            where = (
-                f"checkpoint of episode {kept[0]} kept in {run_dir / 'checkpoints'}"
-                if kept
-                else "no checkpoint yet"
-            )
-            raise RunStopped(
-                f"episode {episode}: {exc}; the run stopped before the optimizer step ({where})"
-            ) from None
+        except (NonFiniteLossError, NonFiniteLogitsError) as exc:
+            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
         if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
             with timer("eval"):
                 row |= evaluate(engine, task, r, seed=_episode_seed(run.seed, episode, 2))

@@ -11,6 +11,10 @@ from torch import Tensor
 FinishReason = Literal["stop", "length"]
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The engine's model produced NaN/inf logits: its weights (as last synced) are broken."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample, with vLLM's meanings.

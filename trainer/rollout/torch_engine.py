@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig
 
 from matrix.schema import Model
 from trainer.models.config import hf_config as hf_config_of
-from trainer.rollout.base import RolloutOutput, SamplingParams
+from trainer.rollout.base import NonFiniteLogitsError, RolloutOutput, SamplingParams
 
 
 def filter_logits(logits: Tensor, *, top_k: int, top_p: float) -> Tensor:
@@ -37,6 +37,8 @@ def filter_logits(logits: Tensor, *, top_k: int, top_p: float) -> Tensor:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
     """Next token ids (B,) from logits (B, V) under ``params``; argmax at temperature 0."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError("the rollout model produced non-finite logits (weights synced from a diverged policy?)")
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(
