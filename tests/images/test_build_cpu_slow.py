@@ -27,9 +27,8 @@ pytestmark = [
 ]
 
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
-# `python -m trainer --help` until the demo recipe is wired end to end; then a few steps of it:
-# TRAINER_COMMAND = ["python", "-m", "trainer", "demo", "run.episodes=2"]
-TRAINER_COMMAND = ["python", "-m", "trainer", "--help"]
+# A few episodes of the embedded demo recipe, end to end inside the image.
+TRAINER_COMMAND = ["python", "-m", "trainer", "demo", "run.episodes=2", "run.warm_start_steps=5", "--runs", "/tmp/runs"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +70,7 @@ def test_harness_runs_inside(built):
     assert "matrix.yaml: valid" in done.stdout
     done = _run_in_image(*TRAINER_COMMAND)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "run directory: /tmp/runs/demo-" in done.stdout
     torch = _run_in_image("python", "-c", "import torch; print(torch.__version__)")
     assert torch.stdout.strip() == "2.13.0+cpu"
 
