@@ -49,10 +49,15 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -
     """
     cpu_compat.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if world_size == 1:
+            # An in-memory store: no port to collide with another run, and no MASTER_PORT written into
+            # os.environ for child processes to inherit while this process still holds it.
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                os.environ["MASTER_PORT"] = str(free_port())
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
     if dist.get_world_size() != world_size:
         raise RuntimeError(
             f"torch.distributed already has world size {dist.get_world_size()}, "
