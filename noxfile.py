@@ -26,7 +26,7 @@ def _install_light(session: nox.Session, group: str) -> None:
 
 
 def _not_built(session: nox.Session, what: str) -> None:
-    session.error(f"{what} is not built yet (see ../shared/ROADMAP.md); nothing was run")
+    session.error(f"not built yet: {what} (see ../shared/ROADMAP.md); nothing was run")
 
 
 @nox.session(python=PYTHON)
@@ -78,19 +78,19 @@ def build(session: nox.Session) -> None:
     session.run("python", "-m", "images", "build", *session.posargs)
 
 
-@nox.session(python=PYTHON, default=False)
+@nox.session(venv_backend="none", default=False)
 def equivalence(session: nox.Session) -> None:
     """Run the layout-equivalence gates of the matrix (CP=1 against CP>1 first)."""
-    _not_built(session, "The equivalence gates")
+    _not_built(session, "the layout-equivalence gates")
 
 
-@nox.session(python=PYTHON, default=False)
+@nox.session(venv_backend="none", default=False)
 def bench(session: nox.Session) -> None:
     """Run benchmark suites of the matrix."""
-    _not_built(session, "Benchmarking")
+    _not_built(session, "benchmark suites")
 
 
-@nox.session(python=PYTHON, default=False)
+@nox.session(venv_backend="none", default=False)
 def report(session: nox.Session) -> None:
     """Write a comparison report of benchmark results (baseline = first)."""
-    _not_built(session, "Reporting")
+    _not_built(session, "comparison reports")
