@@ -46,7 +46,7 @@ def train(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the test suite (CI runs exactly this); posargs go to pytest, e.g. `-- -m 'not slow'`."""
-    session.install("-e", ".[images,bench,grading,dev]")
+    session.install("-e", ".[images,bench,grading,tensorboard,dev]")
     session.run("pytest", *session.posargs)
 
 

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         log.write_summary({"recipe": resolved.name, "run_dir": str(run_dir), "status": f"stopped: {exc}"})
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        log.close()
     if "reward/first" in summary:
         print(f"reward: first episode {summary['reward/first']:.3f}, last episode {summary['reward/last']:.3f} "
               f"(first 10% mean {summary['reward/first_10pct_mean']:.3f}, last 10% mean "

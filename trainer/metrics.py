@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,18 +53,23 @@ class MetricsLog:
                  config: dict | None = None):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self._sinks = []
+        self._sinks: list[tuple[Callable[[int, dict], object], Callable[[], object]]] = []  # (log, close)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the `logging` extra
 
             writer = SummaryWriter(str(run_dir / "tensorboard"))
-            self._sinks.append(lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()
-                                                  if isinstance(v, int | float)])
+            self._sinks.append((lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()
+                                                   if isinstance(v, int | float)], writer.close))
         if wandb_project:
             import wandb  # needs the `logging` extra and WANDB_API_KEY
 
             run = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
-            self._sinks.append(lambda step, row: run.log(row, step=step))
+            self._sinks.append((lambda step, row: run.log(row, step=step), run.finish))
+
+    def close(self) -> None:
+        """Flush and close the optional loggers (metrics.jsonl is flushed on every line already)."""
+        for _, close in self._sinks:
+            close()
 
     def truncate_after(self, episode: int) -> None:
         """Drop rows past `episode` (a resumed run rewrites what followed its checkpoint)."""
@@ -80,7 +85,7 @@ class MetricsLog:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        for sink in self._sinks:
+        for sink, _ in self._sinks:
             sink(episode, row)
 
     def rows(self) -> list[dict]:
