@@ -25,6 +25,11 @@ def _install_light(session: nox.Session, group: str) -> None:
     session.install("--no-deps", "-e", ".")
 
 
+def _images(session: nox.Session, command: str) -> None:
+    _install_light(session, "images")
+    session.run("python", "-m", "images", command, *session.posargs)
+
+
 def _not_built(session: nox.Session, what: str) -> None:
     session.error(f"not built yet: {what} (see ../shared/ROADMAP.md); nothing was run")
 
@@ -53,29 +58,25 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lock(session: nox.Session) -> None:
     """Resolve each image's Python set with hashes into images/locks/ (`-- --check` is offline)."""
-    _install_light(session, "images")
-    session.run("python", "-m", "images", "lock", *session.posargs)
+    _images(session, "lock")
 
 
 @nox.session(python=PYTHON)
 def render(session: nox.Session) -> None:
     """Render build/images/<image>/Dockerfile and build/docker-bake.json from the matrix and locks."""
-    _install_light(session, "images")
-    session.run("python", "-m", "images", "render", *session.posargs)
+    _images(session, "render")
 
 
 @nox.session(python=PYTHON, requires=["render"])
 def lint(session: nox.Session) -> None:
     """hadolint over every rendered Dockerfile."""
-    _install_light(session, "images")
-    session.run("python", "-m", "images", "lint", *session.posargs)
+    _images(session, "lint")
 
 
 @nox.session(python=PYTHON)
 def build(session: nox.Session) -> None:
     """Build images: `-- IMAGE ... [--backend docker|podman|buildah] [--dry-run]`."""
-    _install_light(session, "images")
-    session.run("python", "-m", "images", "build", *session.posargs)
+    _images(session, "build")
 
 
 @nox.session(venv_backend="none", default=False)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from matrix import ResolvedRecipe
+from matrix.schema import Sampling
 from trainer import checkpoint
 from trainer.algo import group_outcome_ratios
 from trainer.backends.errors import NonFiniteLossError
@@ -45,6 +46,11 @@ def _episode_seed(seed: int, episode: int, stage: int) -> int:
     return (seed * 1_000_003 + episode * 101 + stage) % (2**31 - 1)
 
 
+def _params(s: Sampling, r: ResolvedRecipe, task: Task, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          max_tokens=r.recipe.grpo.max_response_len, seed=seed, stop_token_ids=[task.eos_id])
+
+
 def _kept(run_dir: Path) -> str:
     kept = checkpoint.latest(run_dir)
     return f"last good checkpoint: episode {kept[0]} in {run_dir / 'checkpoints'}" if kept else "no checkpoint yet"
@@ -60,15 +66,7 @@ def evaluate(engine: TorchEngine, task: Task, r: ResolvedRecipe, seed: int) -> d
     """Mean reward of one sample per held-out problem at the eval sampling settings."""
     s = r.recipe.eval.sampling
     problems = task.eval[: r.recipe.eval.prompts]
-    params = SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        max_tokens=r.recipe.grpo.max_response_len,
-        seed=seed,
-        stop_token_ids=[task.eos_id],
-    )
-    outs = engine.generate([p.ids for p in problems], params)
+    outs = engine.generate([p.ids for p in problems], _params(s, r, task, seed))
     rewards = [
         score(o.text, p.ground_truth, r.recipe.grpo.grader) for o, p in zip(outs, problems, strict=True)
     ]
@@ -91,15 +89,7 @@ def run_episode(
     group = [p for p in picked for _ in range(n)]
 
     with timer("rollout"):
-        s = grpo.sampling
-        params = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_tokens=grpo.max_response_len,
-            seed=_episode_seed(seed, episode, 1),
-            stop_token_ids=[task.eos_id],
-        )
+        params = _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1))
         outs = engine.generate([p.ids for p in group], params)
         batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], task.pad_id)
     with timer("old_logprob"):
