@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from matrix import ResolvedRecipe
+from trainer.models.families import BUILT_FAMILIES
 
-IMPLEMENTED_FAMILIES = {"megatron": {"qwen2", "qwen3"}}
 IMAGE_ENV = "GRPO_STACK_IMAGE"  # set inside images built by `nox -s build`
 
 
@@ -33,8 +33,8 @@ def _hub_weights_present(hf_id: str) -> bool:
 def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
     """Human-readable list of what this machine lacks for recipe `r` (empty: it can run)."""
     recipe, problems = r.recipe, []
-    if r.model.family not in IMPLEMENTED_FAMILIES.get(recipe.trainer, set()):
-        built = ", ".join(sorted(IMPLEMENTED_FAMILIES.get(recipe.trainer, set()))) or "none"
+    if r.model.family not in BUILT_FAMILIES.get(recipe.trainer, ()):
+        built = ", ".join(sorted(BUILT_FAMILIES.get(recipe.trainer, ()))) or "none"
         problems.append(f"the {recipe.trainer} trainer backend does not build family {r.model.family} yet "
                         f"(built: {built})")
     gpu_recipe = recipe.image != "cpu" or recipe.rollout.engine != "torch"

@@ -47,7 +47,7 @@ def _prompts(rows: list[dict], tokenizer, max_len: int) -> list[Prompt]:
     return [Prompt(item["prompt_ids"], item["ground_truth"]) for item in PromptDataset(rows, tokenizer, max_len)]
 
 
-def _demo(r: ResolvedRecipe) -> Task:
+def _demo(r: ResolvedRecipe, root: Path) -> Task:
     tok, seed, max_len = CharTokenizer(), r.recipe.run.seed, r.recipe.grpo.max_prompt_len
     train_cfg = DemoTaskConfig(seed=seed, **DEMO_TASK)
     eval_cfg = DemoTaskConfig(seed=seed + 1, n_problems=r.recipe.eval.prompts, **DEMO_TASK)
@@ -70,11 +70,11 @@ def _math(r: ResolvedRecipe, root: Path) -> Task:
                 tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, [])
 
 
-BUILDERS: dict[str, Callable[..., Task]] = {"demo": _demo, "math-lighteval": _math}
+BUILDERS: dict[str, Callable[[ResolvedRecipe, Path], Task]] = {"demo": _demo, "math-lighteval": _math}
 
 
 def build_task(r: ResolvedRecipe, root: Path = Path(".")) -> Task:
-    task = _demo(r) if r.recipe.data.source == "demo" else _math(r, root)
+    task = BUILDERS[r.recipe.data.source](r, root)
     if len(task.train) < r.recipe.grpo.prompts_per_episode:
         raise ValueError(f"recipe {r.name}: {len(task.train)} usable prompts < prompts_per_episode="
                          f"{r.recipe.grpo.prompts_per_episode}")

@@ -12,8 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig, Qwen2Config, Qwen3Config
 
 from matrix.schema import Layout, Model, Shape
-
-DENSE_FAMILIES = ("qwen2", "qwen3")
+from trainer.models.families import DENSE_FAMILIES
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -104,19 +104,11 @@ def rules(shape: Shape) -> list[Rule]:
         attn = f"{h}self_attn."
         out.append(Rule(f"{m}input_layernorm.weight", (f"{h}input_layernorm.weight",), _same, _identity))
         out.append(Rule(f"{m}self_attention.linear_proj.weight", (f"{attn}o_proj.weight",), _same, _identity))
-        out.append(
-            Rule(
-                f"{m}self_attention.linear_qkv.weight",
-                tuple(f"{attn}{p}_proj.weight" for p in "qkv"),
-                qkv_split,
-                qkv_merge,
-            )
-        )
-        if shape.qkv_bias:
+        for kind in ("weight", "bias") if shape.qkv_bias else ("weight",):
             out.append(
                 Rule(
-                    f"{m}self_attention.linear_qkv.bias",
-                    tuple(f"{attn}{p}_proj.bias" for p in "qkv"),
+                    f"{m}self_attention.linear_qkv.{kind}",
+                    tuple(f"{attn}{p}_proj.{kind}" for p in "qkv"),
                     qkv_split,
                     qkv_merge,
                 )
