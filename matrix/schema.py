@@ -16,6 +16,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 Pin = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*(\[[A-Za-z0-9_,\-]+\])?==[A-Za-z0-9.+!\-]+$")]
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
@@ -240,7 +241,8 @@ class GRPO(Strict):
     steps_per_episode: PositiveInt = 1
     lr: PositiveFloat = 2e-6
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: Annotated[tuple[Beta, Beta], Field(strict=False)] = (0.9, 0.95)
+    """[β1, β2], each in [0, 1) (a YAML list; strict mode alone would accept only a Python tuple)."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     grad_clip: PositiveFloat = 1.0
     # The variant names below are the names registered in trainer/algo and trainer/reward (a test keeps

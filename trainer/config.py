@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from matrix import DEFAULT_MATRIX_PATH, MatrixError, ResolvedRecipe, load_matrix
 from matrix.rules import check_recipe
-from matrix.schema import Recipe
+from matrix.schema import Model, Recipe
 
 
 class TrainerInputError(Exception):
@@ -56,6 +56,19 @@ def _scalar(item: str, text: str) -> object:
         raise TrainerInputError(f"override '{item}': the value is not a YAML scalar") from None
 
 
+def _lengths_fit_model(recipe: Recipe, model: Model, model_name: str) -> list[str]:
+    """Prompt plus response must fit the model's positions (rotary tables, engine KV cache)."""
+    g, limit = recipe.grpo, model.shape.max_position
+    if g.max_prompt_len >= limit:
+        return [f"grpo.max_prompt_len: {g.max_prompt_len} leaves no room for a response in model {model_name} "
+                f"(max_position {limit}); use at most {limit - 1}"]
+    if g.max_prompt_len + g.max_response_len > limit:
+        return [f"grpo.max_response_len: {g.max_prompt_len} + {g.max_response_len} = "
+                f"{g.max_prompt_len + g.max_response_len} exceeds max_position {limit} of model {model_name}; "
+                f"use max_response_len <= {limit - g.max_prompt_len}"]
+    return []
+
+
 def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | Path = DEFAULT_MATRIX_PATH
             ) -> ResolvedRecipe:
     """Load the matrix, apply overrides to one recipe, re-check it against the matrix's rules."""
@@ -82,6 +95,7 @@ def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | P
             raise TrainerInputError(f"override {shown}: {key} '{getattr(recipe, key)}' is not defined; "
                                     f"defined: {', '.join(table)}")
     problems = [f"{'.'.join(map(str, path))}: {msg}" for path, msg in check_recipe(recipe_name, recipe, m)]
+    problems += _lengths_fit_model(recipe, m.models[recipe.model], recipe.model)
     if problems:
         raise TrainerInputError(f"recipe {recipe_name} with {shown or 'no overrides'}: {problems[0]}")
     return m.resolve(recipe_name)

@@ -1,5 +1,8 @@
 """The grading sandbox: a call past its deadline is killed and the next call gets a fresh worker."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -38,3 +41,44 @@ def test_stop_leaves_no_worker(sandbox):
     worker = sandbox._proc
     sandbox.stop()
     assert not worker.is_alive()
+
+
+ORPHAN = """
+import sys, time
+from trainer.reward.sandbox import Sandbox
+if __name__ == "__main__":
+    box = Sandbox()
+    box.call(pow, 2, 2, timeout_s=30)
+    print(box._proc.pid, flush=True)
+    if sys.argv[1] == "busy":
+        box.call(sum, range(10**12), timeout_s=2)  # a pure C loop of hours
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its (dead) parent's reaper counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("state", ["idle", "busy"])
+def test_worker_does_not_outlive_a_killed_parent(repo, tmp_path, state):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    parent = subprocess.Popen([sys.executable, str(script), state], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.5)
+    finally:
+        parent.kill()
+        parent.wait()
+    # idle: EOF at once; busy: its own CPU-time limit (deadline + 1 CPU s), which on a loaded machine is
+    # several wall seconds
+    deadline = time.monotonic() + 60
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)

@@ -3,7 +3,9 @@
 Graders are registered by name and compare an extracted answer with the ground truth:
 
 * ``"hendrycks"`` (default; ChatLearn / verl MATH parity): normalised exact match
-  (:mod:`trainer.reward.normalize`). Pure string work, linear in the (bounded) answer length.
+  (:mod:`trainer.reward.normalize`). Pure string work, linear in the (bounded) answer length. It differs
+  from ChatLearn on one form, ``v = a/b`` with a non-integer side (``x = 1/y`` vs ``1/y``: 1 here, 0 in
+  ChatLearn), where it follows hendrycks/verl; ``normalize.py`` says why.
 * ``"math-verify"``: symbolic equivalence via the ``math-verify`` package (HuggingFace), imported only
   when this grader is selected.
 

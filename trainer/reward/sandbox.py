@@ -33,8 +33,9 @@ class WorkerFailed(RuntimeError):
     """The function raised in the worker, or the worker died; the message carries the reason."""
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, parent_end: Connection) -> None:
     """Worker loop: receive (fn, args, cpu_limit_s), send back ("ok", value) or ("error", reason)."""
+    parent_end.close()  # inherited by the fork; closed so the parent's exit reaches `recv` as EOF
     while True:
         try:
             fn, args, cpu_limit_s = conn.recv()
@@ -63,7 +64,7 @@ class Sandbox:
     def _start(self) -> Connection:
         if self._proc is None or not self._proc.is_alive():
             parent, child = self._ctx.Pipe()
-            self._proc = self._ctx.Process(target=_serve, args=(child,), daemon=True, name="grader-sandbox")
+            self._proc = self._ctx.Process(target=_serve, args=(child, parent), daemon=True, name="grader-sandbox")
             self._proc.start()
             child.close()
             self._conn = parent
