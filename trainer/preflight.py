@@ -55,7 +55,7 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
     if recipe.data.path and not (root / recipe.data.path).is_file():
         problems.append(f"data file {recipe.data.path} (preprocess MATH-lighteval into it first)")
     problems += _grader(recipe.grpo.grader)
-    return problems or _prompts(r, root)  # reading the prompts needs the data and tokenizer checked above
+    return problems or _task_problems(r, root)  # reading the task needs the data and tokenizer checked above
 
 
 def _grader(name: str) -> list[str]:
@@ -68,15 +68,19 @@ def _grader(name: str) -> list[str]:
     return []
 
 
-def _prompts(r: ResolvedRecipe, root: Path) -> list[str]:
+def _task_problems(r: ResolvedRecipe, root: Path) -> list[str]:
     from trainer.tasks import BUILDERS
 
     grpo, source = r.recipe.grpo, r.recipe.data.source
     logging.disable(logging.WARNING)  # the count of dropped over-long prompts is in the message below
     try:
-        usable = len(BUILDERS[source](r, root).train)
+        task = BUILDERS[source](r, root)
     finally:
         logging.disable(logging.NOTSET)
+    usable = len(task.train)
+    if r.recipe.run.warm_start_steps and not task.sft:
+        return [f"warm-start pairs for run.warm_start_steps={r.recipe.run.warm_start_steps}: data source {source} "
+                f"has none (only demo does); set run.warm_start_steps=0"]
     if usable == 0:
         return [f"prompts that fit grpo.max_prompt_len={grpo.max_prompt_len}: data source {source} has none; "
                 f"raise grpo.max_prompt_len"]

@@ -63,3 +63,17 @@ def test_parse_overrides_types(item, value):
 def test_parse_overrides_refuses(item):
     with pytest.raises(TrainerInputError, match="expected key=value|not a YAML scalar"):
         parse_overrides([item])
+
+
+def test_warm_start_without_pairs_is_refused(monkeypatch, matrix, repo):
+    """Only the demo task has warm-start pairs; a data source without them is refused before the run."""
+    import dataclasses
+
+    from trainer import tasks
+    from trainer.preflight import missing
+
+    demo = tasks.BUILDERS["demo"]
+    monkeypatch.setitem(tasks.BUILDERS, "demo", lambda r, root: dataclasses.replace(demo(r, root), sft=[]))
+    problems = missing(matrix.resolve("demo"), root=repo)
+    assert problems == ["warm-start pairs for run.warm_start_steps=200: data source demo has none (only demo "
+                        "does); set run.warm_start_steps=0"]

@@ -65,6 +65,7 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+@pytest.mark.slow  # a subprocess that imports the trainer, twice
 @pytest.mark.parametrize("state", ["idle", "busy"])
 def test_worker_does_not_outlive_a_killed_parent(repo, tmp_path, state):
     script = tmp_path / "orphan.py"

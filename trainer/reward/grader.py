@@ -22,10 +22,10 @@ a fork after a kill); the first lookup of the grader pays the import and parser 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import re
+import threading
 from collections.abc import Callable
 
 from trainer.algo.registry import Registry
@@ -118,13 +118,19 @@ def _math_verify_equal(answer: str, ground_truth: str) -> bool:
     return bool(gold and pred and math_verify.verify(gold, pred, timeout_seconds=None))
 
 
-@functools.cache
+_SANDBOX: list[Sandbox] = []
+_SANDBOX_LOCK = threading.Lock()
+
+
 def _sandbox() -> Sandbox:
-    """The math-verify worker. Parsing and comparing once here first imports what math-verify and sympy
-    load lazily (a second or more), which every forked worker then inherits instead of repeating."""
-    _math_verify_equal("x^2+2x+1", "(x+1)^2")
-    _math_verify_equal("\\frac{1}{2}", "0.5")
-    return Sandbox()
+    """The process's math-verify worker. Parsing and comparing once here first imports what math-verify and
+    sympy load lazily (a second or more), which every forked worker then inherits instead of repeating."""
+    with _SANDBOX_LOCK:  # one per process, even when the first rewards are scored from several threads
+        if not _SANDBOX:
+            _math_verify_equal("x^2+2x+1", "(x+1)^2")
+            _math_verify_equal("\\frac{1}{2}", "0.5")
+            _SANDBOX.append(Sandbox())
+        return _SANDBOX[0]
 
 
 def _import_math_verify():
