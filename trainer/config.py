@@ -15,6 +15,8 @@ from matrix import DEFAULT_MATRIX_PATH, MatrixError, ResolvedRecipe, load_matrix
 from matrix.rules import check_recipe
 from matrix.schema import Model, Recipe
 
+SEED_LIMIT = 2**63
+
 
 class TrainerInputError(Exception):
     """Bad input to the trainer (recipe name, override, environment): one line, exit code 2."""
@@ -96,6 +98,8 @@ def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | P
                                     f"defined: {', '.join(table)}")
     problems = [f"{'.'.join(map(str, path))}: {msg}" for path, msg in check_recipe(recipe_name, recipe, m)]
     problems += _lengths_fit_model(recipe, m.models[recipe.model], recipe.model)
+    if not 0 <= recipe.run.seed < SEED_LIMIT:  # torch seeds are 64-bit; megatron adds offsets to ours
+        problems.append(f"run.seed: {recipe.run.seed} is out of range; use 0 <= seed < 2**63")
     if problems:
         raise TrainerInputError(f"recipe {recipe_name} with {shown or 'no overrides'}: {problems[0]}")
     return m.resolve(recipe_name)

@@ -25,6 +25,8 @@ CASES = [
     (["grpo.grader=exact"], "Input should be 'hendrycks' or 'math-verify'"),
     (["grpo.policy_loss=dual_clip", "grpo.loss_cap=5"], "loss_cap is an option of policy_loss vanilla"),
     (["grpo.std=unbiased"], "unknown key 'std'"),  # replaced by grpo.advantage=grpo_unbiased
+    (["run.seed=100000000000000000000"], "run.seed: 100000000000000000000 is out of range; use 0 <= seed < 2**63"),
+    (["run.seed=-1"], "run.seed: -1 is out of range"),
 ]
 
 
