@@ -79,10 +79,11 @@ def build(session: nox.Session) -> None:
     _images(session, "build")
 
 
-@nox.session(venv_backend="none", default=False)
+@nox.session(python=PYTHON)
 def equivalence(session: nox.Session) -> None:
-    """Run the layout-equivalence gates of the matrix (CP=1 against CP>1 first)."""
-    _not_built(session, "the layout-equivalence gates")
+    """Run the layout-equivalence gates of the matrix: `-- GATE ...` (default: all); exit 1 if one fails."""
+    session.install("-e", ".")
+    session.run("python", "-m", "trainer.equivalence", *session.posargs)
 
 
 @nox.session(venv_backend="none", default=False)

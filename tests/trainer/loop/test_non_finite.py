@@ -21,7 +21,7 @@ def test_divergence_stops_run_and_keeps_last_good_checkpoint(repo, tmp_path, lr,
     assert message.startswith(f"error: episode {stop}: ") and f"last good checkpoint: episode {stop - 1}" in message
     assert "Traceback" not in out.stderr
     assert (run_dir / "checkpoints" / "latest").read_text() == f"episode-{stop - 1:06d}"
-    state = torch.load(run_dir / "checkpoints" / f"episode-{stop - 1:06d}" / "state.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / f"episode-{stop - 1:06d}" / "rank-00000.pt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in state["policy"]["model"].values() if torch.is_tensor(t))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"].startswith(f"stopped: episode {stop}")
