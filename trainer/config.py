@@ -98,6 +98,10 @@ def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | P
                                     f"defined: {', '.join(table)}")
     problems = [f"{'.'.join(map(str, path))}: {msg}" for path, msg in check_recipe(recipe_name, recipe, m)]
     problems += _lengths_fit_model(recipe, m.models[recipe.model], recipe.model)
+    cp = m.layouts[recipe.layout].cp
+    if recipe.grpo.loss_agg == "seq-mean-token-mean" and cp > 1:
+        problems.append(f"grpo.loss_agg: seq-mean-token-mean averages whole sequences, which layout {recipe.layout} "
+                        f"splits over cp={cp} ranks; use token-mean or a layout without CP")
     if not 0 <= recipe.run.seed < SEED_LIMIT:  # torch seeds are 64-bit; megatron adds offsets to ours
         problems.append(f"run.seed: {recipe.run.seed} is out of range; use 0 <= seed < 2**63")
     if problems:

@@ -17,7 +17,14 @@ from collections.abc import Callable
 import torch
 
 from matrix.schema import GRPO
-from trainer.algo import agg_denominator, agg_loss, get_adv_estimator, get_kl_estimator, get_policy_loss
+from trainer.algo import (
+    agg_denominator,
+    agg_loss,
+    get_adv_estimator,
+    get_kl_estimator,
+    get_policy_loss,
+    global_denominator,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -25,12 +32,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[t
 def advantages(grpo: GRPO, rewards: torch.Tensor) -> torch.Tensor:
     """Per-sample advantages (B,) of rewards laid out as consecutive groups of `samples_per_prompt`."""
     return get_adv_estimator(grpo.advantage)(rewards, grpo.samples_per_prompt)
-
-
-def loss_denominator(grpo: GRPO, response_mask: torch.Tensor) -> float:
-    """This batch's share of `make_loss_fn`'s `global_tokens`: response tokens for token-mean, non-empty
-    sequences for seq-mean-token-mean. Sum it over all micro-batches and data-parallel ranks."""
-    return float(agg_denominator(response_mask, grpo.loss_agg))
 
 
 def _policy_loss_options(fn: Callable, grpo: GRPO) -> dict[str, object]:
@@ -42,14 +43,18 @@ def _policy_loss_options(fn: Callable, grpo: GRPO) -> dict[str, object]:
 
 
 def make_loss_fn(grpo: GRPO, global_tokens: float) -> LossFn:
-    """`global_tokens`: the aggregation's denominator over the whole step, i.e. `loss_denominator` summed
-    over all micro-batches and DP ranks (for the default token-mean: the step's response tokens)."""
+    """`global_tokens`: response tokens in the whole step (all micro-batches, all DP ranks)."""
     policy_loss = get_policy_loss(grpo.policy_loss)
     options = _policy_loss_options(policy_loss, grpo)
     kl_estimator = get_kl_estimator(grpo.kl_estimator)
+    # Every sequence holds at least one response token (the engine always samples one), so the sequences
+    # seq-mean-token-mean divides by are the episode's prompts × samples, however DP splits the batch.
+    # (Under CP a rank sees part of each sequence; the recipe check refuses that combination.)
+    denominator = global_denominator(grpo.loss_agg, tokens=global_tokens,
+                                     sequences=grpo.prompts_per_episode * grpo.samples_per_prompt)
 
     def mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return agg_loss(x, mask, global_tokens, grpo.loss_agg)
+        return agg_loss(x, mask, denominator, grpo.loss_agg)
 
     def loss_fn(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, torch.Tensor]):
         mask = mb["response_mask"]
@@ -64,7 +69,7 @@ def make_loss_fn(grpo: GRPO, global_tokens: float) -> LossFn:
         if grpo.entropy_coef:
             per_token = per_token - grpo.entropy_coef * entropy
         loss = mean(per_token, mask)
-        share = loss_denominator(grpo, mask) / global_tokens
+        share = float(agg_denominator(mask, grpo.loss_agg)) / denominator
         metrics = {"loss/total": loss.item(),
                    "loss/pg": mean(pg.detach(), mask).item(),
                    "loss/kl": mean(kl.detach(), mask).item(),

@@ -27,6 +27,8 @@ CASES = [
     (["grpo.std=unbiased"], "unknown key 'std'"),  # replaced by grpo.advantage=grpo_unbiased
     (["run.seed=100000000000000000000"], "run.seed: 100000000000000000000 is out of range; use 0 <= seed < 2**63"),
     (["run.seed=-1"], "run.seed: -1 is out of range"),
+    (["layout=cp2", "gpus=2", "grpo.loss_agg=seq-mean-token-mean"],
+     "grpo.loss_agg: seq-mean-token-mean averages whole sequences, which layout cp2 splits over cp=2 ranks"),
 ]
 
 

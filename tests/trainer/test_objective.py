@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from matrix.schema import GRPO
-from trainer.algo import ADV_ESTIMATORS, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES
-from trainer.objective import advantages, loss_denominator, make_loss_fn
+from trainer.algo import ADV_ESTIMATORS, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, ppo_clip_loss
+from trainer.objective import advantages, make_loss_fn
 from trainer.reward import GRADERS
 
-BASE = {"prompts_per_episode": 2, "samples_per_prompt": 2, "max_prompt_len": 8, "max_response_len": 8}
+BASE = {"prompts_per_episode": 1, "samples_per_prompt": 2, "max_prompt_len": 8, "max_response_len": 8}
 
 
 def grpo(**fields) -> GRPO:
@@ -55,17 +55,22 @@ def test_default_loss_is_chatlearn_token_mean_by_hand():
 ])
 def test_variant_fields_change_the_loss(fields, expected):
     mb = micro_batch()
-    g = grpo(**fields)
-    denominator = loss_denominator(g, mb["response_mask"])
-    loss, metrics = make_loss_fn(g, denominator)(torch.full((2, 4), -1.0), torch.zeros(2, 4), mb)
+    loss, metrics = make_loss_fn(grpo(**fields), 5)(torch.full((2, 4), -1.0), torch.zeros(2, 4), mb)
     pg = metrics["loss/pg"]
     assert (loss.item() - pg if "kl_coef" in fields else loss.item()) == pytest.approx(expected)
 
 
-def test_seq_mean_denominator_counts_sequences():
-    mask = micro_batch()["response_mask"]
-    assert loss_denominator(grpo(), mask) == 5
-    assert loss_denominator(grpo(loss_agg="seq-mean-token-mean"), mask) == 2
+def test_seq_mean_is_split_independent():
+    """The per-sequence mean divides by the episode's sequences, so micro-batches sum to the whole batch."""
+    mb = micro_batch()
+    logp = torch.linspace(-2.0, -0.5, 8).reshape(2, 4)
+    loss_fn = make_loss_fn(grpo(loss_agg="seq-mean-token-mean"), 5)
+    whole, _ = loss_fn(logp, torch.zeros(2, 4), mb)
+    rows = [loss_fn(logp[i : i + 1], torch.zeros(1, 4), {k: v[i : i + 1] for k, v in mb.items()})[0] for i in (0, 1)]
+    assert whole.item() == pytest.approx(sum(r.item() for r in rows))
+    pg, _ = ppo_clip_loss(logp, mb["old_logprobs"], mb["advantages"])
+    per_row = [pg[i].masked_select(mb["response_mask"][i].bool()).mean().item() for i in (0, 1)]
+    assert whole.item() == pytest.approx(sum(per_row) / 2)  # 1 prompt × 2 samples
 
 
 def test_policy_loss_field_selects_dual_clip():

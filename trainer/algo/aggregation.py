@@ -45,6 +45,14 @@ def agg_denominator(mask: torch.Tensor, mode: str = "token-mean") -> torch.Tenso
     return mask.sum().to(torch.float64)
 
 
+def global_denominator(mode: str, *, tokens: float, sequences: float) -> float:
+    """``D`` of ``mode`` from the global batch's response-token count and its count of sequences that hold
+    at least one response token (the sums of :func:`agg_denominator` over the global batch)."""
+    if mode not in AGG_MODES:
+        AGG_MODES.get(mode)  # raises, listing the valid modes
+    return sequences if mode == "seq-mean-token-mean" else tokens
+
+
 def agg_loss(
     loss: torch.Tensor, mask: torch.Tensor, global_denominator: torch.Tensor | float, mode: str = "token-mean"
 ) -> torch.Tensor:
