@@ -53,7 +53,7 @@ EDITS = [
     ("unknown-policy-loss", "micro_batch_size: 32}", "micro_batch_size: 32, policy_loss: ppo}",
      "recipes.demo.grpo.policy_loss", "Input should be 'vanilla' or 'dual_clip'"),
     ("top-k-zero", "max_response_len: 16, lr: 1.0e-3,\n", "max_response_len: 16, lr: 1.0e-3, sampling: {top_k: 0},\n",
-     "recipes.demo.grpo.sampling.top_k", "top_k must be -1 (off) or a positive number"),
+     "recipes.tiny-qwen2.5.grpo.sampling.top_k", "top_k must be -1 (off) or a positive number"),
     ("missing-family-block", "      mla: {q_lora_rank: 1536,", "      mlx: {q_lora_rank: 1536,",
      "models.deepseek-v3-671b.shape.mlx", "unknown key 'mlx'"),
 ]
