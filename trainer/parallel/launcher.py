@@ -40,12 +40,16 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
     """``fn(*args)`` on ``world_size`` local processes; returns rank 0's return value."""
     if world_size == 1:
         return fn(*args)
+    import logging
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                           monitor_interval=MONITOR_INTERVAL, start_method="spawn")
+    # The agent logs each failure with a traceback of its own polling; the one line below says it all.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
