@@ -1,4 +1,4 @@
-"""Build the megatron-core ``GPTModel`` of a matrix model (dense families on this backend)."""
+"""Build the megatron-core ``GPTModel`` of a matrix model; the family bundle supplies what differs."""
 
 from __future__ import annotations
 
@@ -7,33 +7,39 @@ from megatron.core.models.gpt import GPTModel
 
 from matrix.schema import Layout, Model
 from trainer.backends import cpu_compat
-from trainer.models.config import require_dense, transformer_config
-from trainer.models.specs import dense_layer_spec
+from trainer.models.families import family
 
 
-def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None) -> GPTModel:
+def build_gpt_model(
+    model: Model,
+    *,
+    seed: int,
+    layout: Layout | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> GPTModel:
     """A freshly initialised ``GPTModel`` on CPU; the same seed gives the same weights.
 
     megatron's CPU initialisation (``use_cpu_initialization``) draws from torch's default CPU generator,
     so it is seeded here and restored afterwards. Needs ``parallel_state`` initialised (the backend does
-    it; tests use a fixture). deepseek_v3 / qwen3_next raise ``NotImplementedError`` naming the family.
+    it; tests use a fixture). A family with no bundle raises ``NotImplementedError`` naming it.
     """
-    require_dense(model)
+    bundle = family(model.family)
     cpu_compat.install()
-    config = transformer_config(model, layout)
+    config = bundle.transformer_config(model, layout)
     shape = model.shape
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=dense_layer_spec(qk_norm=shape.qk_norm),
+            transformer_layer_spec=bundle.layer_specs(model, config),
             vocab_size=shape.vocab,
             max_sequence_length=shape.max_position,
+            pre_process=pre_process,
+            post_process=post_process,
             share_embeddings_and_output_weights=shape.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=shape.rope_theta,
-            rotary_percent=1.0,
+            **bundle.gpt_kwargs(model),
             # logits of the full vocabulary on every rank (TP gathers them) for log-probs
             parallel_output=False,
         )
