@@ -142,8 +142,8 @@ def test_multi_process_layout_and_unbuilt_family_are_refused(matrix, teardown):
         MegatronBackend(
             matrix.resolve("tiny-qwen2.5").model_copy(update={"layout": matrix.layouts["tp2"]}), seed=0
         )
-    with pytest.raises(NotImplementedError, match="deepseek_v3"):
-        MegatronBackend(matrix.resolve("tiny-moonlight"), seed=0)
+    with pytest.raises(NotImplementedError, match="qwen3_next"):
+        MegatronBackend(matrix.resolve("tiny-qwen3-next"), seed=0)
 
 
 def test_policy_and_reference_share_one_process(resolved, teardown):

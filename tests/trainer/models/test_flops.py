@@ -29,3 +29,34 @@ def test_qwen3_uses_explicit_head_dim_and_grows_with_context(matrix):
 def test_seq_len_must_be_positive(matrix):
     with pytest.raises(ValueError, match="seq_len"):
         flops_per_token(matrix.models["tiny-qwen3"], 0)
+
+
+def test_mla_moe_hand_count(matrix):
+    """tiny-moonlight: 4 layers (1 dense, 3 MoE), hidden 64, 4 heads, MLA nope 16 / rope 8 / v 16 / kv_lora 32,
+    no q_lora; 4 experts of 32, top-2, 1 shared expert; vocab 128. Only the 2 routed experts a token uses count."""
+    q = 64 * 4 * (16 + 8)
+    kv_down, kv_up = 64 * (32 + 8), 32 * 4 * (16 + 16)
+    o = 4 * 16 * 64
+    attention_core = 4 * ((16 + 8) + 16) * (64 + 1) / 2
+    dense_mlp = 3 * 64 * 128
+    moe = 64 * 4 + 3 * 64 * 32 * (2 + 1)  # router + 2 routed + 1 shared expert
+    macs = 4 * (q + kv_down + kv_up + o + attention_core) + dense_mlp + 3 * moe + 64 * 128
+    assert flops_per_token(matrix.models["tiny-moonlight"], 64) == pytest.approx(2 * macs, rel=1e-12)
+    assert 2 * macs == 354432
+
+
+def test_q_lora_and_active_experts_only(matrix):
+    model = matrix.models["tiny-moonlight"]
+    s = model.shape
+    q_lora = model.model_copy(update={"shape": s.model_copy(update={"mla": s.mla.model_copy(update={"q_lora_rank": 24})})})
+    # q_proj (64 → 96) becomes q_a (64 → 24) + q_b (24 → 96) in each of the 4 layers
+    delta = 2 * 4 * ((64 * 24 + 24 * 96) - 64 * 96)
+    assert flops_per_token(q_lora, 64) - flops_per_token(model, 64) == pytest.approx(delta)
+    more = model.model_copy(update={"shape": s.model_copy(update={"moe": s.moe.model_copy(update={"experts": 64})})})
+    # 60 more experts cost only their router rows, not their MLPs
+    assert flops_per_token(more, 64) - flops_per_token(model, 64) == pytest.approx(2 * 3 * 64 * 60)
+
+
+def test_deepseek_v3_is_about_37b_active(matrix):
+    """DeepSeek-V3 activates ~37B parameters per token: forward ≈ 2 × 37e9 FLOPs at short context."""
+    assert 2 * 35e9 < flops_per_token(matrix.models["deepseek-v3-671b"], 1) < 2 * 40e9

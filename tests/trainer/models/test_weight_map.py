@@ -16,14 +16,9 @@ def tied(model):
     return model.model_copy(update={"shape": model.shape.model_copy(update={"tie_embeddings": True})})
 
 
-def perturbed_gpt(model, seed=0):
-    """A GPTModel whose every parameter (norms and biases too) is random, so no map error hides behind 1s and 0s."""
-    gpt = build_gpt_model(model, seed=seed).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in gpt.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return gpt
+def perturbed_gpt(model, randomize, seed=0):
+    """A GPTModel whose every parameter (norms and biases too) is random (conftest's ``randomize``)."""
+    return randomize(build_gpt_model(model, seed=seed).eval(), seed + 1)
 
 
 def mcore_params(gpt):
@@ -31,9 +26,9 @@ def mcore_params(gpt):
 
 
 @pytest.mark.parametrize("name", DENSE)
-def test_round_trip_is_exact(matrix, groups, name):
+def test_round_trip_is_exact(matrix, groups, name, randomize):
     model = matrix.models[name]
-    params = mcore_params(perturbed_gpt(model))
+    params = mcore_params(perturbed_gpt(model, randomize))
     hf = mcore_to_hf(params, model.shape)
     assert list(hf) == hf_names(model.shape)
     back = hf_to_mcore(hf, model.shape)
@@ -75,10 +70,10 @@ def test_unknown_or_missing_hf_names_are_errors(matrix):
 
 
 @pytest.mark.parametrize("name,tie", [(n, False) for n in DENSE] + [("tiny-qwen2.5", True)])
-def test_logits_equal_transformers(matrix, groups, name, tie):
+def test_logits_equal_transformers(matrix, groups, name, tie, randomize):
     """mcore GPTModel and transformers' Qwen2/Qwen3ForCausalLM with mapped weights give the same logits."""
     model = tied(matrix.models[name]) if tie else matrix.models[name]
-    gpt = perturbed_gpt(model)
+    gpt = perturbed_gpt(model, randomize)
     hf_model = AutoModelForCausalLM.from_config(hf_config(model), attn_implementation="sdpa").eval()
     assert (
         type(hf_model).__name__

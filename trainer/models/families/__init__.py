@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _MODULES = {
     "qwen2": "trainer.models.families.qwen2",
     "qwen3": "trainer.models.families.qwen3",
-    # "deepseek_v3": "trainer.models.families.deepseek_v3",
+    "deepseek_v3": "trainer.models.families.deepseek_v3",
 }
 
 BUILT_FAMILIES = {"megatron": tuple(_MODULES)}

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from matrix.schema import Layout, Model, Shape
 from trainer.models import flops
-from trainer.models.families.bundle import HFConfigReader, cpu_config_kwargs, head_dim
+from trainer.models.families.bundle import FamilyBundle, HFConfigReader, cpu_config_kwargs, head_dim
 from trainer.models.specs import CpuSpecProvider
 from trainer.models.weight_map import Rule, embedding_rules, one_to_one, swiglu_rules
 
@@ -167,3 +167,19 @@ def read_dense_shape(reader: HFConfigReader) -> dict:
     reader.get("sliding_window")
     reader.expect("rope_scaling", [None], "rope scaling is not built for dense families")
     return shape
+
+
+def dense_bundle(name: str, *, hf_config, shape_from_hf) -> FamilyBundle:
+    """A dense GQA family: everything but its transformers config (and reading it back) is shared."""
+    return FamilyBundle(
+        name=name,
+        hf_model_type=name,
+        blocks=(),
+        transformer_config=transformer_config,
+        layer_specs=layer_spec,
+        gpt_kwargs=gpt_kwargs,
+        hf_config=hf_config,
+        shape_from_hf=shape_from_hf,
+        rules=rules,
+        flops_per_token=flops_per_token,
+    )

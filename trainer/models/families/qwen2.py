@@ -8,7 +8,7 @@ from transformers import Qwen2Config
 
 from matrix.schema import Model, Shape
 from trainer.models.families import dense
-from trainer.models.families.bundle import FamilyBundle, HFConfigReader, hf_common_kwargs
+from trainer.models.families.bundle import HFConfigReader, hf_common_kwargs
 
 
 def hf_config(model: Model) -> Qwen2Config:
@@ -32,15 +32,4 @@ def shape_from_hf(config: Mapping) -> Shape:
     return shape
 
 
-BUNDLE = FamilyBundle(
-    name="qwen2",
-    hf_model_type="qwen2",
-    blocks=(),
-    transformer_config=dense.transformer_config,
-    layer_specs=dense.layer_spec,
-    gpt_kwargs=dense.gpt_kwargs,
-    hf_config=hf_config,
-    shape_from_hf=shape_from_hf,
-    rules=dense.rules,
-    flops_per_token=dense.flops_per_token,
-)
+BUNDLE = dense.dense_bundle("qwen2", hf_config=hf_config, shape_from_hf=shape_from_hf)
