@@ -4,6 +4,7 @@
     mcore-to-hf MCORE_DIR OUT_DIR --like HF_DIR    back to HF, with HF_DIR's shard layout and files
     verify HF_DIR MCORE_DIR [--tolerance T]        max |logit difference| on fixed tokens; exit 1 above T
     fp8-to-bf16 IN_DIR OUT_DIR [--block 128]       DeepSeek-V3 fp8 release → bf16 (resumable)
+    prepare MODEL IN_DIR OUT_DIR                   the matrix model's prepare steps (OUT/hf, OUT/mcore)
     drop-config-key DIR KEY                        a matrix prepare step on config.json
     set-config DIR KEY=VALUE ...                   a matrix prepare step on config.json (JSON values)
 
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("in_dir", type=Path)
     a.add_argument("out_dir", type=Path)
     a.add_argument("--block", type=int, default=None, help="scale block size (default: from config.json, 128)")
+    a = sub.add_parser("prepare", help="run a matrix model's prepare steps")
+    a.add_argument("model", help="a model of matrix.yaml")
+    a.add_argument("in_dir", type=Path)
+    a.add_argument("out_dir", type=Path)
     a = sub.add_parser("drop-config-key", help="remove a key from config.json")
     a.add_argument("dir", type=Path)
     a.add_argument("key")
@@ -91,6 +96,15 @@ def run(args: argparse.Namespace) -> int:
         from trainer.convert.fp8 import fp8_to_bf16
 
         print(f"wrote {fp8_to_bf16(args.in_dir, args.out_dir, block=args.block)}")
+    elif args.command == "prepare":
+        from matrix import load_matrix
+        from trainer.convert.prepare import prepare
+
+        models = load_matrix().models
+        if args.model not in models:
+            raise ConvertError(f"prepare: {args.model!r} is not a matrix model ({', '.join(models)})")
+        for line in prepare(list(models[args.model].prepare), args.in_dir, args.out_dir):
+            print(line)
     elif args.command == "drop-config-key":
         from trainer.convert.config_steps import drop_config_key
 
