@@ -11,7 +11,6 @@ resumable: each finished shard is renamed into place, a rerun skips shards alrea
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from trainer.convert import ConvertError
 from trainer.convert.shards import (
     HF_INDEX,
+    copy_side_files,
     iter_shard,
     read_json,
     read_tensor,
@@ -79,9 +79,7 @@ def fp8_to_bf16(in_dir: Path, out_dir: Path, *, block: int | None = None) -> Pat
                     raise ConvertError(f"{in_dir}: {name}: {e}") from None
             tensors[name] = tensor
         save_shard(out_dir / shard, tensors)
-    for extra in in_dir.iterdir():
-        if extra.is_file() and extra.suffix != ".safetensors" and extra.name != HF_INDEX:
-            shutil.copy2(extra, out_dir / extra.name)
+    copy_side_files(in_dir, out_dir)
 
     total = sum(
         t.numel() * t.element_size() for s in shards_in_order(out_map) for _, t in iter_shard(out_dir, s)

@@ -9,7 +9,6 @@ Peak memory is about one input shard plus tensors whose partners (q/k/v, gate/up
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -22,6 +21,7 @@ from trainer.convert.shards import (
     MCORE_INDEX,
     MCORE_META,
     atomic_directory,
+    copy_side_files,
     iter_shard,
     read_json,
     save_shard,
@@ -117,9 +117,7 @@ def mcore_to_hf(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
     for name, shard in like_map.items():
         wanted.setdefault(shard, set()).add(name)
     with atomic_directory(out_dir) as tmp:
-        for extra in like.iterdir():
-            if extra.is_file() and extra.suffix != ".safetensors" and extra.name != HF_INDEX:
-                shutil.copy2(extra, tmp / extra.name)
+        copy_side_files(like, tmp)
         buffers: dict[str, dict] = {shard: {} for shard in wanted}
         total = 0
         for shard in tqdm(shards_in_order(mcore_map), desc="mcore-to-hf", unit="shard"):

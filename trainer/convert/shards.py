@@ -94,3 +94,10 @@ def write_index(path: Path, mapping: dict[str, str], total_size: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": mapping}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Everything of a checkpoint directory but its weights and index (config, tokenizer, generation config)."""
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != HF_INDEX:
+            shutil.copy2(f, dst / f.name)
