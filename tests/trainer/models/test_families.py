@@ -14,9 +14,12 @@ def test_preflight_table_is_the_registry():
         assert family(name).name == name
 
 
-def test_unregistered_family_is_named():
+def test_unbuilt_family_is_named(matrix):
     with pytest.raises(NotImplementedError, match="qwen3_next"):
-        family("qwen3_next")
+        family("qwen3_next").transformer_config(matrix.models["tiny-qwen3-next"], None)
+    with pytest.raises(NotImplementedError, match="qwen3_next"):
+        bundle_of(matrix.models["tiny-qwen3-next"].shape).rules(matrix.models["tiny-qwen3-next"].shape)
+    assert "qwen3_next" not in BUILT_FAMILIES["megatron"]
 
 
 @pytest.mark.parametrize("name", BUILT_FAMILIES["megatron"])

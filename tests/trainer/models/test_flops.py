@@ -60,3 +60,21 @@ def test_q_lora_and_active_experts_only(matrix):
 def test_deepseek_v3_is_about_37b_active(matrix):
     """DeepSeek-V3 activates ~37B parameters per token: forward ≈ 2 × 37e9 FLOPs at short context."""
     assert 2 * 35e9 < flops_per_token(matrix.models["deepseek-v3-671b"], 1) < 2 * 40e9
+
+
+def test_gated_delta_net_hybrid_hand_count(matrix):
+    """tiny-qwen3-next: layers 0-2 gated delta net (2 key heads, 4 value heads, dims 16, conv 4), layer 3 gated
+    full attention (4 heads × 16, 2 kv groups, q projection doubled for the output gate); MoE everywhere
+    (4 experts of 32, top-2, 1 shared expert + its scalar gate); vocab 128."""
+    in_proj_qkvz, in_proj_ba, out_proj = 64 * (2 * 32 + 2 * 64), 64 * 2 * 4, 64 * 64
+    conv = 4 * (2 * 32 + 64)
+    recurrence = 3 * 4 * 16 * 16  # S·k, rank-1 update, Sᵀ·q per value head: context-free
+    gdn = in_proj_qkvz + in_proj_ba + out_proj + conv + recurrence
+    attention = 64 * 128 + 64 * 32 + 64 * 32 + 64 * 64 + 4 * 32 * (64 + 1) / 2
+    moe = 64 * 4 + 3 * 64 * 32 * (2 + 1) + 64
+    macs = 3 * gdn + attention + 4 * moe + 64 * 128
+    model = matrix.models["tiny-qwen3-next"]
+    assert flops_per_token(model, 64) == pytest.approx(2 * macs, rel=1e-12)
+    assert 2 * macs == 330368
+    # only the one full-attention layer grows with context
+    assert flops_per_token(model, 65) - flops_per_token(model, 64) == pytest.approx(2 * 4 * 32 / 2)
