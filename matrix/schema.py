@@ -110,11 +110,31 @@ class MoE(Strict):
     ffn_hidden: PositiveInt
     shared_experts: NonNegativeInt = 0
     first_dense_layers: NonNegativeInt = 0
+    groups: PositiveInt = 1
+    """Group-limited routing (DeepSeek-V3 ``n_group``): experts split into this many groups ..."""
+    group_topk: PositiveInt = 1
+    """... of which each token may use this many (``topk_group``), chosen by their top-2 score sums."""
+    routed_scaling: PositiveFloat = 1.0
+    """Factor on the routed experts' weights (``routed_scaling_factor``)."""
     # RL-stable router settings (REFERENCE §6): aux-loss-based balancing collapsed Moonlight's eval accuracy.
     router_load_balancing: Literal["none", "aux_loss", "seq_aux_loss"] = "none"
     aux_loss_coeff: Annotated[float, Field(ge=0)] = 0.0
     expert_bias: bool = False
+    """Update the router's expert bias during training (aux-loss-free balancing). The bias a checkpoint
+    ships (DeepSeek-V3's ``e_score_correction_bias``) routes either way, kept fixed when this is off."""
+    bias_update_rate: Annotated[float, Field(ge=0)] = 0.0
     router_dtype: Literal["fp32", "fp64"] = "fp32"
+
+
+class YaRN(Strict):
+    """YaRN rope scaling (DeepSeek-V3's ``rope_scaling`` with type yarn)."""
+
+    factor: PositiveFloat
+    original_max_position: PositiveInt
+    beta_fast: PositiveFloat = 32.0
+    beta_slow: PositiveFloat = 1.0
+    mscale: PositiveFloat = 1.0
+    mscale_all_dim: Annotated[float, Field(ge=0)] = 0.0
 
 
 class MLA(Strict):
@@ -153,6 +173,7 @@ class Shape(Strict):
     qkv_bias: bool = False
     qk_norm: bool = False
     tie_embeddings: bool = False
+    rope_scaling: YaRN | None = None
     moe: MoE | None = None
     mla: MLA | None = None
     linear_attention: LinearAttention | None = None
