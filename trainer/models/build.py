@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -13,7 +15,7 @@ from trainer.parallel.tp import padded_vocab
 
 
 def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pre_process: bool | None = None,
-                    post_process: bool | None = None) -> GPTModel:
+                    post_process: bool | None = None, full_recompute: bool = False) -> GPTModel:
     """A freshly initialised ``GPTModel`` (this rank's TP/PP/EP part) on CPU; the same seed gives the same weights.
 
     The output layer keeps its logits vocab-parallel (``trainer.parallel.tp`` turns them into log-probs);
@@ -28,6 +30,11 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     cpu_compat.install()
     layout = layout or Layout()
     config = bundle.transformer_config(model, layout)
+    if full_recompute:
+        # recipe run.full_recompute: keep each layer's input only and recompute its activations in backward,
+        # trading compute for activation memory (the DeepSeek-V3 recipe's setting).
+        config = dataclasses.replace(config, recompute_granularity="full", recompute_method="uniform",
+                                     recompute_num_layers=1)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
