@@ -340,6 +340,7 @@ class LayoutPatch(Strict):
     dp: PositiveInt | None = None
     first_stage_layers: PositiveInt | None = None
     last_stage_layers: PositiveInt | None = None
+    sequence_parallel: bool | None = None
     gpus: PositiveInt | None = None
 
 

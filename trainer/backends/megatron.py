@@ -100,7 +100,9 @@ class MegatronBackend:
 
     def _local(self, mb: dict) -> dict:
         """This rank's CP chunks of a micro-batch: tokens, labels (from the full sequence), per-token inputs."""
-        ids = cp.pad_to_unit(mb["input_ids"], cp.sequence_unit(), 0)
+        # CP chunks, and with sequence parallelism each chunk split again over TP
+        sp = ps.get_tensor_model_parallel_world_size() if self.model.config.sequence_parallel else 1
+        ids = cp.pad_to_unit(mb["input_ids"], cp.sequence_unit() * sp, 0)
         local = {"input_ids": cp.shard(ids), "labels": cp.shard_labels(ids)}
         for key in PER_TOKEN:
             if key in mb:  # (B, T-1): position t scores token t+1, as the labels do
@@ -177,6 +179,8 @@ class MegatronBackend:
             raise NonFiniteLossError("loss", totals["loss"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         _sync_tied_embeddings(params)
+        dp.sum_tp_partial_grads([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+                                self.model.config)
         dp.all_reduce_grads(params)
         grad_norm = _grad_norm(params)
         if not math.isfinite(grad_norm):

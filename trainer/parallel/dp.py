@@ -47,6 +47,25 @@ def sum_over_dp_cp(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def sum_tp_partial_grads(named_params: list[tuple[str, torch.nn.Parameter]], config) -> None:
+    """Parameters replicated over TP whose gradient each TP rank sees only in part, reduced over TP as
+    megatron's ``finalize_model_grads`` does: summed for norms under sequence parallelism (a part of the
+    sequence each) and for q/k layernorms (a part of the heads each); averaged where a module asks for it."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    n = dist.get_world_size(group)
+    if n == 1:
+        return
+    for name, p in named_params:
+        if p.grad is None:
+            continue
+        if getattr(p, "average_gradients_across_tp_domain", False):
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(n)
+        elif (config.sequence_parallel and getattr(p, "sequence_parallel", False)) or (
+                config.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)):
+            dist.all_reduce(p.grad, group=group)
+
+
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over the ranks that hold the same parameter shard for different data."""
     dense = parallel_state.get_data_parallel_group(with_context_parallel=True)

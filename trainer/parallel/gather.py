@@ -31,7 +31,20 @@ def _is_expert(p: Tensor) -> bool:
 
 
 def _tp_group(p: Tensor):
+    """The group a parameter is TP-sharded over: its layer's own ``tp_group`` when the layer has one (a shared
+    expert may use the expert-TP group), else megatron's TP or expert-TP group."""
+    group = getattr(p, "_grpo_tp_group", None)
+    if group is not None:
+        return group
     return ps.get_expert_tensor_parallel_group() if _is_expert(p) else ps.get_tensor_model_parallel_group()
+
+
+def _mark_tp_groups(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        group = getattr(module, "tp_group", None)
+        if group is not None:
+            for p in module.parameters(recurse=False):
+                p._grpo_tp_group = group
 
 
 def global_name(local: str, model: torch.nn.Module) -> str:
@@ -82,6 +95,7 @@ def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[s
     Collective: every rank of the job must call it. Gathers TP shards inside each group, then collects the
     owners' tensors on ``dst`` (a tiny model's worth on CPU; a GPU job would stream them per bucket).
     """
+    _mark_tp_groups(model)
     mine: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         whole = _unshard_tp(p)
@@ -99,6 +113,7 @@ def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[s
 
 def local_tensors(model: torch.nn.Module, whole: dict[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
     """(parameter, its shard of ``whole``) for every parameter of this rank's model; padding rows are zero."""
+    _mark_tp_groups(model)
     for name, p in model.named_parameters():
         key = global_name(name, model)
         if key not in whole and getattr(p, "shared_embedding", False):

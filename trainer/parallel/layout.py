@@ -129,8 +129,13 @@ class ParallelLayout:
             if self.ep > 1 or self.etp_declared > 1:
                 yield "ep", (f"model {model_name} is dense: expert parallelism (ep={self.ep}, etp={self.etp}) "
                              f"needs MoE")
-        elif shape.moe.experts % self.ep:
-            yield "ep", f"{self.ep} does not divide experts={shape.moe.experts} of model {model_name}"
+        else:
+            if shape.moe.experts % self.ep:
+                yield "ep", f"{self.ep} does not divide experts={shape.moe.experts} of model {model_name}"
+            if self.tp > 1 and not self.sequence_parallel:
+                # megatron-core refuses to train MoE with TP > 1 unless sequence parallelism is on
+                yield "sequence_parallel", (f"model {model_name} is MoE and tp={self.tp}: megatron-core needs "
+                                            f"sequence_parallel: true with both")
         for key, msg in self.stage_problems(shape.layers):
             yield key, f"{msg} (model {model_name})"
 

@@ -68,7 +68,8 @@ def run(model: torch.nn.Module, micro_batches: list[dict], step: Callable, *, fo
 
         return output, loss_func
 
-    width = micro_batches[0]["input_ids"].shape[1]
+    # the schedule's activation shape is [seq/CP, micro-batch, hidden]: it divides by CP itself
+    width = micro_batches[0]["input_ids"].shape[1] * parallel_state.get_context_parallel_world_size()
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=queue, model=[model], num_microbatches=len(micro_batches),
         seq_length=width, micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=forward_only,

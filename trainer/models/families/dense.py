@@ -28,6 +28,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch import Tensor
@@ -81,14 +82,17 @@ def pre_norm_layer(backend: CpuSpecProvider, attention: ModuleSpec, mlp: ModuleS
     )
 
 
-def layer_spec(model: Model, config: TransformerConfig | None = None) -> ModuleSpec:
-    """One layer spec, repeated over the stage's layers by megatron's TransformerBlock."""
+def layer_spec(model: Model, config: TransformerConfig) -> TransformerBlockSubmodules:
+    """The stage's layers (one spec repeated) and the final norm, both from the provider: left to megatron,
+    the final norm would come from its module-level ``LNImpl`` (a torch norm without sequence parallelism)."""
     backend = CpuSpecProvider()
-    return pre_norm_layer(
+    layer = pre_norm_layer(
         backend,
         gqa_attention_spec(backend, qk_norm=model.shape.qk_norm),
         get_mlp_module_spec_for_backend(backend=backend),
     )
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=backend.layer_norm(rms_norm=True))
 
 
 def gpt_kwargs(model: Model) -> dict:
