@@ -33,7 +33,7 @@ EDITS = [
      "layouts.deepseek-v3-128.pp", "do not split over 14 stage(s)"),
     ("sequence-not-multiple-of-2cp", "max_prompt_len: 1024, max_response_len: 2048, lr: 2.0e-6}\n    data: {source: math-lighteval, path: data/math-lighteval/train.parquet}\n    run: {episodes: 200",
      "max_prompt_len: 1024, max_response_len: 2047, lr: 2.0e-6}\n    data: {source: math-lighteval, path: data/math-lighteval/train.parquet}\n    run: {episodes: 200",
-     "recipes.moonlight.grpo.max_response_len", "not a multiple of 2·CP=4"),
+     "recipes.moonlight.grpo.max_response_len", "not a multiple of 2·TP·CP=8"),
     ("unquoted-python-version", 'python: "3.12"', "python: 3.12", "images.vllm-te27.python", 'quote it ("3.12")'),
     ("loose-pin", "      - numpy==1.26.4\n", "      - numpy>=1.26\n", "images.vllm-te27.requirements[8]",
      "expected an exact pin 'name==version'"),

@@ -37,8 +37,9 @@ def test_model_problems_name_the_dimension_and_the_degree():
     moe = DENSE.model_copy(update={"moe": MoE(experts=6, topk=2, ffn_hidden=32),
                                    "mla": MLA(q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                               v_head_dim=16)})
-    assert dict(ParallelLayout(tp=4, ep=4).model_problems(moe, "m")) == {
+    assert dict(ParallelLayout(tp=4, ep=4, sequence_parallel=True).model_problems(moe, "m")) == {
         "ep": "4 does not divide experts=6 of model m"}  # MLA: no query-group rule
+    assert "needs sequence_parallel: true" in dict(ParallelLayout(tp=2).model_problems(moe, "m"))["sequence_parallel"]
 
 
 def test_sequence_unit_is_2cp_and_2tpcp_with_sequence_parallel():
