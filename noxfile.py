@@ -85,13 +85,15 @@ def equivalence(session: nox.Session) -> None:
     _not_built(session, "the layout-equivalence gates")
 
 
-@nox.session(venv_backend="none", default=False)
+@nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
-    """Run benchmark suites of the matrix."""
-    _not_built(session, "benchmark suites")
+    """Run benchmark suites through the trainer: `-- [SUITE ...]` (default: cpu) → bench/results/<id>.json."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "bench", "run", *session.posargs)
 
 
-@nox.session(venv_backend="none", default=False)
+@nox.session(python=PYTHON, default=False)
 def report(session: nox.Session) -> None:
-    """Write a comparison report of benchmark results (baseline = first)."""
-    _not_built(session, "comparison reports")
+    """Compare results: `-- [BASELINE CANDIDATE ...] [--threshold 0.1]` → reports/<id>/ (md, html, png, csv)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "bench", "report", *session.posargs)
