@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from trainer.metrics import STAGES  # noqa: E402
 
@@ -71,6 +72,7 @@ def curves(frames: dict[str, pd.DataFrame], title: str, ylabel: str) -> bytes:
         for cell in frame.columns:
             ax.plot(frame.index, frame[cell], styles[r_i % 4], marker=".", label=f"{cell} ({name})")
     ax.set_xlabel("episode")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
