@@ -40,7 +40,8 @@ class Cell(BaseModel):
     run_dir: str
     stderr_tail: str = ""
     peak_rss_mib: float | None = None
-    """Largest resident set of the run's processes (from the OS when the run ended)."""
+    """Largest resident set of the run's processes: the OS's figure when the run ended, or a larger
+    `memory/peak_rss_mib` the run logged itself."""
     episodes: list[Row] = []
 
     @property

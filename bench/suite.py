@@ -118,7 +118,7 @@ def run_cell(p: Plan, repeat: int, *, image: str, matrix_path: Path, run_dir: Pa
     total_peak = peak.total(resolved["resolved"]["recipe"]["gpus"])
     rows = [derive(json.loads(line), resolved, total_peak) for line in metrics.read_text().splitlines() if line]
     ranks_rss = [r["memory/peak_rss_mib"] for r in rows if r.get("memory/peak_rss_mib") is not None]
-    return Cell(status="ok", episodes=rows, **(cell | {"peak_rss_mib": max(ranks_rss, default=rss)}))
+    return Cell(status="ok", episodes=rows, **(cell | {"peak_rss_mib": max([*ranks_rss, rss or 0.0])}))
 
 
 def run_suite(name: str, *, root: Path, matrix_path: Path, results_dir: Path, runs_dir: Path,
