@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ def _sha256(path: Path) -> str:
 
 def _version(module: str) -> str | None:
     try:
-        return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+        with warnings.catch_warnings():  # megatron-core warns at import that TE/apex are absent (expected on CPU)
+            warnings.simplefilter("ignore")
+            return str(getattr(importlib.import_module(module), "__version__", "unknown"))
     except Exception:  # an absent or broken optional package is recorded, not fatal
         return None
 
