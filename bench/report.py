@@ -88,8 +88,8 @@ def write_report(results: list[Result], out: Path, *, threshold: float) -> dict[
         write_bytes(out / filename, png)
     progress.update()
 
-    summary_csv = pd.concat([t.assign(result=named[n].id) for n, t in cells.items() if not t.empty])
-    write_bytes(out / "summary.csv", summary_csv.to_csv().encode())
+    summaries = [t.assign(result=named[n].id) for n, t in cells.items() if not t.empty]
+    write_bytes(out / "summary.csv", (pd.concat(summaries).to_csv() if summaries else "").encode())
     if csv_parts:
         write_bytes(out / "comparison.csv", pd.concat(csv_parts).to_csv().encode())
     progress.update()
