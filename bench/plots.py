@@ -44,7 +44,10 @@ def stage_times(tables: dict[str, pd.DataFrame]) -> bytes:
     ax.invert_yaxis()
     ax.set_xlabel("seconds per episode (median of the steady window)")
     ax.set_title("Episode time by stage")
-    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25 / max(len(rows), 1) - 0.12))
+    if rows:
+        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25 / len(rows) - 0.12))
+    else:
+        ax.text(0.5, 0.5, "no successful run in these results", ha="center", va="center")
     return _png(fig)
 
 

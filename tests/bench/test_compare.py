@@ -9,6 +9,9 @@ from bench.compare import compare, flagged, summarise, verdicts
 from bench.peak import Peak
 from bench.result import Cell, Result
 
+ENVIRONMENT = {"git": {"revision": "0" * 40, "dirty": False}, "image": {"name": "host"},
+               "host": {"cpu": "test CPU", "cpu_count": 2}, "gpu": {"count": 0},
+               "versions": {"torch": "2.13.0+cpu", "megatron-core": "0.16.1"}}
 CELLS = [("tiny-qwen2.5", "single"), ("tiny-qwen2.5", "tp2"), ("tiny-qwen3", "single"), ("dense-512", "pp2")]
 
 
@@ -31,7 +34,7 @@ def make_result(slowdown: dict | None = None, noise: float = 0.02, seed: int = 0
                               returncode=0, seconds=30.0, command=["python", "-m", "trainer"], run_dir="runs/x",
                               peak_rss_mib=500.0, episodes=rows))
     return Result(id=name, suite="test", created="2026-01-01T00:00:00+00:00",
-                  settings={"episodes": 6, "warmup_episodes": 1, "repeats": 2}, environment={},
+                  settings={"episodes": 6, "warmup_episodes": 1, "repeats": 2}, environment=ENVIRONMENT,
                   peak=Peak(device="cpu", flops_per_s=1e11, per_device=False, source="test"), cells=cells)
 
 
