@@ -68,7 +68,8 @@ def capture(root: Path, matrix_path: Path) -> dict:
         "locks_sha256": {p.name: _sha256(p) for p in sorted((root / "images" / "locks").glob("*.lock.txt"))},
         "image": image(),
         "host": {"python": platform.python_version(), "platform": platform.platform(),
-                 "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                 "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                 "load_average": os.getloadavg()},
         "gpu": {"count": torch.cuda.device_count(),
                 "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
         if cuda else {"count": 0, "names": []},

@@ -43,6 +43,8 @@ class Cell(BaseModel):
     """Largest resident set of the run's processes: the OS's figure when the run ended, or a larger
     `memory/peak_rss_mib` the run logged itself."""
     episodes: list[Row] = []
+    load_average: tuple[float, float, float] | None = None
+    """The machine's 1/5/15-minute load when the run ended: other work on the machine is noise in its numbers."""
 
     @property
     def key(self) -> tuple[str, str, str]:

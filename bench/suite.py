@@ -108,7 +108,7 @@ def run_cell(p: Plan, repeat: int, *, image: str, matrix_path: Path, run_dir: Pa
             proc.wait()
             raise
     seconds = time.perf_counter() - started
-    cell = dict(recipe=p.name, layout=p.layout, image=image, gpus=p.gpus, repeat=repeat, returncode=code,
+    cell = dict(load_average=os.getloadavg(), recipe=p.name, layout=p.layout, image=image, gpus=p.gpus, repeat=repeat, returncode=code,
                 seconds=seconds, command=command, run_dir=str(run_dir), peak_rss_mib=rss)
     metrics, config = run_dir / "metrics.jsonl", run_dir / "config.json"
     if code != 0 or not metrics.exists():
