@@ -29,7 +29,7 @@ def make_result(slowdown: dict | None = None, noise: float = 0.02, seed: int = 0
                 rows.append({"episode": episode, "time/episode": seconds, "time/rollout": 0.6 * seconds,
                              "time/train": 0.4 * seconds, "throughput/tokens_per_s": 1000 / seconds,
                              "throughput/train_tokens_per_s": 2500 / seconds, "reward/mean": 0.1 * episode,
-                             "bench/mfu_train": 0.01 / factor / jitter})
+                             "bench/mfu_train": 0.01 / factor / jitter, "mismatch/kl": 1e-9 * episode})
             cells.append(Cell(recipe=recipe, layout=layout, image="host", gpus=1, repeat=repeat, status="ok",
                               returncode=0, seconds=30.0, command=["python", "-m", "trainer"], run_dir="runs/x",
                               peak_rss_mib=500.0, episodes=rows))

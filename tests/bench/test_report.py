@@ -13,6 +13,7 @@ def test_report_names_the_planted_regression(tmp_path):
     assert flags == {"cand": [("tiny-qwen2.5", "tp2", "host")]}
     md = (tmp_path / "report.md").read_text()
     assert "Flagged: 1 regression(s): tiny-qwen2.5/tp2/host; 0 improvement(s): none" in md
+    assert "mismatch/kl" in md  # rollout–trainer mismatch, shown per cell when runs log it
     html = (tmp_path / "report.html").read_text()
     assert html.count('<td class=regression>regression</td>') >= 2  # the row's verdict and its metrics
     assert html.count("data:image/png;base64,") == 4
