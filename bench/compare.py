@@ -34,7 +34,8 @@ PERFORMANCE = [
     Metric("bench/mfu_train", "MFU (train)", False),
     Metric("peak_rss_mib", "peak RSS MiB", True),
 ]
-SHOWN = ["reward/mean", "response_length/mean", "time/sync", "sync/bytes", "bench/mfu_episode"]
+SHOWN = ["reward/mean", "response_length/mean", "time/sync", "sync/bytes", "bench/mfu_episode",
+         "memory/peak_device_mib"]
 MISMATCH_PREFIX = "mismatch/"
 
 

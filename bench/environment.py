@@ -20,8 +20,10 @@ import torch
 from trainer.preflight import IMAGE_ENV
 
 # Images built by `nox -s build` set IMAGE_ENV to their name; a labels file, when an image ships one, adds
-# its OCI labels (revision, matrix and lock hashes). Outside any image the name is "host".
+# its OCI labels (revision, matrix and lock hashes). Outside any image the name is "host". A container cannot
+# know its own digest: whoever starts it (the planned `--in-image` launcher) passes it in DIGEST_ENV.
 IMAGE_LABELS_FILE = Path("/etc/grpo-stack/labels.json")
+DIGEST_ENV = "GRPO_STACK_IMAGE_DIGEST"
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -55,7 +57,7 @@ def image() -> dict:
     labels = json.loads(IMAGE_LABELS_FILE.read_text()) if IMAGE_LABELS_FILE.exists() else {}
     name = os.environ.get(IMAGE_ENV) or labels.get("io.grpo-stack.image") or "host"
     return {"inside_container": inside, "labels": labels, "name": name,
-            "digest": os.environ.get("GRPO_STACK_IMAGE_DIGEST")}
+            "digest": os.environ.get(DIGEST_ENV)}
 
 
 def capture(root: Path, matrix_path: Path) -> dict:
