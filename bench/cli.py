@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="compare results (baseline = first); default: the two newest results")
     rep.add_argument("results", nargs="*", type=Path, help="result JSON files, baseline first")
     rep.add_argument("--threshold", type=float, default=0.10, help="relative change flagged (default 0.10 = 10%%)")
-    rep.add_argument("--out", type=Path, help="report directory (default: reports/<baseline id>--<candidate id>)")
+    rep.add_argument("--out", type=Path, help="report directory (default: reports/<baseline id>[--<last candidate id>])")
     rep.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged")
     return p
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.report import write_report
 
-    out = args.out or ROOT / "reports" / f"{results[0].id}--{results[-1].id}"
+    ids = [results[0].id] if len(results) == 1 else [results[0].id, results[-1].id]
+    out = args.out or ROOT / "reports" / "--".join(ids)
     flags = write_report(results, out, threshold=args.threshold)
     for candidate, rows in flags.items():
         shown = ", ".join("/".join(r) for r in rows) or "none"

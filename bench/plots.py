@@ -33,7 +33,7 @@ def stage_times(tables: dict[str, pd.DataFrame]) -> bytes:
     stages = [f"time/{s}" for s in STAGES if f"time/{s}" in present]
     rows = [(name, *idx[:2], t.loc[idx, stages].fillna(0.0)) for name, t in tables.items() for idx in t.index
             if set(stages) <= set(t.columns)]
-    fig, ax = plt.subplots(figsize=(9, 0.55 * max(len(rows), 2) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.55 * max(len(rows), 3) + 1.5))
     left = [0.0] * len(rows)
     cmap = plt.get_cmap("tab10")
     for s_i, stage in enumerate(stages):
@@ -45,7 +45,7 @@ def stage_times(tables: dict[str, pd.DataFrame]) -> bytes:
     ax.set_xlabel("seconds per episode (median of the steady window)")
     ax.set_title("Episode time by stage")
     if rows:
-        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25 / len(rows) - 0.12))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.text(0.5, 0.5, "no successful run in these results", ha="center", va="center")
     return _png(fig)
