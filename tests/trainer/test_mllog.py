@@ -3,6 +3,7 @@
 import io
 import json
 
+from trainer.metrics import MetricsLog
 from trainer.mllog import MLLogger
 
 
@@ -29,3 +30,13 @@ def test_a_run_logs_start_blocks_and_stop(tmp_path):
     assert got[2]["value"] == {"reward/mean": 0.25, "throughput/tokens_per_s": 100.0, "time/episode": 2.0}
     assert got[5]["value"] == 0.4 and got[5]["metadata"] == {"epoch_num": 2}
     assert got[-1]["event_type"] == "INTERVAL_END" and got[-1]["metadata"] == {"status": "aborted"}
+
+
+def test_metrics_log_option_writes_mllog_lines(tmp_path, capsys):
+    log = MetricsLog(tmp_path, mllog=True, config={"name": "demo"})
+    log.log(1, {"time/episode": 1.0, "reward/mean": 0.5})
+    log.close()
+    got = events((tmp_path / "mllog.txt").read_text())
+    assert [e["key"] for e in got] == ["run_start", "block_start", "tracked_stats", "block_stop", "run_stop"]
+    assert got[0]["metadata"] == {"recipe": "demo"} and got[-1]["metadata"] == {"status": "success"}
+    assert capsys.readouterr().out == (tmp_path / "mllog.txt").read_text()
