@@ -30,10 +30,6 @@ def _images(session: nox.Session, command: str) -> None:
     session.run("python", "-m", "images", command, *session.posargs)
 
 
-def _not_built(session: nox.Session, what: str) -> None:
-    session.error(f"not built yet: {what} (see ../shared/ROADMAP.md); nothing was run")
-
-
 @nox.session(python=PYTHON)
 def matrix(session: nox.Session) -> None:
     """Validate matrix.yaml and show its recipes (`-- --json` for the resolved form, `-- --file F`)."""
@@ -79,10 +75,11 @@ def build(session: nox.Session) -> None:
     _images(session, "build")
 
 
-@nox.session(venv_backend="none", default=False)
+@nox.session(python=PYTHON)
 def equivalence(session: nox.Session) -> None:
-    """Run the layout-equivalence gates of the matrix (CP=1 against CP>1 first)."""
-    _not_built(session, "the layout-equivalence gates")
+    """Run the layout-equivalence gates of the matrix: `-- GATE ...` (default: all); exit 1 if one fails."""
+    session.install("-e", ".")
+    session.run("python", "-m", "trainer.equivalence", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)

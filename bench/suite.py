@@ -26,9 +26,9 @@ from bench.environment import capture
 from bench.peak import Peak, device_peak
 from bench.result import Cell, Result
 from matrix import load_matrix
-from matrix.rules import derived_sizes
 from matrix.schema import Benchmark, Matrix
 from trainer.config import TrainerInputError, parse_overrides, resolve
+from trainer.parallel.layout import derived_sizes
 
 STDERR_TAIL = 4000  # characters of a failed run's stderr kept in the result
 
@@ -93,12 +93,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_cell(p: Plan, repeat: int, *, image: str, matrix_path: Path, run_dir: Path, peak: Peak,
+def run_cell(p: Plan, repeat: int, *, image: str, matrix_path: Path, cell_dir: Path, peak: Peak,
              timeout: float, cwd: Path) -> Cell:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """One run into `cell_dir`/run (the trainer wants a fresh directory); its stdout/stderr beside it."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = cell_dir / "run"
     command = p.command(matrix_path, run_dir)
     started = time.perf_counter()
-    with (run_dir / "bench.stdout").open("w") as out, (run_dir / "bench.stderr").open("w") as err:
+    with (cell_dir / "stdout.txt").open("w") as out, (cell_dir / "stderr.txt").open("w") as err:
         # its own process group, so a timeout also ends the ranks a launcher started
         proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, start_new_session=True)
         try:
@@ -112,7 +114,7 @@ def run_cell(p: Plan, repeat: int, *, image: str, matrix_path: Path, run_dir: Pa
                 seconds=seconds, command=command, run_dir=str(run_dir), peak_rss_mib=rss)
     metrics, config = run_dir / "metrics.jsonl", run_dir / "config.json"
     if code != 0 or not metrics.exists():
-        tail = (run_dir / "bench.stderr").read_text(errors="replace")[-STDERR_TAIL:]
+        tail = (cell_dir / "stderr.txt").read_text(errors="replace")[-STDERR_TAIL:]
         return Cell(status="failed", stderr_tail=tail, **cell)
     resolved = json.loads(config.read_text())
     total_peak = peak.total(resolved["resolved"]["recipe"]["gpus"])
@@ -143,7 +145,7 @@ def run_suite(name: str, *, root: Path, matrix_path: Path, results_dir: Path, ru
                 continue
             bar.set_postfix_str(f"{p.name} {p.layout} #{repeat}")
             cell = run_cell(p, repeat, image=image, matrix_path=matrix_path, peak=peak, timeout=timeout, cwd=root,
-                            run_dir=runs_dir / result_id / f"{p.name}--{p.layout}--r{repeat}")
+                            cell_dir=runs_dir / result_id / f"{p.name}--{p.layout}--r{repeat}")
             if cell.status == "failed":
                 failed.add(p)
                 bar.write(f"failed: {p.name} on {p.layout} (exit {cell.returncode}): "

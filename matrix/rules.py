@@ -7,28 +7,12 @@ the arithmetic (torchtitan's ParallelDims style) and what would be valid.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from math import lcm
 
 from matrix.schema import Benchmark, Gate, Layout, Matrix, Model, Recipe
+from trainer.parallel.layout import ParallelLayout
 
 Path = tuple[str | int, ...]
 Finding = tuple[Path, str]
-
-
-def derived_sizes(layout: Layout, gpus: int) -> tuple[int, int]:
-    """(minimum GPU count, data-parallel size) of a layout on `gpus` devices (REFERENCE §5).
-
-    megatron-core needs world % (TP·CP·PP) == 0 and world % (ETP·EP·PP) == 0, hence the lcm;
-    DP = world / (TP·CP·PP). With FSDP every device is a DP rank.
-    """
-    if layout.fsdp:
-        return (layout.dp or 1), gpus
-    dense = layout.tp * layout.cp * layout.pp
-    expert = layout.expert_tp * layout.ep * layout.pp
-    minimum = lcm(dense, expert)
-    if layout.dp is not None:
-        minimum = lcm(minimum, dense * layout.dp)
-    return minimum, gpus // dense
 
 
 def _names(entries: dict) -> str:
@@ -87,25 +71,11 @@ def check_model(name: str, model: Model) -> Iterator[Finding]:
             yield at + ("moe", "first_dense_layers"), f"{s.moe.first_dense_layers} leaves no MoE layer of {s.layers}"
 
 
-def _stage_layers(layout: Layout, layers: int) -> Iterator[tuple[str, str]]:
-    """Layers over PP stages, with megatron's optional uneven first/last stage."""
-    first, last, pp = layout.first_stage_layers, layout.last_stage_layers, layout.pp
-    if pp == 1:
-        if first or last:
-            yield "first_stage_layers", "uneven stages need pp > 1"
-        return
-    rest, middle = layers - (first or 0) - (last or 0), pp - (first is not None) - (last is not None)
-    shown = f"layers={layers} - first={first or 0} - last={last or 0} = {rest}"
-    if rest < 0 or (middle == 0 and rest != 0):
-        yield "pp", f"{pp} stages cannot hold {shown} layers"
-    elif middle and rest % middle:
-        yield "pp", f"{shown} layers do not split over {middle} stage(s); pick first/last stage layers or pp so it divides"
-
-
 def check_layout_fits(recipe_name: str, r: Recipe, layout: Layout, model: Model, path: Path) -> Iterator[Finding]:
-    """REFERENCE §5 rules of one layout applied to one recipe's model, sequence length and GPU count."""
-    s, lname = model.shape, r.layout
-    at = ("layouts", lname)
+    """REFERENCE §5 rules of one layout applied to one recipe's model, sequence length and GPU count; the
+    arithmetic itself lives in ``trainer.parallel.layout.ParallelLayout``."""
+    lname, at = r.layout, ("layouts", r.layout)
+    dims = ParallelLayout.of(layout, r.gpus)
     if layout.fsdp:
         if (layout.tp, layout.pp, layout.cp, layout.ep) != (1, 1, 1, 1):
             yield at + ("fsdp",), "FSDP layouts shard over DP only; set tp, pp, cp, ep to 1"
@@ -113,42 +83,14 @@ def check_layout_fits(recipe_name: str, r: Recipe, layout: Layout, model: Model,
             yield path + ("trainer",), f"'{r.trainer}' cannot run FSDP layout '{lname}'; use trainer: fsdp"
     elif r.trainer == "fsdp":
         yield path + ("layout",), f"trainer fsdp needs a layout with fsdp: true; '{lname}' is a megatron layout"
-    heads = {"heads": s.heads, "query_groups": s.query_groups}
-    if s.mla is not None:
-        heads.pop("query_groups")  # MLA has one query group per head
-    if s.linear_attention is not None:
-        heads |= {"linear_attention.key_heads": s.linear_attention.key_heads,
-                  "linear_attention.value_heads": s.linear_attention.value_heads}
-    for what, n in heads.items():
-        if n % layout.tp:
-            yield at + ("tp",), f"{layout.tp} does not divide {what}={n} of model {r.model} (recipe {recipe_name})"
-    if s.moe is None:
-        if layout.ep > 1 or (layout.etp or 1) > 1:
-            yield at + ("ep",), f"model {r.model} is dense: expert parallelism (ep={layout.ep}, etp={layout.etp}) needs MoE"
-    elif s.moe.experts % layout.ep:
-        yield at + ("ep",), f"{layout.ep} does not divide experts={s.moe.experts} of model {r.model}"
-    for key, msg in _stage_layers(layout, s.layers):
-        yield at + (key,), f"{msg} (model {r.model})"
-    seq = r.grpo.max_prompt_len + r.grpo.max_response_len
-    unit = 2 * layout.cp * (layout.tp if layout.sequence_parallel and layout.tp > 1 else 1)
-    if unit > 1 and seq % unit:
-        shown = "2·TP·CP" if unit != 2 * layout.cp else "2·CP"
-        yield path + ("grpo", "max_response_len"), (
-            f"sequence length {r.grpo.max_prompt_len}+{r.grpo.max_response_len}={seq} is not a multiple of "
-            f"{shown}={unit}; pick lengths whose sum divides by {unit}")
-    minimum, _ = derived_sizes(layout, r.gpus)
-    dense, expert = layout.tp * layout.cp * layout.pp, layout.expert_tp * layout.ep * layout.pp
-    arithmetic = f"lcm(TP·CP·PP={dense}, ETP·EP·PP={expert}) = {lcm(dense, expert)}"
-    if layout.fsdp:
-        if layout.dp is not None and r.gpus != layout.dp:
-            yield path + ("gpus",), f"{r.gpus} does not match layout {lname} (FSDP over dp={layout.dp}); declare gpus: {layout.dp}"
-    elif layout.dp is not None and r.gpus != dense * layout.dp:
-        yield path + ("gpus",), (f"{r.gpus} does not match layout {lname}: TP·CP·PP·DP={dense}·{layout.dp}"
-                                 f" = {dense * layout.dp}; declare gpus: {dense * layout.dp}")
-    elif r.gpus < minimum:
-        yield path + ("gpus",), f"{r.gpus} is too few: {arithmetic}; declare gpus: {minimum}"
-    elif r.gpus % minimum:
-        yield path + ("gpus",), f"{r.gpus} is not a multiple of {arithmetic}; use a multiple of {minimum}"
+    for key, msg in dims.model_problems(model.shape, r.model):
+        yield at + (key,), msg if key != "tp" else f"{msg} (recipe {recipe_name})"
+    seq = dims.sequence_problem(r.grpo.max_prompt_len, r.grpo.max_response_len)
+    if seq:
+        yield path + ("grpo", "max_response_len"), seq
+    world = dims.world_problem(layout.dp, lname)
+    if world:
+        yield path + ("gpus",), world
 
 
 def check_recipe(name: str, r: Recipe, m: Matrix) -> Iterator[Finding]:

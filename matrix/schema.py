@@ -288,22 +288,35 @@ class LayoutPatch(Strict):
     ep: PositiveInt | None = None
     etp: PositiveInt | None = None
     dp: PositiveInt | None = None
+    first_stage_layers: PositiveInt | None = None
+    last_stage_layers: PositiveInt | None = None
     gpus: PositiveInt | None = None
 
 
 class Tolerances(Strict):
-    logprobs_max_abs: Annotated[float, Field(ge=0)] = 1e-5
-    loss_rel: Annotated[float, Field(ge=0)] = 1e-5
-    grad_norm_rel: Annotated[float, Field(ge=0)] = 1e-4
-    weights_max_abs: Annotated[float, Field(ge=0)] = 1e-6
+    """What a layout may change, in fp32 on CPU. Sharding changes only the order of float sums (matmuls split
+    over TP, softmax sums split over vocab slices, attention over gathered K/V), so differences are a few
+    float32 ulps of the quantity, amplified by the steps taken: the defaults sit ~10× above what the gates
+    measure here and far below what a planted fault moves (0.05–1 and more: see README, gates)."""
+
+    logprobs_max_abs: Annotated[float, Field(ge=0)] = 1e-4
+    """Per-token log-probs (~|logp| ≤ 10): fp32 rounding of reordered sums is ~1e-6 per op."""
+    loss_rel: Annotated[float, Field(ge=0)] = 1e-4
+    """The GRPO loss is a global token mean of O(1) terms: relative, since it can be far from 1."""
+    grad_norm_rel: Annotated[float, Field(ge=0)] = 1e-3
+    """The grad norm sums squares over every shard in a different order; relative."""
+    weights_max_abs: Annotated[float, Field(ge=0)] = 1e-4
+    """After the steps: Adam normalises each update to ~lr (1e-3 in the tiny recipes); where a gradient element
+    is near zero, a rounding-level change of it moves that update by a fraction of lr, so lr/10."""
 
 
 class Gate(Strict):
     recipe: NonEmptyStr
     reference: LayoutPatch
     candidates: Annotated[list[LayoutPatch], Field(min_length=1)]
-    compare: list[Literal["logprobs", "loss", "grad_norm", "weights"]] = ["logprobs", "loss", "grad_norm"]
-    steps: PositiveInt = 1
+    compare: list[Literal["logprobs", "loss", "grad_norm", "weights"]] = ["logprobs", "loss", "grad_norm", "weights"]
+    steps: PositiveInt = 2
+    """Training steps replayed on the saved rollout (the second step sees the first step's update)."""
     tolerances: Tolerances = Tolerances()
 
 
@@ -347,7 +360,7 @@ class Matrix(Strict):
 
     def resolve(self, recipe_name: str) -> ResolvedRecipe:
         """The recipe with its references replaced by the entries they name, plus derived sizes."""
-        from matrix.rules import derived_sizes
+        from trainer.parallel.layout import derived_sizes
 
         recipe = self.recipes[recipe_name]
         layout = self.layouts[recipe.layout]

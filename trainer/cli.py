@@ -1,7 +1,9 @@
 """`python -m trainer [RECIPE] [key=value ...]` — what `nox -s train` runs.
 
-Bad input (recipe, override, a machine that lacks what the recipe needs) is one line and exit code 2;
-a run stopped by a non-finite loss is exit code 1 with the reason and the checkpoint it kept.
+Bad input (recipe, override, a machine that lacks what the recipe needs, a run directory in use) is one line
+and exit code 2, with nothing written; a run stopped by a non-finite loss is exit code 1 with the reason and
+the checkpoint it kept; a failed rank stops every rank and is exit code 1 with the first error.
+Multi-process layouts start one process per `gpus` (processes on CPU) through `trainer.parallel.launcher`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from matrix import DEFAULT_MATRIX_PATH
+from matrix import DEFAULT_MATRIX_PATH, load_matrix
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.preflight import missing
 
@@ -25,54 +26,109 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. run.episodes=3 grpo.lr=5e-4")
     p.add_argument("--matrix", default=str(DEFAULT_MATRIX_PATH), help="matrix file (default: matrix.yaml)")
     p.add_argument("--runs", default=str(ROOT / "runs"), help="parent of run directories (default: runs/)")
-    p.add_argument("--run-dir", help="exact run directory (default: <runs>/<recipe>-<timestamp>)")
+    p.add_argument("--run-dir", help="exact run directory, new or empty (default: <runs>/<recipe>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run a GPU recipe on CPU: its layout's degrees with the model's tiny stand-in (see README)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs the logging extra)")
     p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (needs WANDB_API_KEY)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
+def _new_run_dir(runs: Path, recipe: str) -> Path:
+    """runs/<recipe>-<timestamp>[-N]: created atomically, so two runs started in one second never share one."""
+    runs.mkdir(parents=True, exist_ok=True)
+    stem = f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1000):
+        candidate = runs / (stem if n == 0 else f"{stem}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise TrainerInputError(f"--runs {runs}: 1000 runs named {stem}* already exist")
+
+
+def _run_dir(args) -> Path:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoints" / "latest").exists():
+            raise TrainerInputError(f"--resume {run_dir}: no checkpoint there (expected {run_dir}/checkpoints/latest)")
+        return run_dir
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise TrainerInputError(f"--run-dir {run_dir} already holds files (a run?); pick a new directory, or "
+                                    f"continue that run with --resume {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    return _new_run_dir(Path(args.runs), args.recipe)
+
+
+def _check_resume(run_dir: Path, world: int) -> None:
+    from trainer.checkpoint import latest_episode, ranks_in
+
+    _, directory = latest_episode(run_dir)
+    saved = ranks_in(directory)
+    if saved != world:
+        raise TrainerInputError(f"--resume {run_dir}: its checkpoint holds {saved} rank(s), this layout runs {world}; "
+                                f"resume with the layout and gpus the run was started with")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         resolved = resolve(args.recipe, parse_overrides(args.overrides), args.matrix)
+        if args.rehearse:
+            from trainer.rehearse import NoStandIn, rehearsal
+
+            try:
+                resolved, substitutions = rehearsal(load_matrix(args.matrix), resolved)
+            except NoStandIn as exc:
+                raise TrainerInputError(f"--rehearse {args.recipe}: {exc}") from None
+            print(f"rehearsal of {args.recipe} on CPU, layout {args.recipe} degrees kept "
+                  f"(tp={resolved.layout.tp} pp={resolved.layout.pp} cp={resolved.layout.cp} ep={resolved.layout.ep} "
+                  f"etp={resolved.layout.expert_tp}); substitutions:")
+            for line in substitutions:
+                print(f"  - {line}")
         lacking = missing(resolved, root=ROOT)
         if lacking:
             raise TrainerInputError(f"recipe {args.recipe} cannot run on this machine; missing: " + "; ".join(lacking))
+        world = resolved.recipe.gpus
+        run_dir = _run_dir(args)
+        if args.resume:
+            _check_resume(run_dir, world)
     except TrainerInputError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from trainer.atomic import write_json
+    import warnings
+
     # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
-    from trainer.loop import RunStopped, train  # heavy imports only once the input is known good
-    from trainer.metrics import MetricsLog
+    from trainer.atomic import write_json
+    from trainer.parallel.launcher import RankFailed, launch
+    from trainer.worker import RunRequest, initial_weights, run_rank
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "checkpoints" / "latest").exists():
-            print(f"error: --resume {run_dir}: no checkpoint there (expected {run_dir}/checkpoints/latest)",
-                  file=sys.stderr)
-            return 2
-    else:
-        run_dir = Path(args.run_dir or Path(args.runs) / f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
         write_json(run_dir / "config.json", {"recipe": resolved.name, "overrides": args.overrides,
+                                             "rehearse": args.rehearse, "world_size": world,
                                              "resolved": resolved.model_dump(mode="json")})
-    log = MetricsLog(run_dir, tensorboard=args.tensorboard, wandb_project=args.wandb,
-                     config=resolved.model_dump(mode="json"))
+    initial = initial_weights(resolved) if world > 1 and not args.resume else None
+    request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
+                         wandb_project=args.wandb, initial=initial)
     try:
-        summary = train(resolved, run_dir, log=log, resume=bool(args.resume))
-    except RunStopped as exc:
-        log.write_summary({"recipe": resolved.name, "run_dir": str(run_dir), "status": f"stopped: {exc}"})
-        print(f"error: {exc}", file=sys.stderr)
+        outcome = launch(run_rank, world, request)
+    except RankFailed as exc:
+        print(f"error: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)
         return 1
-    finally:
-        log.close()
+    if outcome["status"] == "stopped":
+        print(f"error: {outcome['message']}", file=sys.stderr)
+        return 1
+    summary = outcome["summary"]
     if "reward/first" in summary:
         print(f"reward: first episode {summary['reward/first']:.3f}, last episode {summary['reward/last']:.3f} "
               f"(first 10% mean {summary['reward/first_10pct_mean']:.3f}, last 10% mean "

@@ -9,6 +9,11 @@ over the global batch. It departs from textbook GRPO in the usual ways: no KL in
 step per episode by default (fully on-policy, ratio ≈ 1), groups with equal rewards contribute zero
 advantage but still count in the token denominator.
 
+An episode is two halves: ``collect`` (rollout → reward → advantages, on the driver that hosts the engine)
+gives a batch that can be saved and replayed; ``learn`` (old/ref log-probs → train steps, on every rank)
+consumes it. The equivalence gates replay one collected batch across layouts through the same ``learn``.
+The loop sees a training backend, a rollout engine and a ``Job`` (who drives), never a process group.
+
 Every random choice of an episode is derived from (seed, episode), never carried from the previous one,
 so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,15 +32,15 @@ from matrix import ResolvedRecipe
 from matrix.schema import Sampling
 from trainer import checkpoint
 from trainer.algo import group_outcome_ratios
+from trainer.backends.base import TrainingBackend
 from trainer.backends.errors import NonFiniteLossError
-from trainer.backends.megatron import MegatronBackend
-from trainer.batching import micro_batches, pack
+from trainer.batching import pack
 from trainer.metrics import MetricsLog, StageTimer, length_stats
 from trainer.objective import advantages, make_loss_fn
+from trainer.parallel.job import Job
 from trainer.reward.grader import score
-from trainer.rollout.base import NonFiniteLogitsError, SamplingParams
-from trainer.rollout.torch_engine import TorchEngine
-from trainer.tasks import Prompt, Task, build_task
+from trainer.rollout.base import NonFiniteLogitsError, RolloutEngine, SamplingParams
+from trainer.tasks import Prompt, Task
 from trainer.warmstart import warm_start
 
 
@@ -52,17 +58,11 @@ def _params(s: Sampling, r: ResolvedRecipe, task: Task, seed: int) -> SamplingPa
 
 
 def _kept(run_dir: Path) -> str:
-    kept = checkpoint.latest(run_dir)
+    kept = checkpoint.latest_episode(run_dir)
     return f"last good checkpoint: episode {kept[0]} in {run_dir / 'checkpoints'}" if kept else "no checkpoint yet"
 
 
-def _logprobs(backend: MegatronBackend, batch: dict, size: int) -> torch.Tensor:
-    return torch.cat(
-        [backend.logprobs(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches(batch, size)]
-    )
-
-
-def evaluate(engine: TorchEngine, task: Task, r: ResolvedRecipe, seed: int) -> dict[str, float]:
+def evaluate(engine: RolloutEngine, task: Task, r: ResolvedRecipe, seed: int) -> dict[str, float]:
     """Mean reward of one sample per held-out problem at the eval sampling settings."""
     s = r.recipe.eval.sampling
     problems = task.eval[: r.recipe.eval.prompts]
@@ -73,104 +73,113 @@ def evaluate(engine: TorchEngine, task: Task, r: ResolvedRecipe, seed: int) -> d
     return {"eval/reward_mean": sum(rewards) / len(rewards)}
 
 
-def run_episode(
-    episode: int,
-    r: ResolvedRecipe,
-    task: Task,
-    policy: MegatronBackend,
-    ref: MegatronBackend,
-    engine: TorchEngine,
-    timer: StageTimer,
-) -> dict[str, float]:
+@dataclass
+class Collected:
+    """One episode's rollout, scored: what ``learn`` needs (``batch``) and what the metrics report."""
+
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask (B, T); response_mask (B, T-1); advantages (B,)
+    rewards: torch.Tensor  # (B,)
+    lengths: torch.Tensor  # (B,) response tokens
+    prompt_tokens: int
+    seconds: dict[str, float]  # rollout, reward
+
+
+def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) -> Collected:
+    """Rollout → reward → advantages for ``episode`` (prompts and sampling seeded by the episode)."""
     grpo, seed, n = r.recipe.grpo, r.recipe.run.seed, r.recipe.grpo.samples_per_prompt
-    picked: list[Prompt] = random.Random(_episode_seed(seed, episode, 0)).sample(
-        task.train, grpo.prompts_per_episode
-    )
+    picked: list[Prompt] = random.Random(_episode_seed(seed, episode, 0)).sample(task.train, grpo.prompts_per_episode)
     group = [p for p in picked for _ in range(n)]
-
+    timer = StageTimer()
     with timer("rollout"):
-        params = _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1))
-        outs = engine.generate([p.ids for p in group], params)
+        outs = engine.generate([p.ids for p in group], _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1)))
         batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], task.pad_id)
-    with timer("old_logprob"):
-        batch["old_logprobs"] = _logprobs(policy, batch, grpo.micro_batch_size)
-    with timer("ref_logprob"):
-        batch["ref_logprobs"] = _logprobs(ref, batch, grpo.micro_batch_size)
     with timer("reward"):
-        rewards = torch.tensor(
-            [score(o.text, p.ground_truth, grpo.grader) for o, p in zip(outs, group, strict=True)]
-        )
+        rewards = torch.tensor([score(o.text, p.ground_truth, grpo.grader) for o, p in zip(outs, group, strict=True)])
         batch["advantages"] = advantages(grpo, rewards).float()
+    return Collected(batch, rewards, torch.tensor([len(o.token_ids) for o in outs]),
+                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")})
 
-    global_tokens = batch["response_mask"].sum().item()  # one process: the global count is the local one
+
+def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend,
+          timer: StageTimer) -> dict[str, float]:
+    """Old and reference log-probs, then the recipe's train steps on ``batch``; every rank calls it."""
+    grpo = r.recipe.grpo
+    with timer("old_logprob"):
+        batch["old_logprobs"] = policy.logprobs(batch, micro_batch_size=grpo.micro_batch_size)
+    with timer("ref_logprob"):
+        batch["ref_logprobs"] = ref.logprobs(batch, micro_batch_size=grpo.micro_batch_size)
     with timer("train"):
         for _ in range(grpo.steps_per_episode):
-            stats = policy.train_step(
-                micro_batches(batch, grpo.micro_batch_size), make_loss_fn(grpo, global_tokens)
-            )
-    with timer("sync"):
-        engine.update_weights(policy.hf_named_tensors())
+            stats = policy.train_step(batch, lambda tokens: make_loss_fn(grpo, tokens),
+                                      micro_batch_size=grpo.micro_batch_size)
+    return stats
 
-    lengths = torch.tensor([len(o.token_ids) for o in outs])
-    prompt_tokens = sum(len(p.ids) for p in group)
-    all_tokens = prompt_tokens + int(lengths.sum())
+
+def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBackend, ref: TrainingBackend,
+                engine: RolloutEngine | None, timer: StageTimer, job: Job) -> dict[str, float]:
+    """collect on the driver → the batch to every rank → learn → weight sync to the driver's engine."""
+    grpo = r.recipe.grpo
+    collected: Collected = job.broadcast(job.on_driver(lambda: collect(episode, r, task, engine)))
+    for stage, seconds in collected.seconds.items():
+        timer.seconds[stage] += seconds
+    stats = learn(collected.batch, r, policy, ref, timer)
+    with timer("sync"):
+        tensors = policy.hf_named_tensors()  # collective: whole tensors on the driver
+        job.on_driver(lambda: engine.update_weights(tensors))
+
+    lengths, rewards = collected.lengths, collected.rewards
+    all_tokens = collected.prompt_tokens + int(lengths.sum())
     return {
         "reward/mean": rewards.mean().item(),
-        **{f"reward/{k}": v for k, v in group_outcome_ratios(rewards, n).items()},
+        **{f"reward/{k}": v for k, v in group_outcome_ratios(rewards, grpo.samples_per_prompt).items()},
         **length_stats(lengths, grpo.max_response_len),
         **stats,
         "throughput/generation_tokens_per_s": int(lengths.sum()) / max(timer.seconds["rollout"], 1e-9),
-        "throughput/train_tokens_per_s": all_tokens
-        * grpo.steps_per_episode
-        / max(timer.seconds["train"], 1e-9),
-        "tokens/prompt": prompt_tokens,
+        "throughput/train_tokens_per_s": all_tokens * grpo.steps_per_episode / max(timer.seconds["train"], 1e-9),
+        "tokens/prompt": collected.prompt_tokens,
         "tokens/response": int(lengths.sum()),
     }
 
 
-def train(r: ResolvedRecipe, run_dir: Path, *, log: MetricsLog, resume: bool = False) -> dict:
-    """Run (or resume) recipe `r` in `run_dir`; returns the summary. Raises RunStopped on a non-finite loss."""
-    run = r.recipe.run
-    torch.manual_seed(run.seed)
-    task = build_task(r, root=Path(__file__).resolve().parent.parent)
-    policy = MegatronBackend(r, seed=run.seed)
-    ref = MegatronBackend(r, seed=run.seed, trainable=False)
-    engine = TorchEngine(r.model, decode=task.decode, eos_token_id=task.eos_id, pad_token_id=task.pad_id)
+def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBackend, ref: TrainingBackend,
+          engine: RolloutEngine | None, log: MetricsLog, job: Job, resume: bool = False) -> dict:
+    """Run (or resume) recipe ``r`` in ``run_dir``; returns the summary. Raises RunStopped on a non-finite loss.
 
+    Collective: every rank of ``job`` calls it; ``engine`` and ``log`` matter on the driver only.
+    """
+    run = r.recipe.run
     start = 0
-    saved = checkpoint.latest(run_dir) if resume else None
+    saved = checkpoint.latest(run_dir, job.rank) if resume else None
     if saved is not None:
         start, state = saved
         policy.load_state_dict(state["policy"])
-        ref.load_hf(state["reference_hf"])
+        ref.load_state_dict(state["reference"])
         log.truncate_after(start)
     elif run.warm_start_steps:
-        warm_start(policy, task, r)
-        ref.load_hf(dict(policy.hf_named_tensors()))
-    engine.update_weights(policy.hf_named_tensors())
+        warm_start(policy, task, r, show=job.is_driver)
+        ref.copy_weights_from(policy)
+    tensors = policy.hf_named_tensors()
+    job.on_driver(lambda: engine.update_weights(tensors))
 
     def save(episode: int) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in policy.model.parameters()):
+        if not policy.weights_finite():
             raise RunStopped(f"episode {episode}: the policy's weights are no longer finite, so they were "
                              f"not checkpointed ({_kept(run_dir)})")
-        checkpoint.save(
-            run_dir,
-            episode,
-            {"episode": episode, "policy": policy.state_dict(), "reference_hf": dict(ref.hf_named_tensors())},
-        )
+        state = {"episode": episode, "world_size": job.world_size, "policy": policy.state_dict(),
+                 "reference": ref.state_dict()}
+        checkpoint.save(run_dir, episode, state, job)
 
-    bar = tqdm(
-        range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode"
-    )
+    bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
+               disable=not job.is_driver)
     for episode in bar:
         timer, started = StageTimer(), time.perf_counter()
         try:
-            row = run_episode(episode, r, task, policy, ref, engine, timer)
+            row = run_episode(episode, r, task, policy, ref, engine, timer, job)
         except (NonFiniteLossError, NonFiniteLogitsError) as exc:
             raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
         if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
             with timer("eval"):
-                row |= evaluate(engine, task, r, seed=_episode_seed(run.seed, episode, 2))
+                row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
         if (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes:
             with timer("checkpoint"):
                 save(episode)

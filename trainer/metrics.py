@@ -110,3 +110,19 @@ class MetricsLog:
                         "throughput/tokens_per_s_mean": sum(r["throughput/tokens_per_s"] for r in rows) / len(rows)}
         write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+class DiscardLog:
+    """The log of a rank that is not the driver: only the driver writes run files (same interface)."""
+
+    def log(self, episode: int, row: dict) -> None:
+        pass
+
+    def truncate_after(self, episode: int) -> None:
+        pass
+
+    def write_summary(self, extra: dict) -> dict:
+        return extra
+
+    def close(self) -> None:
+        pass

@@ -12,21 +12,20 @@ import random
 from tqdm import tqdm
 
 from matrix import ResolvedRecipe
-from trainer.backends.megatron import MegatronBackend
-from trainer.batching import micro_batches, pack
+from trainer.backends.base import TrainingBackend
+from trainer.batching import pack
 from trainer.objective import sft_loss_fn
 from trainer.tasks import Task
 
 BATCH = 64
 
 
-def warm_start(policy: MegatronBackend, task: Task, r: ResolvedRecipe) -> dict[str, float]:
+def warm_start(policy: TrainingBackend, task: Task, r: ResolvedRecipe, *, show: bool = True) -> dict[str, float]:
     """`run.warm_start_steps` optimizer steps of cross-entropy on `task.sft`; returns the last step's stats."""
     rng = random.Random(r.recipe.run.seed)
     stats: dict[str, float] = {}
-    for _ in tqdm(range(r.recipe.run.warm_start_steps), desc="warm start", unit="step"):
+    for _ in tqdm(range(r.recipe.run.warm_start_steps), desc="warm start", unit="step", disable=not show):
         pairs = rng.sample(task.sft, min(BATCH, len(task.sft)))
         batch = pack([p for p, _ in pairs], [resp for _, resp in pairs], task.pad_id)
-        tokens = batch["response_mask"].sum().item()
-        stats = policy.train_step(micro_batches(batch, r.recipe.grpo.micro_batch_size), sft_loss_fn(tokens))
+        stats = policy.train_step(batch, sft_loss_fn, micro_batch_size=r.recipe.grpo.micro_batch_size)
     return stats

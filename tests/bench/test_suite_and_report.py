@@ -57,12 +57,12 @@ def test_report_of_a_result_against_itself_flags_nothing(smoke_result, repo, tmp
 def test_a_run_past_its_time_limit_is_killed_and_recorded_as_failed(tmp_path, repo):
     plan = Plan("tiny-qwen2.5", "tiny-qwen2.5", "single", 1, ("run.episodes=50",))
     started = time.monotonic()
-    cell = run_cell(plan, 0, image="host", matrix_path=repo / "matrix.yaml", run_dir=tmp_path / "run",
+    cell = run_cell(plan, 0, image="host", matrix_path=repo / "matrix.yaml", cell_dir=tmp_path / "cell",
                     peak=Peak(device="cpu", flops_per_s=1e11, per_device=False, source="test"), timeout=2, cwd=repo)
     assert time.monotonic() - started < 30
     assert cell.status == "failed" and cell.returncode == -9 and cell.episodes == []
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path / "run") not in ps  # no process of the run outlives it
+    assert str(tmp_path / "cell") not in ps  # no process of the run outlives it
 
 
 def test_failed_cells_are_recorded_and_the_suite_goes_on(bench_matrix, tmp_path, repo):

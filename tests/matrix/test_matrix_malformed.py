@@ -23,7 +23,7 @@ EDITS = [
      "'qwen3-9b' is not defined under models; defined: bench-dense-512, deepseek-v3-671b"),
     ("unknown-image", "    image: sglang-te27\n", "    image: sglang-te28\n", "recipes.qwen3-next.image",
      "'sglang-te28' is not defined under images"),
-    ("gate-unknown-recipe", "    recipe: tiny-qwen2.5\n", "    recipe: tiny-qwen9\n", "gates.cp-equivalence.recipe",
+    ("gate-unknown-recipe", "  cp-equivalence:\n    recipe: gates-dense\n", "  cp-equivalence:\n    recipe: tiny-qwen9\n", "gates.cp-equivalence.recipe",
      "'tiny-qwen9' is not a recipe"),
     ("heads-not-divisible-by-tp", "deepseek-v3-128: {tp: 4,", "deepseek-v3-128: {tp: 3,", "layouts.deepseek-v3-128.tp",
      "3 does not divide heads=128"),

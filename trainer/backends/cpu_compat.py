@@ -134,6 +134,54 @@ def _patch_moe_utils() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _TorchOnCpu:
+    """``torch`` as megatron's pipeline schedules see it: tensors they create on "cuda" are made on the CPU.
+
+    ``schedules.py`` allocates its token counter with ``device="cuda"`` literally (not through
+    ``current_device``); everything else is delegated to torch unchanged.
+    """
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _cpu(kwargs: dict) -> dict:
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._cpu(kwargs))
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._cpu(kwargs))
+
+
+def _patch_schedules() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCpu()
+
+
+def _patch_cp_rope() -> None:
+    from megatron.core.models.common.embeddings import (
+        rope_utils,
+        rotary_pos_embedding,
+        yarn_rotary_pos_embedding,
+    )
+
+    def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+        # The original builds its chunk index in pinned memory and moves it to CUDA; same chunks, on CPU.
+        cp_size, cp_rank = cp_group.size(), cp_group.rank()
+        index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1])
+        pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[(seq_dim + 1):])
+        pos_emb = pos_emb.index_select(seq_dim, index)
+        return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[(seq_dim + 2):])
+
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+
+
 def install() -> bool:
     """Apply the CPU patches once. Returns True if the patches are (now) active, False on a CUDA machine."""
     global _INSTALLED
@@ -144,6 +192,8 @@ def install() -> bool:
         _patch_memory_buffer()
         _patch_rng_tracker()
         _patch_moe_utils()
+        _patch_schedules()
+        _patch_cp_rope()
         _INSTALLED = True
     return True
 

@@ -1,63 +1,59 @@
-"""The megatron-core training backend the GRPO loop drives: log-probs, train steps, weights in HF names.
+"""The megatron-core training backend: log-probs, train steps and weights of this rank's part of the model.
 
-One process today: gloo with world size 1 and megatron ``parallel_state`` built from the recipe's layout
-(all degrees 1), so multi-process gloo layouts only add a launcher. The model is megatron-core's
-``GPTModel`` from ``trainer.models.build``; its forward path (embedding → decoder → output layer) is the
-one used on GPUs, with the project's SDPA core attention.
+The model is megatron-core's ``GPTModel`` (``trainer.models.build``) with the layout's TP/PP/CP/EP degrees;
+process groups were set up by the entry point. For every call the backend takes its share of the episode
+batch and returns whole-batch results on every rank:
 
-Optimizer: torch ``AdamW`` + ``clip_grad_norm_``. megatron-core's ``get_megatron_optimizer`` does not run
-on CPU in 0.16.1 (``FP32Optimizer`` allocates its loss scale with ``device='cuda'``, and grad-norm
-clipping goes through CUDA multi-tensor kernels), so the CPU backend uses torch's, with megatron's
-convention of no weight decay on biases and norm weights (1-D parameters).
+    rows of this DP rank → micro-batches → pad to 2·CP, labels from the full sequence, CP chunks
+    → megatron's pipeline schedule (PP) → vocab-parallel log-probs (TP) → loss / per-token outputs
+    → CP chunks back in sequence order → broadcast from the last PP stage → rows of all DP ranks.
+
+Gradients are summed over DP×CP (the loss is already a global token mean), the grad norm is taken over
+distinct shards (``_grad_norm``), and weights leave as whole tensors (``trainer.parallel.gather``).
+
+Optimizer: torch ``AdamW`` with a global-norm clip. megatron-core's ``get_megatron_optimizer`` does not run
+on CPU in 0.16.1 (``FP32Optimizer`` allocates its loss scale with ``device='cuda'``, and grad-norm clipping
+goes through CUDA multi-tensor kernels), so the CPU backend uses torch's, with megatron's convention of no
+weight decay on biases and norm weights (1-D parameters).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import random as mcore_random
 from torch import Tensor
 
-from trainer.algo.entropy import entropy_from_logits
+from trainer.backends.base import MakeLossFn
 from trainer.backends.errors import NonFiniteLossError
+from trainer.batching import micro_batches
 from trainer.models.build import build_gpt_model
 from trainer.models.weight_map import hf_to_mcore, iter_hf
-from trainer.parallel.process_groups import init_process_groups
+from trainer.parallel import cp, dp, gather, pp
+from trainer.parallel.tp import vocab_parallel_logprobs
 
-LossFn = Callable[[Tensor, Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, float | Tensor]]]
-
-# Rows per no-grad forward in `logprobs`: bounds the (rows, T, V) fp32 logits to ~64 MiB.
-_LOGIT_BUDGET = 1 << 24
-
-
-def token_logprobs(logits: Tensor, input_ids: Tensor, *, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """log p(input_ids[:, t+1] | ≤ t) from logits (B, T, V) → (B, T-1) fp32, and entropy (B, T-1) or None."""
-    logits = logits[:, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return logp, entropy_from_logits(logits) if with_entropy else None
+# Per-token (B, T-1) inputs of the loss, sharded along T like the tokens.
+PER_TOKEN = ("response_mask", "old_logprobs", "ref_logprobs")
 
 
 class MegatronBackend:
-    """Policy model + optimizer on megatron-core (CPU), for a resolved matrix recipe."""
+    """Policy (or reference) model + optimizer on megatron-core, for a resolved matrix recipe."""
 
-    def __init__(self, resolved, *, seed: int, trainable: bool = True):
-        layout = resolved.layout
-        degrees = (layout.tp, layout.pp, layout.cp, layout.ep, layout.expert_tp)
-        if any(d != 1 for d in degrees) or layout.fsdp or (layout.dp or 1) != 1:
-            raise NotImplementedError(
-                f"layout {resolved.recipe.layout!r} needs several processes; the megatron backend runs "
-                f"single-process (all degrees 1) until the gloo launcher lands"
-            )
+    def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None):
         self.resolved = resolved
         self.shape = resolved.model.shape
         self.trainable = trainable
-        init_process_groups(layout)
         # Seeds megatron's RNG tracker (CPU generators via cpu_compat) for dropout in TP regions.
         mcore_random.model_parallel_cuda_manual_seed(seed)
-        self.model = build_gpt_model(resolved.model, seed=seed, layout=layout)
+        self.model = build_gpt_model(resolved.model, seed=seed, layout=resolved.layout)
+        if initial is not None:
+            self.load_whole(initial)
         self.model.requires_grad_(trainable)
         self.steps = 0
         self.optimizer = self.scheduler = None
@@ -90,70 +86,105 @@ class MegatronBackend:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ one micro-batch on this rank
 
-    def _forward(self, input_ids: Tensor) -> Tensor:
-        """Logits (B, T, V) of megatron's GPTModel; causal, so right padding never reaches real tokens."""
-        b, t = input_ids.shape
-        position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
-        return self.model(input_ids, position_ids, attention_mask=None)
+    def _micro_batches(self, rows: dict[str, Tensor], size: int) -> list[dict]:
+        """This rank's rows in micro-batches, each remembering its real rows and width (before any padding)."""
+        if not rows["input_ids"].shape[0]:
+            return []
+        mbs = [mb | {"rows": mb["input_ids"].shape[0], "width": mb["input_ids"].shape[1]}
+               for mb in micro_batches(rows, size)]
+        grpo = self.resolved.recipe.grpo
+        return [self._local(mb) for mb in pp.uniform(mbs, size, grpo.max_prompt_len + grpo.max_response_len)]
+
+    def _local(self, mb: dict) -> dict:
+        """This rank's CP chunks of a micro-batch: tokens, labels (from the full sequence), per-token inputs."""
+        ids = cp.pad_to_unit(mb["input_ids"], cp.sequence_unit(), 0)
+        local = {"input_ids": cp.shard(ids), "labels": cp.shard_labels(ids)}
+        for key in PER_TOKEN:
+            if key in mb:  # (B, T-1): position t scores token t+1, as the labels do
+                local[key] = cp.shard(F.pad(mb[key], (0, ids.shape[1] - mb[key].shape[1])))
+        for key, value in mb.items():
+            local.setdefault(key, value)
+        return local
+
+    def _forward(self, model, mb: dict[str, Tensor]) -> Tensor:
+        tokens = mb["input_ids"]
+        positions = cp.local_positions(tokens.shape[1] * cp.size(), cp.size(), cp.rank()).expand(tokens.shape[0], -1)
+        return model(tokens, positions, attention_mask=None)
+
+    def _run(self, mbs: list[dict], finish, *, forward_only: bool) -> list:
+        if not mbs:
+            return []
+        return pp.run(self.model, mbs, lambda model, mb: (self._forward(model, mb), lambda out: finish(out, mb)),
+                      forward_only=forward_only)
+
+    # ------------------------------------------------------------------ log-probs
 
     @torch.no_grad()
-    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False):
-        """Per-token log-probs (B, T-1) fp32 of right-padded ``input_ids`` (B, T), and entropy if asked.
+    def logprobs(self, batch: dict[str, Tensor], *, micro_batch_size: int) -> Tensor:
+        """Per-token log-probs (B, T-1) fp32 of the right-padded batch; every rank gets the whole batch.
 
-        ``attention_mask`` is accepted for the interface: with right padding and causal attention the real
-        tokens never see padding, and values at padded positions are left for the caller to mask.
+        Values at padded positions are left for the caller to mask (causal: real tokens never see padding).
         """
         was_training = self.model.training
         self.model.eval()
-        b, t = input_ids.shape
-        rows = max(1, _LOGIT_BUDGET // max(1, t * self.shape.vocab))
-        logps, ents = [], []
-        for start in range(0, b, rows):
-            logp, ent = token_logprobs(
-                self._forward(input_ids[start : start + rows]),
-                input_ids[start : start + rows],
-                with_entropy=with_entropy,
-            )
-            logps.append(logp)
-            ents.append(ent)
+        vocab = self.shape.vocab
+
+        def finish(logits, mb):
+            logp, _ = vocab_parallel_logprobs(logits, mb["labels"], vocab, with_entropy=False)
+            return logp.new_zeros(()), {"logp": cp.unshard(logp)[: mb["rows"], : mb["width"] - 1]}
+
+        results = self._run(self._micro_batches(dp.rows_of_rank(batch), micro_batch_size), finish, forward_only=True)
         self.model.train(was_training)
-        logp = torch.cat(logps)
-        return (logp, torch.cat(ents)) if with_entropy else logp
+        mine = torch.cat([r["logp"] for r in results]) if results else None
+        mine = pp.from_last_stage(mine)
+        return _rows_of_all_dp_ranks(mine, batch["input_ids"])
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, micro_batches: list[dict[str, Tensor]], loss_fn: LossFn) -> dict[str, float]:
-        """Accumulate gradients over ``micro_batches``, clip, step once. See the module docstring.
+    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int
+                   ) -> dict[str, float]:
+        """Accumulate gradients over this rank's micro-batches, sum them over DP×CP, clip, step once.
 
-        ``loss_fn(logp, entropy, mb) -> (loss, metrics)``; the loss is already normalised by the global
-        token count, so gradients are summed, not averaged, over micro-batches.
-        Raises ``NonFiniteLossError`` before the optimizer step if a loss or the grad norm is not finite.
+        ``make_loss(global_tokens)`` builds the per-micro-batch loss, normalised by the response tokens of
+        the whole batch (``dp.global_token_count``). Raises ``NonFiniteLossError`` before the optimizer
+        step if the loss or the grad norm is not finite.
         """
         if self.optimizer is None:
             raise RuntimeError("train_step on a backend built with trainable=False")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {"loss": 0.0}
-        for i, mb in enumerate(micro_batches):
-            logits = self._forward(mb["input_ids"])
-            logp, entropy = token_logprobs(logits, mb["input_ids"], with_entropy=True)
+        mbs = self._micro_batches(dp.rows_of_rank(batch), micro_batch_size)
+        local_mask = torch.cat([mb["response_mask"].flatten() for mb in mbs]) if mbs else torch.zeros(0)
+        loss_fn = make_loss(dp.global_token_count(local_mask))
+        vocab = self.shape.vocab
+
+        def finish(logits, mb):
+            logp, entropy = vocab_parallel_logprobs(logits, mb["labels"], vocab, with_entropy=True)
             loss, metrics = loss_fn(logp, entropy, mb)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError("loss", loss_value, micro_batch=i)
-            loss.backward()
-            totals["loss"] += loss_value
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.resolved.recipe.grpo.grad_clip)
-        )
+            return loss, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+
+        results = self._run(mbs, finish, forward_only=False)
+        partial: dict[str, float] = {}
+        for result in results:
+            for key, value in result.items():
+                partial[key] = partial.get(key, 0.0) + value
+        totals = dp.sum_over_dp_cp(pp.from_last_stage(partial))
+        if not math.isfinite(totals.get("loss", 0.0)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError("loss", totals["loss"])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        _sync_tied_embeddings(params)
+        dp.all_reduce_grads(params)
+        grad_norm = _grad_norm(params)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError("grad norm", grad_norm)
+        clip = self.resolved.recipe.grpo.grad_clip
+        if grad_norm > clip:
+            for p in params:
+                p.grad.mul_(clip / (grad_norm + 1e-6))
         lr = self.lr
         self.optimizer.step()
         self.scheduler.step()
@@ -163,29 +194,38 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ weights
 
-    def _named_weights(self) -> dict[str, Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+    def whole_weights(self) -> dict[str, Tensor]:
+        return gather.whole_tensors(self.model, self.shape.vocab)
 
     def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Weights under HF names (``weight_map``), lazily, for engine weight sync and HF checkpoints."""
-        return iter_hf(self._named_weights(), self.shape)
+        """Whole weights under HF names on the driver rank (empty elsewhere); collective, so gathered now."""
+        whole = self.whole_weights()
+        return iter_hf(whole, self.shape) if whole else iter(())
+
+    def load_whole(self, whole: dict[str, Tensor]) -> None:
+        """Take this rank's shard of whole megatron-named weights."""
+        with torch.no_grad():
+            for p, shard in gather.local_tensors(self.model, whole):
+                if p.shape != shard.shape:
+                    raise ValueError(f"checkpoint shape {tuple(shard.shape)} != model {tuple(p.shape)}")
+                p.copy_(shard)
 
     def load_hf(self, tensors: dict[str, Tensor]) -> None:
         """Initialise the model from an HF state dict (e.g. ``load_hf_checkpoint``'s tensors)."""
-        mcore = hf_to_mcore(tensors, self.shape)
-        params = dict(self.model.named_parameters())
-        if set(mcore) != set(params):
-            raise KeyError(f"weight map and model disagree: {sorted(set(mcore) ^ set(params))[:5]}")
+        self.load_whole(hf_to_mcore(tensors, self.shape))
+
+    def copy_weights_from(self, other: MegatronBackend) -> None:
         with torch.no_grad():
-            for name, value in mcore.items():
-                if params[name].shape != value.shape:
-                    raise ValueError(
-                        f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(params[name].shape)}"
-                    )
-                params[name].copy_(value)
+            for p, q in zip(self.model.parameters(), other.model.parameters(), strict=True):
+                p.copy_(q)
+
+    def weights_finite(self) -> bool:
+        ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in self.model.parameters()))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
     def state_dict(self) -> dict:
-        """Model, optimizer, LR schedule, step and RNG states (a copy), for an exact resume."""
+        """This rank's model, optimizer, LR schedule, step and RNG states (a copy), for an exact resume."""
         tracker = mcore_random.get_cuda_rng_tracker()
         return copy.deepcopy(
             {
@@ -208,3 +248,42 @@ class MegatronBackend:
         self.steps = sd["steps"]
         torch.set_rng_state(sd["rng"]["torch"])
         mcore_random.get_cuda_rng_tracker().set_states(copy.deepcopy(sd["rng"]["tracker"]))
+
+
+def _rows_of_all_dp_ranks(mine: Tensor | None, input_ids: Tensor) -> Tensor:
+    """Concatenate every DP rank's rows (in rank order) into the whole batch's (B, T-1)."""
+    if ps.get_data_parallel_world_size() == 1:
+        return mine
+    parts: list = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(parts, mine, group=ps.get_data_parallel_group())
+    empty = input_ids.new_zeros((0, input_ids.shape[1] - 1), dtype=torch.float32)
+    return torch.cat([p if p is not None else empty for p in parts])
+
+
+def _sync_tied_embeddings(params: list[Tensor]) -> None:
+    """Tied input/output embeddings split over PP stages: both copies get the sum of their gradients."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    for p in params:
+        if getattr(p, "shared_embedding", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=ps.get_embedding_group())
+
+
+def _grad_norm(params: list[Tensor]) -> float:
+    """Global L2 norm of the gradients, each distinct shard counted once.
+
+    TP-replicated parameters (norms, biases of row-parallel layers) count on TP rank 0 only; a tied output
+    embedding's second copy not at all; dense shards sum over TP×PP, expert shards over ETP×EP×PP.
+    """
+    dense = torch.zeros(1, dtype=torch.float64)
+    expert = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if getattr(p, "shared", False):  # megatron's mark on the last stage's copy of a tied embedding
+            continue
+        is_expert = not getattr(p, "allreduce", True)
+        tp_rank = ps.get_expert_tensor_parallel_rank() if is_expert else ps.get_tensor_model_parallel_rank()
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            (expert if is_expert else dense).add_(p.grad.double().pow(2).sum())
+    dist.all_reduce(dense, group=ps.get_model_parallel_group())
+    dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    return float((dense + expert).sqrt())

@@ -9,7 +9,7 @@ so it honours ``CoreAttentionBuilder`` (keyword-only constructor) and ``CoreAtte
 with np attention heads and ng query groups on this tensor-parallel rank. The q/k head dim ``hk`` and
 the v head dim ``hv`` may differ (MLA: hk = nope + rope dims, hv = v_head_dim); they are read from the
 tensors, so one module serves GQA and MLA. Unlike megatron's local ``DotProductAttention`` it accepts
-MLA's ``k_channels`` / ``v_channels`` and has a place for context parallelism.
+MLA's ``k_channels`` / ``v_channels`` and runs context parallelism (``trainer.parallel.cp``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+
+from trainer.parallel import cp
 
 
 class SDPACoreAttention(MegatronModule):
@@ -81,14 +83,12 @@ class SDPACoreAttention(MegatronModule):
             raise NotImplementedError("attention_bias is not supported by SDPACoreAttention")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
 
-        # ---- context parallelism plugs in here --------------------------------------------------------
-        # With cp_size > 1 each rank holds sequence chunks i and 2·CP−1−i (REFERENCE §7). The CP version
-        # exchanges K/V between ranks (all-gather or ring over pg_collection.cp, chosen by cp_comm_type)
-        # and applies the load-balanced causal mask per chunk pair before the same SDPA call below.
+        cp_mask = None
         if self.cp_size > 1:
-            raise NotImplementedError(
-                f"context parallelism (cp={self.cp_size}) is not implemented in SDPACoreAttention yet"
-            )
+            # Load-balanced CP: keys/values of every CP rank, and a causal mask from true positions.
+            if attention_mask is not None:
+                raise NotImplementedError("context parallelism with an explicit attention mask")
+            key, value, cp_mask = cp.gather_kv_causal(key, value)
 
         sq, b, np_, _ = query.shape
         # [s, b, h, d] -> [b, h, s, d]
@@ -99,7 +99,9 @@ class SDPACoreAttention(MegatronModule):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
 
-        if attention_mask is not None:
+        if cp_mask is not None:
+            mask, is_causal = cp_mask, False
+        elif attention_mask is not None:
             mask, is_causal = ~attention_mask, False
         else:
             mask, is_causal = None, mask_type == AttnMaskType.causal

@@ -65,6 +65,7 @@ def transformer_config(model: Model, layout: Layout | None = None) -> Transforme
         gradient_accumulation_fusion=False,
         use_cpu_initialization=True,
         params_dtype=dtype,
+        pipeline_dtype=dtype,  # what stages exchange; megatron requires it as soon as pp > 1
         bf16=dtype == torch.bfloat16,
         # rms norm and softmax in fp32 like HF; for fp32 models these are no-ops.
         attention_softmax_in_fp32=True,

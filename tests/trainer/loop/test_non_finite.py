@@ -19,7 +19,7 @@ def test_divergence_stops_run_and_keeps_last_good_checkpoint(repo, tmp_path, lr)
     assert message.startswith("error: episode 2: ") and "last good checkpoint: episode 1" in message
     assert "Traceback" not in out.stderr
     assert (run_dir / "checkpoints" / "latest").read_text() == "episode-000001"
-    state = torch.load(run_dir / "checkpoints" / "episode-000001" / "state.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "episode-000001" / "rank-00000.pt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in state["policy"]["model"].values() if torch.is_tensor(t))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"].startswith("stopped: episode 2")

@@ -58,9 +58,3 @@ def test_explicit_mask_is_megatron_convention():
     q, k, v = torch.randn(6, 2, 4, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
     mask = torch.ones(6, 6, dtype=torch.bool).triu(1)[None, None]
     torch.testing.assert_close(attn(q, k, v, mask), attn(q, k, v, None))
-
-
-def test_context_parallel_is_refused_until_implemented():
-    attn = SDPACoreAttention(config=config(cp=2), layer_number=1, attn_mask_type=AttnMaskType.causal)
-    with pytest.raises(NotImplementedError, match="context parallelism"):
-        attn(torch.randn(4, 1, 4, 8), torch.randn(4, 1, 2, 8), torch.randn(4, 1, 2, 8), None)

@@ -23,7 +23,7 @@ def max_logprob_gap(backend, engine, prompts):
         prompts, SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=12, seed=5)
     )
     ids, mask = right_padded(outs)
-    trainer_logp = backend.logprobs(ids, mask)
+    trainer_logp = backend.logprobs({"input_ids": ids, "attention_mask": mask}, micro_batch_size=8)
     gap = 0.0
     for i, o in enumerate(outs):
         start = len(o.prompt_token_ids) - 1  # logp[:, t] scores token t + 1

@@ -1,0 +1,82 @@
+"""Faults planted in a candidate layout's ranks (``python -m trainer.equivalence --plant faults.py:NAME``).
+
+Each replaces one function of the parallel code with a plausible bug of the kind seen in other frameworks
+(REFERENCE §7); test_gates_fail.py asserts the gate catches each on the quantity it should.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def label_shift_at_chunk_boundaries():
+    """Labels shifted inside each rank's chunks instead of on the full sequence."""
+    from trainer.parallel import cp
+
+    cp.shard_labels = lambda input_ids: cp.next_token_labels(cp.shard(input_ids))
+
+
+def wrong_causal_offset_second_chunk():
+    """The second chunk's queries believe they sit one chunk earlier than they do."""
+    from trainer.parallel import cp
+
+    original = cp.causal_positions
+
+    def shifted(local_len):
+        queries, keys = original(local_len)
+        half = local_len // 2
+        queries = queries.clone()
+        queries[half:] -= half
+        return queries, keys
+
+    cp.causal_positions = shifted
+
+
+def tokens_counted_twice_across_cp():
+    """Each CP rank counts the tokens of its whole rows, not of its chunks."""
+    from trainer.parallel import cp, dp
+
+    original = dp.global_token_count
+    dp.global_token_count = lambda local_mask: original(local_mask) * cp.size()
+
+
+def loss_scaled_by_cp():
+    """The loss multiplied by the CP size (a normalisation applied twice, inverted)."""
+    from trainer import loop
+    from trainer.parallel import cp
+
+    original = loop.make_loss_fn
+
+    def scaled(grpo, tokens):
+        inner = original(grpo, tokens)
+
+        def loss_fn(logp, entropy, mb):
+            loss, metrics = inner(logp, entropy, mb)
+            return loss * cp.size(), metrics
+
+        return loss_fn
+
+    loop.make_loss_fn = scaled
+
+
+def tp_logprobs_reduced_with_max():
+    """The vocab-parallel softmax denominator reduced with MAX instead of SUM over TP ranks."""
+    from megatron.core import parallel_state
+
+    from trainer.parallel import tp
+
+    def reduce_max(x):
+        y = x.clone()
+        dist.all_reduce(y.detach(), op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+        return x + (y - x).detach()
+
+    tp.reduce_sum = reduce_max
+
+
+def dp_token_count_not_all_reduced():
+    """Each DP rank normalises by its own token count."""
+    from trainer.parallel import dp
+
+    dp.global_token_count = lambda local_mask: float(local_mask.sum())
+
+
+__all__ = ["torch"]

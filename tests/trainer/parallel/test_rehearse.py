@@ -1,0 +1,37 @@
+"""`--rehearse`: a GPU recipe runs on CPU with its layout's degrees and says what it substituted."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trainer.rehearse import rehearsal
+
+
+def test_rehearsal_keeps_degrees_and_lists_substitutions(matrix):
+    rehearsed, changes = rehearsal(matrix, matrix.resolve("qwen2.5-7b"))
+    assert rehearsed.layout.tp == 4 and rehearsed.recipe.gpus == 4 and rehearsed.dp == 1
+    assert rehearsed.model.shape.query_groups == 4 and rehearsed.recipe.rollout.engine == "torch"
+    assert rehearsed.recipe.grpo.clip_low == matrix.recipes["qwen2.5-7b"].grpo.clip_low
+    text = "\n".join(changes)
+    for words in ("model qwen2.5-7b → tiny-qwen2.5", "heads/query groups 4/2 → 4/4 so TP=4 divides them",
+                  "image vllm-te27 → cpu", "rollout vllm (tp 1) → torch", "gpus 8 → 4 processes"):
+        assert words in text, text
+
+
+def test_rehearsal_of_a_cpu_recipe_changes_nothing(matrix):
+    resolved = matrix.resolve("tiny-qwen2.5")
+    assert rehearsal(matrix, resolved) == (resolved, [])
+
+
+@pytest.mark.slow
+def test_qwen25_7b_rehearses_with_tp4(repo, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "trainer", "qwen2.5-7b", "--rehearse", "--run-dir", str(tmp_path)],
+                         cwd=repo, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rehearsal of qwen2.5-7b on CPU" in out.stdout and "tp=4" in out.stdout
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rehearse"] and config["world_size"] == 4
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(list((tmp_path / "checkpoints" / "episode-000002").glob("rank-*.pt"))) == 4

@@ -1,0 +1,75 @@
+"""The training-backend interface the GRPO loop and the warm start speak to, and the factory that picks one.
+
+A backend owns this rank's part of the model and its optimizer. Every method is collective: all ranks of
+the job call it with the same arguments (the whole episode batch), and the backend takes its own share
+(DP rows, CP chunks, PP stage, TP slice) and returns the whole-batch result on every rank. The loop never
+sees a shard, a process group or a rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from torch import Tensor
+
+from matrix import ResolvedRecipe
+
+# loss_fn(logp, entropy, micro_batch) -> (loss, metrics); built for the step's global token count.
+LossFn = Callable[[Tensor, Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+MakeLossFn = Callable[[float], LossFn]
+
+
+class TrainingBackend(Protocol):
+    @property
+    def lr(self) -> float: ...
+
+    def logprobs(self, batch: dict[str, Tensor], *, micro_batch_size: int) -> Tensor:
+        """Per-token log-probs (B, T-1) fp32 of the right-padded batch (``input_ids`` (B, T)), no grad."""
+        ...
+
+    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int
+                   ) -> dict[str, float]:
+        """One optimizer step on the whole batch; ``make_loss(global_response_tokens)`` builds the loss.
+        Returns grad_norm, lr, loss and the loss function's metrics, summed over the global batch."""
+        ...
+
+    def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Whole weights under HF names on the driver rank (nothing elsewhere). Collective."""
+        ...
+
+    def load_hf(self, tensors: dict[str, Tensor]) -> None:
+        """Take this rank's share of whole HF-named weights."""
+        ...
+
+    def whole_weights(self) -> dict[str, Tensor]:
+        """Whole weights under the backend's own global names, on the driver rank ({} elsewhere). Collective."""
+        ...
+
+    def copy_weights_from(self, other: TrainingBackend) -> None:
+        """Same layout, same weights (the reference model starts as the policy)."""
+        ...
+
+    def weights_finite(self) -> bool:
+        """All ranks' weights are finite. Collective."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, sd: dict) -> None: ...
+
+
+# recipe.trainer → "module:class", imported only when chosen (megatron-core is heavy).
+BACKENDS = {"megatron": "trainer.backends.megatron:MegatronBackend"}
+
+
+def build_backend(resolved: ResolvedRecipe, *, seed: int, trainable: bool = True,
+                  initial: dict[str, Tensor] | None = None) -> TrainingBackend:
+    """The backend ``recipe.trainer`` names (the preflight has refused the ones not built).
+
+    ``initial``: whole megatron-named weights to start from instead of the seed's initialisation.
+    """
+    import importlib
+
+    module, _, cls = BACKENDS[resolved.recipe.trainer].partition(":")
+    return getattr(importlib.import_module(module), cls)(resolved, seed=seed, trainable=trainable, initial=initial)

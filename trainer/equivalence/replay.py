@@ -1,0 +1,75 @@
+"""The two halves of a gate run: prepare one rollout (one process), and replay it as every rank of a layout.
+
+``prepare`` builds the recipe's model at its seed (after its warm start, so rewards and advantages vary),
+collects one episode with the torch engine and keeps the whole initial weights: every layout starts from
+exactly these weights and this batch. ``replay_rank`` is what each rank of a layout runs: the loop's own
+``learn`` for ``steps`` steps, recording per step the old log-probs ``learn`` computed, the loss and the grad
+norm, then the whole weights; the driver returns the record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from matrix import ResolvedRecipe
+
+
+@dataclass(frozen=True)
+class Replay:
+    resolved: ResolvedRecipe  # the recipe with the layout under test
+    initial: dict  # whole megatron-named weights
+    batch: dict  # the collected episode's batch
+    steps: int
+
+
+def prepare(resolved: ResolvedRecipe, root) -> tuple[dict, dict]:
+    """(whole initial weights, collected batch) of one episode of ``resolved`` on one process."""
+    from matrix.schema import Layout
+    from trainer.backends.base import build_backend
+    from trainer.loop import collect
+    from trainer.parallel.process_groups import process_groups
+    from trainer.rollout.factory import build_engine
+    from trainer.tasks import build_task
+    from trainer.warmstart import warm_start
+
+    single = resolved.model_copy(update={"layout": Layout(), "recipe": resolved.recipe.model_copy(update={"gpus": 1})})
+    with process_groups(Layout()):
+        torch.manual_seed(single.recipe.run.seed)
+        task = build_task(single, root=root)
+        policy = build_backend(single, seed=single.recipe.run.seed)
+        if single.recipe.run.warm_start_steps:
+            warm_start(policy, task, single)
+        engine = build_engine(single, task)
+        engine.update_weights(policy.hf_named_tensors())
+        collected = collect(1, single, task, engine)
+        return policy.whole_weights(), collected.batch
+
+
+@record
+def replay_rank(replay: Replay) -> dict:
+    """Run ``replay.steps`` learn steps on the saved batch as this rank; the driver returns the record."""
+    from trainer.worker import start_rank
+
+    rank, world = start_rank()
+    from trainer.backends.base import build_backend
+    from trainer.loop import learn
+    from trainer.metrics import StageTimer
+    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+
+    r = replay.resolved
+    init_process_groups(r.layout, rank=rank, world_size=world)
+    try:
+        policy = build_backend(r, seed=r.recipe.run.seed, initial=replay.initial)
+        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=replay.initial)
+        steps = []
+        for _ in range(replay.steps):
+            batch = {k: v.clone() for k, v in replay.batch.items()}
+            stats = learn(batch, r, policy, ref, StageTimer())
+            steps.append({"logprobs": batch["old_logprobs"], "loss": stats["loss"], "grad_norm": stats["grad_norm"]})
+        weights = policy.whole_weights()
+        return {"steps": steps, "weights": weights, "world_size": world}
+    finally:
+        destroy_process_groups()

@@ -1,0 +1,168 @@
+"""`python -m trainer.equivalence [GATE ...]` (what `nox -s equivalence` runs): every gate of the matrix.
+
+For each gate: prepare one rollout of its recipe (cached by recipe), replay it with the reference layout and
+each candidate layout (every layout a real multi-process launch), compare, and write
+``runs/gates/<gate>/verdict.json`` and ``verdict.md``; print the table. Exit 1 when a gate fails, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, ResolvedRecipe, load_matrix
+from matrix.schema import Gate, Layout, LayoutPatch
+from trainer.atomic import write_bytes, write_json
+from trainer.equivalence.compare import compare
+from trainer.parallel.layout import ParallelLayout
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class GateInputError(Exception):
+    """Bad gate input (unknown gate, unreadable matrix): one line, exit 2."""
+
+
+def variant(m: Matrix, recipe_name: str, patch: LayoutPatch) -> ResolvedRecipe:
+    """The recipe with ``patch``'s degrees and GPU count."""
+    base = m.resolve(recipe_name)
+    changes = patch.model_dump(exclude_none=True)
+    gpus = changes.pop("gpus", base.recipe.gpus)
+    layout = Layout.model_validate(base.layout.model_dump() | changes)
+    dims = ParallelLayout.of(layout, gpus)
+    return base.model_copy(update={"layout": layout, "recipe": base.recipe.model_copy(update={"gpus": gpus}),
+                                   "min_gpus": dims.min_world, "dp": dims.dp})
+
+
+def describe(patch: LayoutPatch) -> str:
+    shown = " ".join(f"{k}={v}" for k, v in patch.model_dump(exclude_none=True).items())
+    return shown or "one process"
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs layouts of gates; prepared rollouts and reference records are cached on disk by content."""
+
+    def __init__(self, m: Matrix, cache: Path, plant: str | None = None):
+        self.m, self.cache, self.plant = m, cache, plant
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def _cached(self, key: str, make):
+        path = self.cache / f"{key}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=False)
+        value = make()
+        tmp = path.with_suffix(".partial")
+        torch.save(value, tmp)
+        tmp.rename(path)
+        return value
+
+    def inputs(self, recipe: str) -> tuple[dict, dict]:
+        from trainer.equivalence.replay import prepare
+
+        base = self.m.resolve(recipe)
+        return self._cached(f"inputs-{_key(base.model_dump(mode='json'))}", lambda: prepare(base, ROOT))
+
+    def replay(self, resolved: ResolvedRecipe, steps: int, *, candidate: bool) -> dict:
+        from trainer.equivalence.replay import Replay, replay_rank
+        from trainer.parallel.launcher import launch
+        from trainer.worker import FAULT_ENV
+
+        initial, batch = self.inputs(resolved.name)
+        job = Replay(resolved, initial, batch, steps)
+        if candidate and self.plant:
+            os.environ[FAULT_ENV] = self.plant  # inherited by the candidate's ranks only
+            try:
+                return launch(replay_rank, resolved.recipe.gpus, job)
+            finally:
+                del os.environ[FAULT_ENV]
+        key = f"record-{_key(resolved.model_dump(mode='json'), steps)}"
+        return self._cached(key, lambda: launch(replay_rank, resolved.recipe.gpus, job))
+
+
+def run_gate(runner: Runner, name: str, gate: Gate, out: Path, console: Console) -> bool:
+    started = time.perf_counter()
+    m = runner.m
+    _, batch = runner.inputs(gate.recipe)
+    reference = runner.replay(variant(m, gate.recipe, gate.reference), gate.steps, candidate=False)
+    rows = []
+    for patch in gate.candidates:
+        resolved = variant(m, gate.recipe, patch)
+        record = runner.replay(resolved, gate.steps, candidate=True)
+        measured = compare(reference, record, batch["response_mask"], gate.tolerances, cp=resolved.layout.cp,
+                           quantities=gate.compare)
+        rows += [(describe(patch), x) for x in measured]
+    passed = all(x.passed for _, x in rows)
+    verdict = {"gate": name, "recipe": gate.recipe, "reference": describe(gate.reference), "steps": gate.steps,
+               "passed": passed, "seconds": round(time.perf_counter() - started, 1),
+               "rows": [{"candidate": c, "quantity": x.quantity, "measured": x.value, "tolerance": x.tolerance,
+                         "passed": x.passed} for c, x in rows]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "verdict.json", verdict)
+    lines = [f"# Gate {name}: {'PASS' if passed else 'FAIL'}", "",
+             f"recipe `{gate.recipe}`, reference: {describe(gate.reference)}, {gate.steps} training steps on one "
+             f"saved rollout", "", "| candidate | quantity | measured | tolerance | result |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {x.quantity} | {x.value:.3g} | {x.tolerance:.3g} | {'pass' if x.passed else 'FAIL'} |"
+              for c, x in rows]
+    write_bytes(out / "verdict.md", ("\n".join(lines) + "\n").encode())
+    table = Table(title=f"gate {name} ({gate.recipe}, reference: {describe(gate.reference)}): "
+                        f"{'PASS' if passed else 'FAIL'}")
+    for column in ("candidate", "quantity", "measured", "tolerance", "result"):
+        table.add_column(column)
+    for c, x in rows:
+        table.add_row(c, x.quantity, f"{x.value:.3g}", f"{x.tolerance:.3g}",
+                      "pass" if x.passed else "[bold red]FAIL[/]")
+    console.print(table)
+    return passed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.equivalence", description="Run layout-equivalence gates.")
+    p.add_argument("gates", nargs="*", help="gate names (default: every gate of the matrix)")
+    p.add_argument("--matrix", default=str(DEFAULT_MATRIX_PATH))
+    p.add_argument("--out", default=str(ROOT / "runs" / "gates"), help="verdicts go to OUT/<gate>/")
+    p.add_argument("--cache", help="where prepared rollouts and reference records are kept (default: OUT/.cache)")
+    p.add_argument("--plant", metavar="FILE:FUNCTION", help=argparse.SUPPRESS)  # tests: a fault in the candidates
+    args = p.parse_args(argv)
+    console = Console()
+    try:
+        try:
+            m = load_matrix(args.matrix)
+        except MatrixError as exc:
+            raise GateInputError(str(exc)) from None
+        unknown = [g for g in args.gates if g not in m.gates]
+        if unknown:
+            raise GateInputError(f"unknown gate {unknown[0]!r}; gates: {', '.join(m.gates) or '(none)'}")
+    except GateInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    from trainer.parallel.launcher import RankFailed
+
+    out = Path(args.out)
+    runner = Runner(m, Path(args.cache) if args.cache else out / ".cache", plant=args.plant)
+    failed = []
+    for name in args.gates or list(m.gates):
+        console.print(f"[bold]gate {name}[/]: {len(m.gates[name].candidates)} candidate(s) against "
+                      f"{describe(m.gates[name].reference)}")
+        try:
+            if not run_gate(runner, name, m.gates[name], out / name, console):
+                failed.append(name)
+        except RankFailed as exc:
+            print(f"error: gate {name}: {exc}", file=sys.stderr)
+            failed.append(name)
+    console.print(f"{len(failed)} of {len(args.gates or m.gates)} gate(s) failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0

@@ -1,0 +1,59 @@
+"""Data parallelism (and the CP half of it): which rows a rank takes, the global token count, gradient sums.
+
+The GRPO loss is a token mean over the GLOBAL batch (REFERENCE §4): each rank's loss is its tokens' sum
+divided by the token count of all rows on all DP ranks and all CP chunks, so gradients are SUMMED (never
+averaged) over the DP×CP group, and expert gradients over the expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+
+def row_slice(rows: int) -> slice:
+    """This DP rank's contiguous share of ``rows`` (the first ranks take one more when it does not divide)."""
+    n, r = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    base, extra = divmod(rows, n)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def rows_of_rank(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    rows = row_slice(next(iter(batch.values())).shape[0])
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _dp_cp_group():
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def global_token_count(local_mask: Tensor) -> float:
+    """Response tokens of the whole step: this rank's (its rows, its CP chunks), summed over DP×CP."""
+    count = local_mask.sum().detach().double().reshape(1)
+    dist.all_reduce(count, group=_dp_cp_group())
+    return float(count)
+
+
+def sum_over_dp_cp(values: dict[str, float]) -> dict[str, float]:
+    """Per-rank partial sums of metrics → the step's totals."""
+    if not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=_dp_cp_group())
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over the ranks that hold the same parameter shard for different data."""
+    dense = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    expert = parallel_state.get_expert_data_parallel_group()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        group = dense if getattr(p, "allreduce", True) else expert
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(p.grad, group=group)

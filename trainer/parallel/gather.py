@@ -1,0 +1,117 @@
+"""Whole tensors under global megatron names from TP/PP/EP shards, and the inverse (a rank's shard of them).
+
+Weight sync and HF checkpoints speak whole tensors (``weight_map`` turns them into HF names), so the rollout
+engine receives exactly what a one-process run would send. What a shard is comes from megatron's own
+parameter attributes, never from a family table:
+- TP: ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` (stride 2: fused [gate; up] of a
+  SwiGLU fc1, where each rank holds [gate_r; up_r]); expert weights shard over the expert-TP group.
+- PP: each stage numbers its layers from 0; the global index adds megatron's layer offset.
+- EP: each EP rank numbers its local experts from 0; the global index adds ep_rank · local experts.
+- The vocabulary is padded to a multiple of TP (``tp.padded_vocab``); whole tensors carry the real rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from torch import Tensor
+
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
+
+
+def _is_expert(p: Tensor) -> bool:
+    return not getattr(p, "allreduce", True)
+
+
+def _tp_group(p: Tensor):
+    return ps.get_expert_tensor_parallel_group() if _is_expert(p) else ps.get_tensor_model_parallel_group()
+
+
+def global_name(local: str, model: torch.nn.Module) -> str:
+    """A stage-local / EP-local parameter name → its name in the whole model."""
+    offset = get_transformer_layer_offset(model.config)
+    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local)
+    experts = getattr(model.config, "num_moe_experts", None)
+    if experts and _EXPERT.search(name):
+        per_rank = experts // ps.get_expert_model_parallel_world_size()
+        first = ps.get_expert_model_parallel_rank() * per_rank
+        name = _EXPERT.sub(lambda m: f".experts.local_experts.{int(m.group(1)) + first}.", name)
+    return name
+
+
+def _unshard_tp(p: Tensor) -> Tensor:
+    group = _tp_group(p)
+    n = dist.get_world_size(group)
+    if n == 1 or not getattr(p, "tensor_model_parallel", False):
+        return p.detach()
+    parts = [torch.empty_like(p) for _ in range(n)]
+    dist.all_gather(parts, p.detach().contiguous(), group=group)
+    dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
+    pieces = [part.chunk(stride, dim=dim) for part in parts]  # each rank: [piece_0 slice; piece_1 slice; ...]
+    return torch.cat([torch.cat([pc[s] for pc in pieces], dim=dim) for s in range(stride)], dim=dim)
+
+
+def shard_tp(full: Tensor, p: Tensor) -> Tensor:
+    """This rank's TP shard of the whole tensor ``full`` of parameter ``p`` (inverse of the gather)."""
+    group = _tp_group(p)
+    n = dist.get_world_size(group)
+    if n == 1 or not getattr(p, "tensor_model_parallel", False):
+        return full
+    r, dim, stride = dist.get_rank(group), p.partition_dim, getattr(p, "partition_stride", 1)
+    return torch.cat([piece.chunk(n, dim=dim)[r] for piece in full.chunk(stride, dim=dim)], dim=dim)
+
+
+def _owns(p: Tensor) -> bool:
+    """One rank per distinct whole tensor sends it: TP/ETP rank 0 of the first data-parallel replica."""
+    if _is_expert(p):
+        return ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
+    return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)
+
+
+def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[str, Tensor]:
+    """Every parameter as a whole tensor under its global name, on global rank ``dst`` ({} elsewhere).
+
+    Collective: every rank of the job must call it. Gathers TP shards inside each group, then collects the
+    owners' tensors on ``dst`` (a tiny model's worth on CPU; a GPU job would stream them per bucket).
+    """
+    mine: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        whole = _unshard_tp(p)
+        if _owns(p) and not getattr(p, "shared", False):
+            key = global_name(name, model)
+            mine[key] = whole[:vocab].clone() if key in VOCAB_PARAMS else whole.clone()
+    if dist.get_world_size() == 1:
+        return mine
+    received: list = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(mine, received, dst=dst)
+    if dist.get_rank() != dst:
+        return {}
+    return {k: v for part in received for k, v in part.items()}
+
+
+def local_tensors(model: torch.nn.Module, whole: dict[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    """(parameter, its shard of ``whole``) for every parameter of this rank's model; padding rows are zero."""
+    for name, p in model.named_parameters():
+        key = global_name(name, model)
+        if key not in whole and getattr(p, "shared_embedding", False):
+            key = VOCAB_PARAMS[0]  # the last stage's copy of a tied input embedding
+        if key not in whole:
+            raise KeyError(f"no whole tensor for parameter {key!r} (local name {name!r})")
+        full = whole[key]
+        if key in VOCAB_PARAMS:
+            rows = _padded_rows(p)
+            full = torch.cat([full, full.new_zeros((rows - full.shape[0], *full.shape[1:]))]) if rows > full.shape[0] else full
+        yield p, shard_tp(full, p)
+
+
+def _padded_rows(p: Tensor) -> int:
+    n = dist.get_world_size(_tp_group(p)) if getattr(p, "tensor_model_parallel", False) else 1
+    return p.shape[0] * n

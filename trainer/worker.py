@@ -1,0 +1,108 @@
+"""What each rank of a run executes: process groups from the layout, backends, engine, log, then the loop.
+
+This is the entry point that owns ranks (DESIGN §4): it reads its rank from the launcher, builds the
+``ParallelLayout`` and megatron's process groups once, decides that the driver (rank 0) hosts the rollout
+engine and writes run files, and hands a ``Job`` down. Nothing below it creates groups or asks for ranks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from matrix import ResolvedRecipe
+
+ROOT = Path(__file__).resolve().parent.parent
+# Test hook (never set by users): "path/to/faults.py:name" is called in every rank before training, so the
+# equivalence tests can plant a fault in a candidate layout and show that the gate catches it.
+FAULT_ENV = "GRPO_STACK_PLANT_FAULT"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    resolved: ResolvedRecipe
+    run_dir: Path
+    resume: bool = False
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    initial: dict | None = None  # whole megatron-named weights (multi-process runs start from the same init)
+
+
+def plant_fault_if_asked() -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    path, _, name = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location("planted_faults", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    getattr(module, name)()
+
+
+def start_rank() -> tuple[int, int]:
+    """Per-process set-up: rank, threads, parent-death signal, quiet megatron, planted fault (tests)."""
+    from trainer.parallel.launcher import die_with_parent, rank_and_world
+
+    rank, world = rank_and_world()
+    if world > 1:
+        die_with_parent()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    plant_fault_if_asked()
+    return rank, world
+
+
+def initial_weights(resolved: ResolvedRecipe) -> dict[str, torch.Tensor]:
+    """Whole weights of the one-process initialisation of ``resolved``'s model at its seed, so that every
+    layout starts from the same model (megatron draws per-stage weights differently under PP / EP)."""
+    from matrix.schema import Layout
+    from trainer.models.build import build_gpt_model
+    from trainer.parallel.gather import whole_tensors
+    from trainer.parallel.process_groups import process_groups
+
+    with process_groups(Layout()):
+        model = build_gpt_model(resolved.model, seed=resolved.recipe.run.seed, layout=Layout())
+        return whole_tensors(model, resolved.model.shape.vocab)
+
+
+@record
+def run_rank(request: RunRequest) -> dict:
+    """Train ``request`` as this rank; returns {"status": "finished"|"stopped", ...} (the driver's matters)."""
+    rank, world = start_rank()
+    from trainer.backends.base import build_backend
+    from trainer.loop import RunStopped, train
+    from trainer.metrics import DiscardLog, MetricsLog
+    from trainer.parallel.job import Job
+    from trainer.parallel.layout import ParallelLayout
+    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+    from trainer.rollout.factory import build_engine
+    from trainer.tasks import build_task
+
+    r = request.resolved
+    job = Job(ParallelLayout.of(r.layout, world), rank)
+    init_process_groups(r.layout, rank=rank, world_size=world)
+    log = (MetricsLog(request.run_dir, tensorboard=request.tensorboard, wandb_project=request.wandb_project,
+                      config=r.model_dump(mode="json")) if job.is_driver else DiscardLog())
+    try:
+        torch.manual_seed(r.recipe.run.seed)
+        task = build_task(r, root=ROOT)
+        policy = build_backend(r, seed=r.recipe.run.seed, initial=request.initial)
+        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=request.initial)
+        engine = job.on_driver(lambda: build_engine(r, task))
+        try:
+            summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,
+                            resume=request.resume)
+        except RunStopped as exc:
+            log.write_summary({"recipe": r.name, "run_dir": str(request.run_dir), "status": f"stopped: {exc}"})
+            return {"status": "stopped", "message": str(exc)}
+        return {"status": "finished", "summary": summary}
+    finally:
+        log.close()
+        destroy_process_groups()
