@@ -53,7 +53,7 @@ def test_truncated_importance_weights_are_capped_ratios():
 def _episode(backend, engine, prompts):
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=10, seed=3))
     batch = pack(prompts, [o.token_ids for o in outs], pad_id=0)
-    trainer = backend.logprobs(batch["input_ids"], batch["attention_mask"])
+    trainer = backend.logprobs(batch, micro_batch_size=8)
     return rollout_mismatch(trainer, [o.logprobs for o in outs], batch["response_mask"])
 
 
