@@ -45,6 +45,13 @@ def train(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def convert(session: nox.Session) -> None:
+    """Convert checkpoints: `nox -s convert -- hf-to-mcore|mcore-to-hf|verify|fp8-to-bf16 ...`."""
+    session.install("-e", ".")
+    session.run("python", "-m", "trainer.convert", *(session.posargs or ["--help"]))
+
+
+@nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the test suite (CI runs exactly this); posargs go to pytest, e.g. `-- -m 'not slow'`."""
     session.install("-e", ".[images,bench,grading,tensorboard,dev]")

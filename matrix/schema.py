@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 Pin = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*(\[[A-Za-z0-9_,\-]+\])?==[A-Za-z0-9.+!\-]+$")]
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 GitCommit = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 PythonVersion = Annotated[str, Field(pattern=r"^3\.\d+$")]
+
+LOSS_CAP = 3.0  # ChatLearn's constant cap on the per-token policy loss (REFERENCE §4)
 
 
 def pattern_names() -> dict[str, str]:
@@ -106,11 +110,31 @@ class MoE(Strict):
     ffn_hidden: PositiveInt
     shared_experts: NonNegativeInt = 0
     first_dense_layers: NonNegativeInt = 0
+    groups: PositiveInt = 1
+    """Group-limited routing (DeepSeek-V3 ``n_group``): experts split into this many groups ..."""
+    group_topk: PositiveInt = 1
+    """... of which each token may use this many (``topk_group``), chosen by their top-2 score sums."""
+    routed_scaling: PositiveFloat = 1.0
+    """Factor on the routed experts' weights (``routed_scaling_factor``)."""
     # RL-stable router settings (REFERENCE §6): aux-loss-based balancing collapsed Moonlight's eval accuracy.
     router_load_balancing: Literal["none", "aux_loss", "seq_aux_loss"] = "none"
     aux_loss_coeff: Annotated[float, Field(ge=0)] = 0.0
     expert_bias: bool = False
+    """Update the router's expert bias during training (aux-loss-free balancing). The bias a checkpoint
+    ships (DeepSeek-V3's ``e_score_correction_bias``) routes either way, kept fixed when this is off."""
+    bias_update_rate: Annotated[float, Field(ge=0)] = 0.0
     router_dtype: Literal["fp32", "fp64"] = "fp32"
+
+
+class YaRN(Strict):
+    """YaRN rope scaling (DeepSeek-V3's ``rope_scaling`` with type yarn)."""
+
+    factor: PositiveFloat
+    original_max_position: PositiveInt
+    beta_fast: PositiveFloat = 32.0
+    beta_slow: PositiveFloat = 1.0
+    mscale: PositiveFloat = 1.0
+    mscale_all_dim: Annotated[float, Field(ge=0)] = 0.0
 
 
 class MLA(Strict):
@@ -149,6 +173,7 @@ class Shape(Strict):
     qkv_bias: bool = False
     qk_norm: bool = False
     tie_embeddings: bool = False
+    rope_scaling: YaRN | None = None
     moe: MoE | None = None
     mla: MLA | None = None
     linear_attention: LinearAttention | None = None
@@ -205,11 +230,18 @@ class Rollout(Strict):
     tp: PositiveInt = 1
 
 
+def _top_k(value: int) -> int:
+    if value == 0 or value < -1:
+        raise PydanticCustomError("top_k", "top_k must be -1 (off) or a positive number of tokens (vLLM's range)")
+    return value
+
+
 class Sampling(Strict):
     temperature: Annotated[float, Field(ge=0)] = 1.0
+    """0 → greedy."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: int = -1
-    """-1 → off."""
+    top_k: Annotated[int, AfterValidator(_top_k)] = -1
+    """-1 → off; otherwise ≥ 1."""
 
 
 class Eval(Strict):
@@ -230,19 +262,37 @@ class GRPO(Strict):
     steps_per_episode: PositiveInt = 1
     lr: PositiveFloat = 2e-6
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: Annotated[tuple[Beta, Beta], Field(strict=False)] = (0.9, 0.95)
+    """[β1, β2], each in [0, 1) (a YAML list; strict mode alone would accept only a Python tuple)."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     grad_clip: PositiveFloat = 1.0
-    advantage: Literal["grpo"] = "grpo"
-    std: Literal["population", "unbiased"] = "population"
-    """population: ChatLearn (ddof 0, eps 1e-5); unbiased: verl (ddof 1, eps 1e-6)."""
+    # The variant names below are the names registered in trainer/algo and trainer/reward (a test keeps
+    # them equal), so a typo is reported when the matrix loads, listing the valid names.
+    advantage: Literal["grpo", "grpo_unbiased"] = "grpo"
+    """grpo: ChatLearn (population std, eps 1e-5); grpo_unbiased: verl (ddof 1, eps 1e-6)."""
+    policy_loss: Literal["vanilla", "dual_clip"] = "vanilla"
+    """vanilla: ChatLearn's PPO clip + constant `loss_cap`; dual_clip: verl's, bounded by `dual_clip_c`."""
     clip_low: Probability = 0.2
     clip_high: Annotated[float, Field(ge=0)] = 0.2
-    loss_cap: PositiveFloat | None = 3.0
+    loss_cap: PositiveFloat | None = LOSS_CAP
+    """vanilla only: per-token loss cap (ChatLearn 3.0); null → none."""
     dual_clip_c: Annotated[float, Field(gt=1)] | None = None
+    """Bound -A·c on the loss where A < 0; None → off for vanilla, 3.0 (verl) for dual_clip."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_coef: Annotated[float, Field(ge=0)] = 0.0
+    """0 → KL is logged only, not in the loss (ChatLearn)."""
     entropy_coef: Annotated[float, Field(ge=0)] = 0.0
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """token-mean: ChatLearn, over the global batch; seq-mean-token-mean: verl's option."""
     grader: Literal["hendrycks", "math-verify"] = "hendrycks"
+
+    @field_validator("loss_cap")
+    @classmethod
+    def _cap_needs_vanilla(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if info.data.get("policy_loss") == "dual_clip" and value not in (None, LOSS_CAP):
+            raise PydanticCustomError("policy_loss_option", "loss_cap is an option of policy_loss vanilla; "
+                                      "dual_clip bounds the loss with dual_clip_c instead")
+        return value
 
 
 class Data(Strict):

@@ -13,7 +13,9 @@ from pydantic import ValidationError
 
 from matrix import DEFAULT_MATRIX_PATH, MatrixError, ResolvedRecipe, load_matrix
 from matrix.rules import check_recipe
-from matrix.schema import Recipe
+from matrix.schema import Model, Recipe
+
+SEED_LIMIT = 2**63
 
 
 class TrainerInputError(Exception):
@@ -56,6 +58,19 @@ def _scalar(item: str, text: str) -> object:
         raise TrainerInputError(f"override '{item}': the value is not a YAML scalar") from None
 
 
+def _lengths_fit_model(recipe: Recipe, model: Model, model_name: str) -> list[str]:
+    """Prompt plus response must fit the model's positions (rotary tables, engine KV cache)."""
+    g, limit = recipe.grpo, model.shape.max_position
+    if g.max_prompt_len >= limit:
+        return [f"grpo.max_prompt_len: {g.max_prompt_len} leaves no room for a response in model {model_name} "
+                f"(max_position {limit}); use at most {limit - 1}"]
+    if g.max_prompt_len + g.max_response_len > limit:
+        return [f"grpo.max_response_len: {g.max_prompt_len} + {g.max_response_len} = "
+                f"{g.max_prompt_len + g.max_response_len} exceeds max_position {limit} of model {model_name}; "
+                f"use max_response_len <= {limit - g.max_prompt_len}"]
+    return []
+
+
 def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | Path = DEFAULT_MATRIX_PATH
             ) -> ResolvedRecipe:
     """Load the matrix, apply overrides to one recipe, re-check it against the matrix's rules."""
@@ -82,6 +97,13 @@ def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | P
             raise TrainerInputError(f"override {shown}: {key} '{getattr(recipe, key)}' is not defined; "
                                     f"defined: {', '.join(table)}")
     problems = [f"{'.'.join(map(str, path))}: {msg}" for path, msg in check_recipe(recipe_name, recipe, m)]
+    problems += _lengths_fit_model(recipe, m.models[recipe.model], recipe.model)
+    cp = m.layouts[recipe.layout].cp
+    if recipe.grpo.loss_agg == "seq-mean-token-mean" and cp > 1:
+        problems.append(f"grpo.loss_agg: seq-mean-token-mean averages whole sequences, which layout {recipe.layout} "
+                        f"splits over cp={cp} ranks; use token-mean or a layout without CP")
+    if not 0 <= recipe.run.seed < SEED_LIMIT:  # torch seeds are 64-bit; megatron adds offsets to ours
+        problems.append(f"run.seed: {recipe.run.seed} is out of range; use 0 <= seed < 2**63")
     if problems:
         raise TrainerInputError(f"recipe {recipe_name} with {shown or 'no overrides'}: {problems[0]}")
     return m.resolve(recipe_name)

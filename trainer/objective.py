@@ -1,44 +1,79 @@
 """The GRPO objective of one optimizer step, as the `loss_fn` a backend's `train_step` calls per micro-batch.
 
-loss = token-mean over the GLOBAL batch of [pg + kl_coef·k3 − entropy_coef·entropy], so the loss and its
-gradient do not depend on how the batch is split into micro-batches or data-parallel ranks (REFERENCE §4).
-Metrics are returned pre-weighted by the micro-batch's share of tokens, so the backend's sum over
-micro-batches is the global token mean.
+loss = agg over the GLOBAL batch of [pg + kl_coef·kl − entropy_coef·entropy], so the loss and its gradient
+do not depend on how the batch is split into micro-batches or data-parallel ranks (REFERENCE §4). Each
+variant (advantage estimator, policy loss, KL estimator, aggregation) is the one the recipe's `grpo` section
+names, looked up in `trainer.algo`'s registries. A term whose coefficient is 0 is logged but kept out of the
+graph, so nothing it computes (say an inf far from the reference) can reach the gradient.
+Metrics are returned pre-weighted by the micro-batch's share of the denominator, so the backend's sum over
+micro-batches is the global mean.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 
 from matrix.schema import GRPO
-from trainer.algo import agg_loss, get_adv_estimator, get_policy_loss, kl_k3
+from trainer.algo import (
+    agg_denominator,
+    agg_loss,
+    get_adv_estimator,
+    get_kl_estimator,
+    get_policy_loss,
+    global_denominator,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
 def advantages(grpo: GRPO, rewards: torch.Tensor) -> torch.Tensor:
     """Per-sample advantages (B,) of rewards laid out as consecutive groups of `samples_per_prompt`."""
-    estimator = get_adv_estimator("grpo" if grpo.std == "population" else "grpo_unbiased")
-    return estimator(rewards, grpo.samples_per_prompt)
+    return get_adv_estimator(grpo.advantage)(rewards, grpo.samples_per_prompt)
+
+
+def _policy_loss_options(fn: Callable, grpo: GRPO) -> dict[str, object]:
+    """The recipe's policy-loss options that `fn` takes (each registered loss declares its own)."""
+    options = {"clip_low": grpo.clip_low, "clip_high": grpo.clip_high, "loss_cap": grpo.loss_cap,
+               "dual_clip_c": grpo.dual_clip_c}
+    accepted = inspect.signature(fn).parameters
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def make_loss_fn(grpo: GRPO, global_tokens: float) -> LossFn:
     """`global_tokens`: response tokens in the whole step (all micro-batches, all DP ranks)."""
-    policy_loss = get_policy_loss("vanilla")  # ChatLearn's; dual_clip_c switches verl's bound on inside it
+    policy_loss = get_policy_loss(grpo.policy_loss)
+    options = _policy_loss_options(policy_loss, grpo)
+    kl_estimator = get_kl_estimator(grpo.kl_estimator)
+    # Every sequence holds at least one response token (the engine always samples one), so the sequences
+    # seq-mean-token-mean divides by are the episode's prompts × samples, however DP splits the batch.
+    # (Under CP a rank sees part of each sequence; the recipe check refuses that combination.)
+    denominator = global_denominator(grpo.loss_agg, tokens=global_tokens,
+                                     sequences=grpo.prompts_per_episode * grpo.samples_per_prompt)
+
+    def mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return agg_loss(x, mask, denominator, grpo.loss_agg)
 
     def loss_fn(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, torch.Tensor]):
         mask = mb["response_mask"]
-        pg, pg_metrics = policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, clip_low=grpo.clip_low,
-                                     clip_high=grpo.clip_high, loss_cap=grpo.loss_cap, dual_clip_c=grpo.dual_clip_c)
-        kl = kl_k3(logp, mb["ref_logprobs"])
-        loss = agg_loss(pg + grpo.kl_coef * kl - grpo.entropy_coef * entropy, mask, global_tokens)
-        share = mask.sum().item() / global_tokens
+        pg, pg_metrics = policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, **options)
+        per_token = pg
+        if grpo.kl_coef:
+            kl = kl_estimator(logp, mb["ref_logprobs"])
+            per_token = per_token + grpo.kl_coef * kl
+        else:
+            with torch.no_grad():
+                kl = kl_estimator(logp, mb["ref_logprobs"])
+        if grpo.entropy_coef:
+            per_token = per_token - grpo.entropy_coef * entropy
+        loss = mean(per_token, mask)
+        share = float(agg_denominator(mask, grpo.loss_agg)) / denominator
         metrics = {"loss/total": loss.item(),
-                   "loss/pg": agg_loss(pg.detach(), mask, global_tokens).item(),
-                   "loss/kl": agg_loss(kl.detach(), mask, global_tokens).item(),
-                   "loss/entropy": agg_loss(entropy.detach(), mask, global_tokens).item()}
+                   "loss/pg": mean(pg.detach(), mask).item(),
+                   "loss/kl": mean(kl.detach(), mask).item(),
+                   "loss/entropy": mean(entropy.detach(), mask).item()}
         metrics |= {k: v.item() * share for k, v in pg_metrics.items()}
         return loss, metrics
 

@@ -7,6 +7,7 @@ and how to get it, instead of an hour into a job.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -53,4 +54,37 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
                         f"`huggingface-cli download {r.model.hf_id}`)")
     if recipe.data.path and not (root / recipe.data.path).is_file():
         problems.append(f"data file {recipe.data.path} (preprocess MATH-lighteval into it first)")
-    return problems
+    problems += _grader(recipe.grpo.grader)
+    return problems or _task_problems(r, root)  # reading the task needs the data and tokenizer checked above
+
+
+def _grader(name: str) -> list[str]:
+    from trainer.reward import GraderUnavailableError, get_grader
+
+    try:
+        get_grader(name)  # math-verify: also starts its grading worker now, while this process is small
+    except GraderUnavailableError as exc:
+        return [f"grpo.grader {name}: {exc}"]
+    return []
+
+
+def _task_problems(r: ResolvedRecipe, root: Path) -> list[str]:
+    from trainer.tasks import BUILDERS
+
+    grpo, source = r.recipe.grpo, r.recipe.data.source
+    logging.disable(logging.WARNING)  # the count of dropped over-long prompts is in the message below
+    try:
+        task = BUILDERS[source](r, root)
+    finally:
+        logging.disable(logging.NOTSET)
+    usable = len(task.train)
+    if r.recipe.run.warm_start_steps and not task.sft:
+        return [f"warm-start pairs for run.warm_start_steps={r.recipe.run.warm_start_steps}: data source {source} "
+                f"has none (only demo does); set run.warm_start_steps=0"]
+    if usable == 0:
+        return [f"prompts that fit grpo.max_prompt_len={grpo.max_prompt_len}: data source {source} has none; "
+                f"raise grpo.max_prompt_len"]
+    if usable < grpo.prompts_per_episode:
+        return [f"{grpo.prompts_per_episode} training prompts per episode (grpo.prompts_per_episode): data source "
+                f"{source} has {usable} that fit max_prompt_len {grpo.max_prompt_len}; use at most {usable}"]
+    return []

@@ -18,3 +18,22 @@ def groups():
     torch.set_num_threads(2)
     with process_groups():
         yield
+
+
+def randomize_(module, seed, *, bias_suffix=("router.expert_bias", "e_score_correction_bias")):
+    """Add 0.2·N(0, 1) to every parameter (norms and biases too, so no map error hides behind 1s and 0s) and
+    set MoE routing-bias buffers to 0.3·U(0, 1): non-negative, because transformers masks unselected expert
+    groups with score 0 and megatron with -inf, which agree only while biased scores stay positive."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+        for name, b in module.named_buffers():
+            if name.endswith(bias_suffix):
+                b.copy_(0.3 * torch.rand(b.shape, generator=g))
+    return module
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    return randomize_

@@ -87,3 +87,13 @@ def test_per_micro_batch_mean_would_depend_on_split():
         for i in torch.arange(x.shape[0]).chunk(2)
     ]
     assert abs(sum(halves) - whole) > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_values_at_masked_positions_do_not_reach_the_loss(mode):
+    loss = torch.tensor([[float("inf"), 2.0], [float("nan"), 4.0]], requires_grad=True)
+    mask = torch.tensor([[0, 1], [0, 1]])
+    out = agg_loss(loss, mask, agg_denominator(mask, mode), mode)
+    assert out.item() == pytest.approx(3.0)
+    out.backward()
+    assert loss.grad.tolist() == [[0.0, 0.5], [0.0, 0.5]]

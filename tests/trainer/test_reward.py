@@ -128,3 +128,9 @@ def test_math_verify_grader():
 )
 def test_sympy_safe(expr, safe):
     assert sympy_safe(expr) is safe
+
+
+def test_slash_with_a_non_integer_side_follows_hendrycks_not_chatlearn():
+    """normalize.py documents this choice: ChatLearn's copy scores these 0 (raw-string fallback)."""
+    assert is_equiv("x = 1/y", "1/y") and is_equiv("k=a/b", "a/b")
+    assert is_equiv("3/4", "\\frac{3}{4}") and not is_equiv("x = 1/y", "1/z")

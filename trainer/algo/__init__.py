@@ -11,7 +11,7 @@ from trainer.algo.advantages import (
     grpo_unbiased_advantages,
     register_adv_estimator,
 )
-from trainer.algo.aggregation import AGG_MODES, agg_denominator, agg_loss
+from trainer.algo.aggregation import AGG_MODES, agg_denominator, agg_loss, global_denominator
 from trainer.algo.entropy import entropy_from_logits
 from trainer.algo.kl import KL_ESTIMATORS, get_kl_estimator, kl_k3, register_kl_estimator
 from trainer.algo.policy_loss import (
@@ -37,6 +37,7 @@ __all__ = [
     "get_adv_estimator",
     "get_kl_estimator",
     "get_policy_loss",
+    "global_denominator",
     "group_outcome_ratios",
     "grpo_advantages",
     "grpo_unbiased_advantages",

@@ -19,6 +19,9 @@ size so that the average of rank gradients equals their sum.
 Modes (registered): ``"token-mean"`` (ChatLearn, the default: ``D`` = response tokens) and
 ``"seq-mean-token-mean"`` (verl option: each sequence's token mean, ``D`` = sequences with at least one
 response token). Groups with A = 0 still count in ``D``, as in ChatLearn.
+
+Masked positions (prompt, padding) are removed with ``torch.where``, not multiplied by 0: ``inf * 0`` is
+nan, so a non-finite value computed at a position that does not count must not reach the sum.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def agg_denominator(mask: torch.Tensor, mode: str = "token-mean") -> torch.Tenso
     return mask.sum().to(torch.float64)
 
 
+def global_denominator(mode: str, *, tokens: float, sequences: float) -> float:
+    """``D`` of ``mode`` from the global batch's response-token count and its count of sequences that hold
+    at least one response token (the sums of :func:`agg_denominator` over the global batch)."""
+    if mode not in AGG_MODES:
+        AGG_MODES.get(mode)  # raises, listing the valid modes
+    return sequences if mode == "seq-mean-token-mean" else tokens
+
+
 def agg_loss(
     loss: torch.Tensor, mask: torch.Tensor, global_denominator: torch.Tensor | float, mode: str = "token-mean"
 ) -> torch.Tensor:
@@ -63,12 +74,17 @@ def agg_loss(
 
 @AGG_MODES.register("token-mean")
 def _token_sum(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Numerator of the global token mean: ``sum(loss * mask)``."""
-    return (loss * mask.to(loss.dtype)).sum()
+    """Numerator of the global token mean: ``sum(loss over mask)``."""
+    return _masked(loss, mask).sum()
 
 
 @AGG_MODES.register("seq-mean-token-mean")
 def _seq_token_mean_sum(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Numerator of the global sequence mean: ``sum_b mean_t(loss[b] over mask[b])``."""
-    m = mask.to(loss.dtype)
-    return ((loss * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)).sum()
+    tokens = mask.to(loss.dtype).sum(dim=-1).clamp(min=1)
+    return (_masked(loss, mask).sum(dim=-1) / tokens).sum()
+
+
+def _masked(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``loss`` where ``mask`` is set, exactly 0 elsewhere (even where ``loss`` is inf or nan)."""
+    return torch.where(mask.bool(), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))

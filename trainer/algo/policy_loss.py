@@ -25,6 +25,7 @@ POLICY_LOSSES = Registry("policy loss")
 register_policy_loss = POLICY_LOSSES.register
 get_policy_loss = POLICY_LOSSES.get
 
+DUAL_CLIP_C = 3.0  # verl's clip_ratio_c
 LOG_RATIO_MAX = 10.0  # exp(10) ~ 2.2e4: a stale or broken old_logp cannot overflow the ratio to inf
 
 
@@ -32,8 +33,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of ``x`` over ``mask == 1`` (all entries when mask is None); 0 for an empty mask."""
     if mask is None:
         return x.float().mean()
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    keep = mask.bool()
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / keep.sum().clamp(min=1)
 
 
 @register_policy_loss("vanilla")
@@ -91,9 +92,9 @@ def dual_clip_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
-    dual_clip_c: float = 3.0,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """verl's dual-clip PPO loss (``clip_ratio_c`` = 3.0, no constant cap); shapes as in the module doc."""
+    """verl's dual-clip PPO loss (``clip_ratio_c``, None → 3.0; no constant cap); shapes as in the module doc."""
     return ppo_clip_loss(
         logp,
         old_logp,
@@ -102,5 +103,5 @@ def dual_clip_loss(
         clip_low=clip_low,
         clip_high=clip_high,
         loss_cap=None,
-        dual_clip_c=dual_clip_c,
+        dual_clip_c=DUAL_CLIP_C if dual_clip_c is None else dual_clip_c,
     )

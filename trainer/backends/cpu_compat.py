@@ -123,6 +123,10 @@ def _patch_rng_tracker() -> None:
 
     tracker.add = add
     tracker.fork = fork
+    # Activation recomputation saves and restores "the CUDA RNG state" next to the CPU one; a host without
+    # CUDA has no CUDA generator, and the CPU generator is already saved and restored by the caller.
+    random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def _patch_moe_utils() -> None:

@@ -51,7 +51,8 @@ class MegatronBackend:
         self.trainable = trainable
         # Seeds megatron's RNG tracker (CPU generators via cpu_compat) for dropout in TP regions.
         mcore_random.model_parallel_cuda_manual_seed(seed)
-        self.model = build_gpt_model(resolved.model, seed=seed, layout=resolved.layout)
+        self.model = build_gpt_model(resolved.model, seed=seed, layout=resolved.layout,
+                                     full_recompute=resolved.recipe.run.full_recompute)
         if initial is not None:
             self.load_whole(initial)
         self.model.requires_grad_(trainable)

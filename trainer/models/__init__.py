@@ -1,5 +1,3 @@
-"""Model families on megatron-core: configs, layer specs, core attention, HF↔mcore weight maps, builders.
-
-Dense GQA (Qwen2 / Qwen3) today; MLA + MoE (DeepSeek-V3) and the Qwen3-Next hybrid add their own spec and
-weight-map rules beside these.
+"""Model families on megatron-core: per-family bundles (``families/``), core attention, HF↔mcore weight
+rules, FLOPs per token and the builder. Dense GQA (Qwen2 / Qwen3) and MLA + MoE (DeepSeek-V3 / Moonlight).
 """

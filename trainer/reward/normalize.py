@@ -6,6 +6,14 @@ compared for exact equality. No expression is evaluated, so no input can trigger
 cost is linear in the answer length. Inputs the original's helpers fail on (two ``\\text{ `` units, a
 ``\\sqrt`` or ``\\frac`` with nothing after it) raise :class:`Unnormalizable`, and :func:`is_equiv` then falls
 back to comparing the raw strings, as the original's ``try/except`` does.
+
+One deliberate difference from ChatLearn's copy, in ``a/b``: hendrycks' ``_fix_a_slash_b`` catches every
+error and keeps the string when ``a`` or ``b`` is not an integer; ChatLearn's copy catches only the
+``AssertionError``, so its ``int("y")`` ``ValueError`` escapes ``strip_string`` and ``is_equiv`` compares the
+raw strings. ``x = 1/y`` against the ground truth ``1/y`` therefore scores 0 under ChatLearn and 1 here.
+We keep the original's (and verl's) rule: the answers are equal, and a score that depends on which
+exception a helper lets through is an accident, not a grading rule. Only answers ``v = a/b`` with a
+non-integer side differ; everything else matches ChatLearn.
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ def _fix_fracs(s: str) -> str:
 
 
 def _fix_a_slash_b(s: str) -> str:
-    """``"3/4"`` -> ``"\\frac{3}{4}"`` when both sides are plain integers written canonically."""
+    """``"3/4"`` -> ``"\\frac{3}{4}"`` when both sides are plain integers written canonically; else unchanged
+    (hendrycks / verl; ChatLearn raises on a non-integer side, see the module docstring)."""
     parts = s.split("/")
     if len(parts) != 2:
         return s

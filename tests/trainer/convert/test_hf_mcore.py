@@ -1,0 +1,107 @@
+"""hf-to-mcore → mcore-to-hf gives the HF checkpoint back bit for bit; verify compares logits; bad input is refused."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.convert.__main__ import main
+from trainer.convert.shards import HF_INDEX, MCORE_INDEX
+
+
+def cli(argv):
+    """Exit code of ``python -m trainer.convert argv`` (argparse's errors exit through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight"])
+def test_round_trip_is_bit_identical_with_the_same_shards(hf_dirs, tmp_path, name, read_checkpoint):
+    src = hf_dirs[name]
+    assert len(set(json.loads((src / HF_INDEX).read_text())["weight_map"].values())) > 2  # really sharded
+    assert main(["hf-to-mcore", str(src), str(tmp_path / "mcore")]) == 0
+    mcore = json.loads((tmp_path / "mcore" / MCORE_INDEX).read_text())["weight_map"]
+    assert all(k.startswith(("embedding.", "decoder.", "output_layer.")) for k in mcore)
+    assert main(["mcore-to-hf", str(tmp_path / "mcore"), str(tmp_path / "back"), "--like", str(src)]) == 0
+    index, original = read_checkpoint(src)
+    back_index, back = read_checkpoint(tmp_path / "back")
+    assert back_index == index
+    assert set(back) == set(original)
+    assert all(back[k].dtype == original[k].dtype and torch.equal(back[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-moonlight"])
+def test_verify_passes_and_fails_on_a_planted_fault(hf_dirs, tmp_path, capsys, name):
+    src = hf_dirs[name]
+    main(["hf-to-mcore", str(src), str(tmp_path / "mcore")])
+    assert main(["verify", str(src), str(tmp_path / "mcore"), "--tolerance", "1e-4"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("max |logit difference|") and line.endswith("ok")
+    diff = float(line.split()[3])
+    print(f"{name}: verify max |logit difference| {diff:.2e}")
+    # plant a fault: one layer's output projection scaled by 1.01
+    mcore = tmp_path / "mcore"
+    shard_of = json.loads((mcore / MCORE_INDEX).read_text())["weight_map"]
+    target = "decoder.layers.1.self_attention.linear_proj.weight"
+    tensors = load_file(mcore / shard_of[target])
+    tensors[target] = tensors[target] * 1.01
+    from safetensors.torch import save_file
+
+    save_file(tensors, mcore / shard_of[target])
+    assert main(["verify", str(src), str(mcore), "--tolerance", "1e-4"]) == 1
+    assert capsys.readouterr().out.strip().endswith("FAILED")
+
+
+def test_unsupported_config_field_is_one_line_exit_2_and_writes_nothing(hf_dirs, tmp_path):
+    src = tmp_path / "hf"
+    src.mkdir()
+    for f in hf_dirs["tiny-moonlight"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "trainer.convert", "hf-to-mcore", str(src), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'quantization_config'" in lines[0], out.stderr
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["hf-to-mcore", "{src}", "{out}", "--layout", "tp2"], "sharded megatron-core output is not written yet"),
+        (["hf-to-mcore", "{src}", "{out}", "--layout", "tp9"], "is not a matrix layout"),
+        (["hf-to-mcore", "{out}", "{out}"], "not found"),
+        (["mcore-to-hf", "{src}", "{out}", "--like", "{src}"], "mcore.json: not found"),
+        (["verify", "{src}"], "the following arguments are required"),
+    ],
+)
+def test_bad_arguments_are_one_line_exit_2(hf_dirs, tmp_path, capsys, argv, words):
+    argv = [a.format(src=hf_dirs["tiny-qwen3"], out=tmp_path / "out") for a in argv]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_tensor_in_checkpoint_is_named(hf_dirs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    for f in hf_dirs["tiny-qwen2.5"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    index = json.loads((src / HF_INDEX).read_text())
+    save_file({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, src / "extra.safetensors")
+    index["weight_map"]["model.layers.0.self_attn.q_norm.weight"] = "extra.safetensors"
+    (src / HF_INDEX).write_text(json.dumps(index))
+    assert main(["hf-to-mcore", str(src), str(tmp_path / "out")]) == 2
+    assert "'model.layers.0.self_attn.q_norm.weight' has no megatron-core counterpart" in capsys.readouterr().err

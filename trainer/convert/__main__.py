@@ -1,0 +1,132 @@
+"""``python -m trainer.convert COMMAND ...`` (``nox -s convert -- COMMAND ...``).
+
+    hf-to-mcore HF_DIR OUT_DIR [--layout single]   HF safetensors → megatron-core directory
+    mcore-to-hf MCORE_DIR OUT_DIR --like HF_DIR    back to HF, with HF_DIR's shard layout and files
+    verify HF_DIR MCORE_DIR [--tolerance T]        max |logit difference| on fixed tokens; exit 1 above T
+    fp8-to-bf16 IN_DIR OUT_DIR [--block 128]       DeepSeek-V3 fp8 release → bf16 (resumable)
+    prepare MODEL IN_DIR OUT_DIR                   the matrix model's prepare steps (OUT/hf, OUT/mcore)
+    drop-config-key DIR KEY                        a matrix prepare step on config.json
+    set-config DIR KEY=VALUE ...                   a matrix prepare step on config.json (JSON values)
+
+Bad input is one line on stderr and exit code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from trainer.convert import ConvertError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="trainer.convert", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors → megatron-core")
+    a.add_argument("hf_dir", type=Path)
+    a.add_argument("out_dir", type=Path)
+    a.add_argument("--layout", default="single", help="a matrix layout; only 'single' (unsharded) is written yet")
+    a = sub.add_parser("mcore-to-hf", help="megatron-core → HF safetensors")
+    a.add_argument("mcore_dir", type=Path)
+    a.add_argument("out_dir", type=Path)
+    a.add_argument("--like", type=Path, required=True, help="the HF checkpoint whose shard layout and files to use")
+    a = sub.add_parser("verify", help="transformers vs megatron-core logits on fixed tokens")
+    a.add_argument("hf_dir", type=Path)
+    a.add_argument("mcore_dir", type=Path)
+    a.add_argument("--tolerance", type=float, default=None)
+    a = sub.add_parser("fp8-to-bf16", help="DeepSeek-V3 fp8 checkpoint → bf16")
+    a.add_argument("in_dir", type=Path)
+    a.add_argument("out_dir", type=Path)
+    a.add_argument("--block", type=int, default=None, help="scale block size (default: from config.json, 128)")
+    a = sub.add_parser("prepare", help="run a matrix model's prepare steps")
+    a.add_argument("model", help="a model of matrix.yaml")
+    a.add_argument("in_dir", type=Path)
+    a.add_argument("out_dir", type=Path)
+    a = sub.add_parser("drop-config-key", help="remove a key from config.json")
+    a.add_argument("dir", type=Path)
+    a.add_argument("key")
+    a = sub.add_parser("set-config", help="set keys of config.json")
+    a.add_argument("dir", type=Path)
+    a.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    return p
+
+
+def _single_layout(name: str) -> None:
+    """Only unsharded (global-name) output is written; the trainer's backend shards full tensors itself."""
+    from matrix import load_matrix
+
+    layouts = load_matrix().layouts
+    if name not in layouts:
+        raise ConvertError(f"--layout {name!r} is not a matrix layout ({', '.join(layouts)})")
+    layout = layouts[name]
+    if (layout.tp, layout.pp, layout.cp, layout.ep, layout.expert_tp) != (1, 1, 1, 1, 1) or layout.fsdp:
+        raise ConvertError(
+            f"--layout {name}: sharded megatron-core output is not written yet; convert with --layout single "
+            f"(the trainer shards full tensors when it loads them)"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "hf-to-mcore":
+        from trainer.convert.hf_mcore import hf_to_mcore
+
+        _single_layout(args.layout)
+        print(f"wrote {hf_to_mcore(args.hf_dir, args.out_dir)}")
+    elif args.command == "mcore-to-hf":
+        from trainer.convert.hf_mcore import mcore_to_hf
+
+        print(f"wrote {mcore_to_hf(args.mcore_dir, args.out_dir, args.like)}")
+    elif args.command == "verify":
+        from trainer.convert.verify import DEFAULT_TOLERANCE, max_logit_difference
+
+        tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+        diff = max_logit_difference(args.hf_dir, args.mcore_dir)
+        ok = diff <= tolerance
+        print(f"max |logit difference| {diff:.3e} (tolerance {tolerance:g}): {'ok' if ok else 'FAILED'}")
+        return 0 if ok else 1
+    elif args.command == "fp8-to-bf16":
+        from trainer.convert.fp8 import fp8_to_bf16
+
+        print(f"wrote {fp8_to_bf16(args.in_dir, args.out_dir, block=args.block)}")
+    elif args.command == "prepare":
+        from matrix import load_matrix
+        from trainer.convert.prepare import prepare
+
+        models = load_matrix().models
+        if args.model not in models:
+            raise ConvertError(f"prepare: {args.model!r} is not a matrix model ({', '.join(models)})")
+        for line in prepare(list(models[args.model].prepare), args.in_dir, args.out_dir):
+            print(line)
+    elif args.command == "drop-config-key":
+        from trainer.convert.config_steps import drop_config_key
+
+        dropped = drop_config_key(args.dir, args.key)
+        print(f"{args.dir / 'config.json'}: {'dropped' if dropped else 'had no'} {args.key!r}")
+    elif args.command == "set-config":
+        from trainer.convert.config_steps import set_config
+
+        print(f"{args.dir / 'config.json'}: set {', '.join(set_config(args.dir, args.assignments))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    try:
+        return run(args)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""HF safetensors ↔ megatron-core state (global names, unsharded), streaming shard by shard.
+
+The family comes from config.json's ``model_type`` and the config is read by the family
+(``FamilyBundle.shape_from_hf``): an unsupported field is an error naming it. Tensors keep their stored
+dtype both ways, so ``mcore-to-hf --like`` gives bit-identical tensors in the original shard layout.
+Peak memory is about one input shard plus tensors whose partners (q/k/v, gate/up) sit in a later shard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from matrix.schema import Model
+from trainer.convert import ConvertError
+from trainer.convert.shards import (
+    HF_INDEX,
+    MCORE_INDEX,
+    MCORE_META,
+    atomic_directory,
+    copy_side_files,
+    iter_shard,
+    read_json,
+    save_shard,
+    shards_in_order,
+    weight_map,
+    write_index,
+)
+from trainer.models.families import family_of_hf
+from trainer.models.families.bundle import UnsupportedConfig
+from trainer.models.weight_map import Rule, rules
+
+_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
+FORMAT = 1
+
+
+def model_from_hf_config(config: dict, *, where: Path) -> Model:
+    """The matrix ``Model`` a config.json describes (family from ``model_type``)."""
+    model_type = config.get("model_type")
+    try:
+        bundle = family_of_hf(model_type)
+        shape = bundle.shape_from_hf(config)
+    except (LookupError, UnsupportedConfig) as e:
+        raise ConvertError(f"{where}: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConvertError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype not in _DTYPES:
+        raise ConvertError(f"{where}: config.json field 'torch_dtype': {dtype!r} is not supported (bfloat16, float32)")
+    return Model(family=bundle.name, dtype=_DTYPES[dtype], shape=shape)
+
+
+def read_mcore_model(mcore_dir: Path) -> tuple[Model, dict]:
+    meta = read_json(mcore_dir / MCORE_META)
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise ConvertError(f"{mcore_dir / MCORE_META}: not a megatron-core directory written by trainer.convert")
+    return Model.model_validate(meta["model"]), meta
+
+
+def _check_names(present: set[str], table: list[Rule], model: Model, *, where: Path) -> None:
+    expected = {n for r in table for n in r.hf}
+    optional = {n for r in table if r.buffer for n in r.hf} | ({"lm_head.weight"} if model.shape.tie_embeddings else set())
+    unknown = sorted(present - expected - optional)
+    if unknown:
+        raise ConvertError(f"{where}: tensor {unknown[0]!r} has no megatron-core counterpart in family {model.family}")
+    missing = sorted(expected - optional - present)
+    if missing:
+        raise ConvertError(f"{where}: tensor {missing[0]!r} is missing for this config")
+
+
+def hf_to_mcore(hf_dir: Path, out_dir: Path) -> Path:
+    """Convert an HF checkpoint directory into a megatron-core directory (layout single)."""
+    config = read_json(hf_dir / "config.json")
+    model = model_from_hf_config(config, where=hf_dir / "config.json")
+    mapping = weight_map(hf_dir)
+    table = rules(model)
+    _check_names(set(mapping), table, model, where=hf_dir)
+    rule_of = {name: rule for rule in table for name in rule.hf}
+    shards = shards_in_order(mapping)
+    with atomic_directory(out_dir) as tmp:
+        pending, out_map, total = {}, {}, 0
+        for k, shard in enumerate(tqdm(shards, desc="hf-to-mcore", unit="shard")):
+            ready = {}
+            for name, tensor in iter_shard(hf_dir, shard):
+                rule = rule_of.get(name)
+                if rule is None:  # a tied lm_head.weight: the embedding is the head
+                    continue
+                pending[name] = tensor
+                if all(n in pending for n in rule.hf):
+                    ready[rule.mcore] = rule.to_mcore(*(pending.pop(n) for n in rule.hf))
+            if ready:
+                file = f"mcore-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                total += save_shard(tmp / file, ready)
+                out_map.update(dict.fromkeys(ready, file))
+        write_index(tmp / MCORE_INDEX, out_map, total)
+        meta = {"format": FORMAT, "layout": "single", "model": model.model_dump(mode="json"), "hf_config": config}
+        (tmp / MCORE_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def mcore_to_hf(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
+    """Convert a megatron-core directory back to HF, with the tensor → shard layout and files of ``like``."""
+    model, _ = read_mcore_model(mcore_dir)
+    like_map = weight_map(like)
+    table = rules(model)
+    _check_names(set(like_map), table, model, where=like)
+    mcore_map = weight_map(mcore_dir, index=MCORE_INDEX, single=None)
+    rule_of = {rule.mcore: rule for rule in table}
+    strangers = sorted(set(mcore_map) - set(rule_of))
+    if strangers:
+        raise ConvertError(f"{mcore_dir}: tensor {strangers[0]!r} does not belong to family {model.family}")
+    wanted: dict[str, set[str]] = {}
+    for name, shard in like_map.items():
+        wanted.setdefault(shard, set()).add(name)
+    with atomic_directory(out_dir) as tmp:
+        copy_side_files(like, tmp)
+        buffers: dict[str, dict] = {shard: {} for shard in wanted}
+        total = 0
+        for shard in tqdm(shards_in_order(mcore_map), desc="mcore-to-hf", unit="shard"):
+            for name, tensor in iter_shard(mcore_dir, shard):
+                produced = dict(zip(rule_of[name].hf, rule_of[name].to_hf(tensor), strict=True))
+                if "model.embed_tokens.weight" in produced and "lm_head.weight" in like_map and model.shape.tie_embeddings:
+                    produced["lm_head.weight"] = produced["model.embed_tokens.weight"]
+                for hf_name, t in produced.items():
+                    if hf_name in like_map:
+                        buffers[like_map[hf_name]][hf_name] = t
+            for target in [s for s, b in buffers.items() if b and set(b) == wanted[s]]:
+                total += save_shard(tmp / target, buffers.pop(target))
+        unfinished = sorted(s for s in buffers)
+        if unfinished:
+            missing = sorted(wanted[unfinished[0]] - set(buffers[unfinished[0]]))
+            raise ConvertError(f"{mcore_dir}: no tensor for {missing[0]!r} (shard {unfinished[0]} of {like})")
+        if (like / HF_INDEX).exists():
+            write_index(tmp / HF_INDEX, like_map, total)
+    return out_dir

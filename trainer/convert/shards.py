@@ -1,0 +1,103 @@
+"""Sharded safetensors directories: reading the shard list and index, writing shards and an index atomically.
+
+An HF checkpoint is ``config.json`` plus ``model.safetensors`` or ``model.safetensors.index.json`` with its
+shards; a megatron-core directory written here is ``mcore.json`` plus ``mcore.safetensors.index.json`` with
+its shards (tensors keyed by global megatron names, unsharded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from trainer.convert import ConvertError
+
+HF_SINGLE, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+MCORE_INDEX, MCORE_META = "mcore.safetensors.index.json", "mcore.json"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def weight_map(root: Path, *, index: str = HF_INDEX, single: str | None = HF_SINGLE) -> dict[str, str]:
+    """tensor name → shard file of a checkpoint directory (index file, or the single-file form)."""
+    if (root / index).exists():
+        mapping = read_json(root / index).get("weight_map")
+        if not isinstance(mapping, dict):
+            raise ConvertError(f"{root / index}: has no 'weight_map' object")
+        missing = sorted({f for f in mapping.values() if not (root / f).exists()})
+        if missing:
+            raise ConvertError(f"{root}: shard {missing[0]} listed in {index} is missing")
+        return mapping
+    if single and (root / single).exists():
+        with safe_open(root / single, "pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    raise ConvertError(f"{root}: neither {index}" + (f" nor {single}" if single else "") + " found")
+
+
+def shards_in_order(mapping: dict[str, str]) -> list[str]:
+    return sorted(set(mapping.values()))
+
+
+def iter_shard(root: Path, shard: str) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of one shard, loaded one tensor at a time."""
+    with safe_open(root / shard, "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            yield name, f.get_tensor(name)
+
+
+def read_tensor(root: Path, shard: str, name: str) -> Tensor:
+    with safe_open(root / shard, "pt") as f:
+        return f.get_tensor(name)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """A temporary sibling directory that becomes ``target`` when the block succeeds (removed if not)."""
+    target = target.resolve()
+    if target.exists():
+        raise ConvertError(f"{target}: already exists; choose a new output directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_shard(path: Path, tensors: dict[str, Tensor]) -> int:
+    """Write one shard (tmp file, then rename); returns its tensor bytes for the index's total_size."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_index(path: Path, mapping: dict[str, str], total_size: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": mapping}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Everything of a checkpoint directory but its weights and index (config, tokenizer, generation config)."""
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != HF_INDEX:
+            shutil.copy2(f, dst / f.name)
