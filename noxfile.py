@@ -30,10 +30,6 @@ def _images(session: nox.Session, command: str) -> None:
     session.run("python", "-m", "images", command, *session.posargs)
 
 
-def _not_built(session: nox.Session, what: str) -> None:
-    session.error(f"not built yet: {what} (see ../shared/ROADMAP.md); nothing was run")
-
-
 @nox.session(python=PYTHON)
 def matrix(session: nox.Session) -> None:
     """Validate matrix.yaml and show its recipes (`-- --json` for the resolved form, `-- --file F`)."""
@@ -93,13 +89,15 @@ def equivalence(session: nox.Session) -> None:
     session.run("python", "-m", "trainer.equivalence", *session.posargs)
 
 
-@nox.session(venv_backend="none", default=False)
+@nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
-    """Run benchmark suites of the matrix."""
-    _not_built(session, "benchmark suites")
+    """Run benchmark suites through the trainer: `-- [SUITE ...]` (default: cpu) → bench/results/<id>.json."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "bench", "run", *session.posargs)
 
 
-@nox.session(venv_backend="none", default=False)
+@nox.session(python=PYTHON, default=False)
 def report(session: nox.Session) -> None:
-    """Write a comparison report of benchmark results (baseline = first)."""
-    _not_built(session, "comparison reports")
+    """Compare results: `-- [BASELINE CANDIDATE ...] [--threshold 0.1]` → reports/<id>/ (md, html, png, csv)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "bench", "report", *session.posargs)

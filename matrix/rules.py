@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from matrix.schema import Gate, Layout, Matrix, Model, Recipe
+from matrix.schema import Benchmark, Gate, Layout, Matrix, Model, Recipe
 from trainer.parallel.layout import ParallelLayout
 
 Path = tuple[str | int, ...]
@@ -40,9 +40,14 @@ def check_references(data: dict) -> Iterator[Finding]:
         if isinstance(g.get("recipe"), str) and g["recipe"] not in recipes:
             yield ("gates", name, "recipe"), f"'{g['recipe']}' is not a recipe; recipes: {_names(recipes)}"
     for name, b in entries("benchmarks"):
-        for i, recipe in enumerate(b.get("recipes") or []):
+        for i, item in enumerate(b.get("recipes") or []):
+            recipe, at = (item.get("recipe"), ("recipe",)) if isinstance(item, dict) else (item, ())
             if isinstance(recipe, str) and recipe not in recipes:
-                yield ("benchmarks", name, "recipes", i), f"'{recipe}' is not a recipe; recipes: {_names(recipes)}"
+                yield ("benchmarks", name, "recipes", i, *at), f"'{recipe}' is not a recipe; recipes: {_names(recipes)}"
+        layouts = section("layouts")
+        for i, layout in enumerate(b.get("layouts") or []):
+            if isinstance(layout, str) and layout not in layouts:
+                yield ("benchmarks", name, "layouts", i), f"'{layout}' is not a layout; layouts: {_names(layouts)}"
 
 
 def check_model(name: str, model: Model) -> Iterator[Finding]:
@@ -122,6 +127,20 @@ def check_gate(name: str, g: Gate, m: Matrix) -> Iterator[Finding]:
             yield at, msg
 
 
+def check_benchmark(name: str, b: Benchmark) -> Iterator[Finding]:
+    """A suite keeps at least one steady episode and names each of its entries once."""
+    at = ("benchmarks", name)
+    if b.warmup_episodes >= b.episodes:
+        yield at + ("warmup_episodes",), (f"{b.warmup_episodes} leaves no steady episode of episodes={b.episodes}; "
+                                          f"use at most {b.episodes - 1}")
+    seen: set[str] = set()
+    for i, item in enumerate(b.recipes):
+        label = item if isinstance(item, str) else item.name
+        if label in seen:
+            yield at + ("recipes", i), f"'{label}' appears twice; give each entry its own name"
+        seen.add(label)
+
+
 def check_matrix(m: Matrix, *, references: bool = True) -> list[Finding]:
     """All cross-entry findings; reference errors first, since later checks assume resolved names."""
     findings = list(check_references(m.model_dump())) if references else []
@@ -134,4 +153,6 @@ def check_matrix(m: Matrix, *, references: bool = True) -> list[Finding]:
     for name, g in m.gates.items():
         if name not in unresolved and g.recipe not in unresolved and g.recipe in m.recipes:
             findings += check_gate(name, g, m)
+    for name, b in m.benchmarks.items():
+        findings += check_benchmark(name, b)
     return findings

@@ -371,11 +371,31 @@ class Gate(Strict):
     tolerances: Tolerances = Tolerances()
 
 
+OverrideValue = str | int | float | bool | None
+
+
+class BenchRecipe(Strict):
+    """A recipe run under other settings in a suite: `overrides` are the trainer's `key=value` overrides."""
+
+    recipe: NonEmptyStr
+    name: NonEmptyStr
+    """How results and reports call it (unique in the suite)."""
+    overrides: dict[NonEmptyStr, OverrideValue] = {}
+
+
 class Benchmark(Strict):
-    recipes: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    """A suite: every recipe on every layout, `repeats` times, each run `episodes` long."""
+
+    description: NonEmptyStr | None = None
+    recipes: Annotated[list[NonEmptyStr | BenchRecipe], Field(min_length=1)]
+    layouts: list[NonEmptyStr] = []
+    """Layouts each recipe runs on (GPU count = the layout's minimum); empty → each recipe's own."""
     episodes: PositiveInt = 5
     warmup_episodes: NonNegativeInt = 1
+    """Leading episodes left out of the steady window (start-up, first-call allocations)."""
     repeats: PositiveInt = 1
+    overrides: dict[NonEmptyStr, OverrideValue] = {}
+    """Trainer overrides applied to every run of the suite."""
 
 
 # --------------------------------------------------------------------------- the file

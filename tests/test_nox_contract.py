@@ -14,11 +14,3 @@ def test_every_contract_session_exists(repo):
     # lines "* name -> doc" (selected by default) and "- name -> doc" (opt-in)
     sessions = {line[2:].split(" -> ")[0] for line in out.stdout.splitlines() if line[:2] in ("* ", "- ")}
     assert sessions >= CONTRACT, CONTRACT - sessions
-
-
-@pytest.mark.skipif(shutil.which("nox") is None, reason="nox not on PATH")
-@pytest.mark.parametrize("session", ["bench", "report"])
-def test_unbuilt_sessions_say_so_and_fail(repo, session):
-    out = subprocess.run(["nox", "-s", session], cwd=repo, capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "not built yet" in out.stderr + out.stdout

@@ -50,10 +50,16 @@ def length_stats(lengths: torch.Tensor, max_len: int) -> dict[str, float]:
 
 class MetricsLog:
     def __init__(self, run_dir: Path, *, tensorboard: bool = False, wandb_project: str | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, mllog: bool = False):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self._sinks: list[tuple[Callable[[int, dict], object], Callable[[], object]]] = []  # (log, close)
+        self.mllog = None
+        if mllog:  # `:::MLLOG` lines on stdout and in mllog.txt; close it with "aborted" first when a run stops
+            from trainer.mllog import MLLogger
+
+            self.mllog = MLLogger(run_dir / "mllog.txt", metadata={"recipe": (config or {}).get("name")})
+            self._sinks.append((self.mllog.log, self.mllog.close))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the `logging` extra
 

@@ -20,7 +20,7 @@ EDITS = [
     ("negative-size", "run: {episodes: 200, checkpoint_every: 20}", "run: {episodes: -5, checkpoint_every: 20}",
      "recipes.moonlight.run.episodes", "greater than 0"),
     ("unknown-model", "    model: qwen3-8b\n", "    model: qwen3-9b\n", "recipes.qwen3-8b-fsdp.model",
-     "'qwen3-9b' is not defined under models; defined: deepseek-v3-671b"),
+     "'qwen3-9b' is not defined under models; defined: bench-dense-512, deepseek-v3-671b"),
     ("unknown-image", "    image: sglang-te27\n", "    image: sglang-te28\n", "recipes.qwen3-next.image",
      "'sglang-te28' is not defined under images"),
     ("gate-unknown-recipe", "  cp-equivalence:\n    recipe: gates-dense\n", "  cp-equivalence:\n    recipe: tiny-qwen9\n", "gates.cp-equivalence.recipe",

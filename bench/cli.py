@@ -1,0 +1,73 @@
+"""`python -m bench run [SUITE ...]` and `python -m bench report [RESULT ...]` — what `nox -s bench` / `report` run.
+
+Bad input (unknown suite, a cell the trainer would refuse, an unreadable result) is one line and exit 2.
+`report --fail-on-regression` exits 1 when a candidate has a flagged regression (for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from matrix import DEFAULT_MATRIX_PATH, MatrixError
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark suites of matrix.yaml and reports.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run suites; one result JSON per suite")
+    run.add_argument("suites", nargs="*", default=["cpu"], help="suite names of the matrix (default: cpu)")
+    run.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX_PATH, help="matrix file (default: matrix.yaml)")
+    run.add_argument("--results", type=Path, default=RESULTS, help="where results go (default: bench/results/)")
+    run.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="parent of the run directories")
+    run.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take before it is killed")
+    rep = sub.add_parser("report", help="compare results (baseline = first); default: the two newest results")
+    rep.add_argument("results", nargs="*", type=Path, help="result JSON files, baseline first")
+    rep.add_argument("--threshold", type=float, default=0.10, help="relative change flagged (default 0.10 = 10%%)")
+    rep.add_argument("--out", type=Path, help="report directory (default: reports/<baseline id>[--<last candidate id>])")
+    rep.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged")
+    return p
+
+
+def _newest(directory: Path, count: int) -> list[Path]:
+    found = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no result in {directory}; run `nox -s bench` first or name result files")
+    return found[-count:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from bench.result import ResultError, load_result
+    from bench.suite import SuiteError
+
+    try:
+        if args.command == "run":
+            from bench.suite import run_suite
+
+            for suite in args.suites:
+                path = run_suite(suite, root=ROOT, matrix_path=args.matrix, results_dir=args.results,
+                                 runs_dir=args.runs, timeout=args.timeout)
+                print(f"result: {path}")
+            return 0
+        if not 0 < args.threshold < 1:
+            raise ValueError(f"--threshold {args.threshold}: expected a fraction in (0, 1), e.g. 0.1 for 10%")
+        results = [load_result(p) for p in (args.results or _newest(RESULTS, 2))]
+    except (SuiteError, ResultError, MatrixError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from bench.report import write_report
+
+    ids = [results[0].id] if len(results) == 1 else [results[0].id, results[-1].id]
+    out = args.out or ROOT / "reports" / "--".join(ids)
+    flags = write_report(results, out, threshold=args.threshold)
+    for candidate, rows in flags.items():
+        shown = ", ".join("/".join(r) for r in rows) or "none"
+        print(f"{candidate}: {len(rows)} regression(s) against {results[0].id}: {shown}")
+    print(f"report: {out / 'report.md'}, {out / 'report.html'}")
+    return 1 if args.fail_on_regression and any(flags.values()) else 0
