@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run a GPU recipe on CPU: its layout's degrees with the model's tiny stand-in (see README)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs the logging extra)")
     p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (needs WANDB_API_KEY)")
+    p.add_argument("--mllog", action="store_true",
+                   help="also print MLPerf-style :::MLLOG lines (copied to RUN_DIR/mllog.txt)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "resolved": resolved.model_dump(mode="json")})
     initial = initial_weights(resolved) if world > 1 and not args.resume else None
     request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
-                         wandb_project=args.wandb, initial=initial)
+                         wandb_project=args.wandb, mllog=args.mllog, initial=initial)
     try:
         outcome = launch(run_rank, world, request)
     except RankFailed as exc:

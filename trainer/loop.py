@@ -32,9 +32,11 @@ from matrix import ResolvedRecipe
 from matrix.schema import Sampling
 from trainer import checkpoint
 from trainer.algo import group_outcome_ratios
+from trainer.algo.mismatch import rollout_mismatch
 from trainer.backends.base import TrainingBackend
 from trainer.backends.errors import NonFiniteLossError
 from trainer.batching import pack
+from trainer.memory import peak_memory_metrics
 from trainer.metrics import MetricsLog, StageTimer, length_stats
 from trainer.objective import advantages, make_loss_fn
 from trainer.parallel.job import Job
@@ -82,6 +84,7 @@ class Collected:
     lengths: torch.Tensor  # (B,) response tokens
     prompt_tokens: int
     seconds: dict[str, float]  # rollout, reward
+    engine_logprobs: list[list[float]]  # per sequence, the engine's raw sampling log-probs of its tokens
 
 
 def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) -> Collected:
@@ -97,7 +100,8 @@ def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) 
         rewards = torch.tensor([score(o.text, p.ground_truth, grpo.grader) for o, p in zip(outs, group, strict=True)])
         batch["advantages"] = advantages(grpo, rewards).float()
     return Collected(batch, rewards, torch.tensor([len(o.token_ids) for o in outs]),
-                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")})
+                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")},
+                     [list(o.logprobs) for o in outs])
 
 
 def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend,
@@ -123,8 +127,12 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     for stage, seconds in collected.seconds.items():
         timer.seconds[stage] += seconds
     stats = learn(collected.batch, r, policy, ref, timer)
+    # The engine's raw sampling log-probs against the trainer's old log-probs of the same tokens (both before
+    # temperature / top-k / top-p): how far the engine's weights and kernels are from the trainer's.
+    mismatch = rollout_mismatch(collected.batch["old_logprobs"], collected.engine_logprobs,
+                                collected.batch["response_mask"])
     with timer("sync"):
-        tensors = policy.hf_named_tensors()  # collective: whole tensors on the driver
+        tensors = list(policy.hf_named_tensors())  # collective: whole tensors on the driver
         job.on_driver(lambda: engine.update_weights(tensors))
 
     lengths, rewards = collected.lengths, collected.rewards
@@ -134,6 +142,8 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
         **{f"reward/{k}": v for k, v in group_outcome_ratios(rewards, grpo.samples_per_prompt).items()},
         **length_stats(lengths, grpo.max_response_len),
         **stats,
+        **mismatch,
+        "sync/bytes": sum(t.numel() * t.element_size() for _, t in tensors),
         "throughput/generation_tokens_per_s": int(lengths.sum()) / max(timer.seconds["rollout"], 1e-9),
         "throughput/train_tokens_per_s": all_tokens * grpo.steps_per_episode / max(timer.seconds["train"], 1e-9),
         "tokens/prompt": collected.prompt_tokens,
@@ -183,7 +193,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         if (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes:
             with timer("checkpoint"):
                 save(episode)
-        row |= timer.as_metrics()
+        row |= timer.as_metrics() | peak_memory_metrics()
         row["throughput/tokens_per_s"] = (row["tokens/prompt"] + row["tokens/response"]) / (
             time.perf_counter() - started
         )

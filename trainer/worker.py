@@ -31,6 +31,7 @@ class RunRequest:
     resume: bool = False
     tensorboard: bool = False
     wandb_project: str | None = None
+    mllog: bool = False
     initial: dict | None = None  # whole megatron-named weights (multi-process runs start from the same init)
 
 
@@ -89,7 +90,7 @@ def run_rank(request: RunRequest) -> dict:
     job = Job(ParallelLayout.of(r.layout, world), rank)
     init_process_groups(r.layout, rank=rank, world_size=world)
     log = (MetricsLog(request.run_dir, tensorboard=request.tensorboard, wandb_project=request.wandb_project,
-                      config=r.model_dump(mode="json")) if job.is_driver else DiscardLog())
+                      config=r.model_dump(mode="json"), mllog=request.mllog) if job.is_driver else DiscardLog())
     try:
         torch.manual_seed(r.recipe.run.seed)
         task = build_task(r, root=ROOT)
@@ -100,6 +101,8 @@ def run_rank(request: RunRequest) -> dict:
             summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,
                             resume=request.resume)
         except RunStopped as exc:
+            if getattr(log, "mllog", None):
+                log.mllog.close("aborted")
             log.write_summary({"recipe": r.name, "run_dir": str(request.run_dir), "status": f"stopped: {exc}"})
             return {"status": "stopped", "message": str(exc)}
         return {"status": "finished", "summary": summary}
