@@ -18,6 +18,8 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 Pin = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*(\[[A-Za-z0-9_,\-]+\])?==[A-Za-z0-9.+!\-]+$")]
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+_OP_VERSION = r"\s*(==|!=|<=|>=|<|>|~=)\s*[A-Za-z0-9.*+!\-]+"
+Bound = Annotated[str, Field(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._\-]*{_OP_VERSION}(\s*,{_OP_VERSION})*$")]
 GitCommit = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 PythonVersion = Annotated[str, Field(pattern=r"^3\.\d+$")]
 
@@ -25,6 +27,7 @@ PythonVersion = Annotated[str, Field(pattern=r"^3\.\d+$")]
 def pattern_names() -> dict[str, str]:
     """Human wording of each pattern, for error messages."""
     wording = {Pin: "an exact pin 'name==version' (extras allowed: 'ray[default]==2.46.0')",
+               Bound: "a version bound 'name<26' or 'name>=1,<2'",
                Digest: "'sha256:' followed by 64 hex digits", GitCommit: "a full 40-hex-digit commit",
                PythonVersion: "a quoted Python version such as \"3.12\""}
     return {t.__metadata__[0].metadata[0].pattern: words for t, words in wording.items()}
@@ -67,6 +70,13 @@ class Override(Strict):
     """Force-reinstalled after every other install step, because later installs overwrite it (cuDNN)."""
 
 
+class Constraint(Strict):
+    """A bound the resolver cannot see on its own (a package's metadata omits it); the reason is mandatory."""
+
+    bound: Bound
+    why: NonEmptyStr
+
+
 class SourceBuild(Strict):
     git: NonEmptyStr
     ref: NonEmptyStr
@@ -90,6 +100,7 @@ class Image(Strict):
     engine: Engine | None = None
     requirements: list[Pin] = []
     overrides: list[Override] = []
+    constraints: list[Constraint] = []
     source_builds: dict[str, SourceBuild] = {}
     patches: list[NonEmptyStr] = []
     apt: list[NonEmptyStr] = []
