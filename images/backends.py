@@ -26,13 +26,15 @@ class Backend:
         return [self.name] + (["--storage-driver", self.storage_driver] if self.storage_driver else [])
 
     def build(self, dockerfile: Path, context: Path, tag: str, *, args: dict[str, str], secrets: dict[str, Path],
-              volumes: dict[Path, str], epoch: int, iidfile: Path) -> list[str]:
+              volumes: dict[Path, str], epoch: int, iidfile: Path, cache: bool = True) -> list[str]:
         if volumes and self.name == "docker":
             raise UsageError("--backend docker: `docker build` cannot bind-mount a wheelhouse; valid backends for "
                              "a wheelhouse: buildah, podman (or pass --no-host-pip without --wheelhouse)")
         cmd = self._tool() + (["buildx", "build", "--load"] if self.name == "docker" else
-                              ["bud", "--isolation", "chroot", "--timestamp", str(epoch)] if self.name == "buildah"
-                              else ["build"])
+                              ["bud", "--isolation", "chroot", "--timestamp", str(epoch), "--layers"]
+                              if self.name == "buildah" else ["build"])
+        if not cache:
+            cmd.append("--no-cache")
         cmd += ["-f", str(dockerfile), "-t", tag, "--iidfile", str(iidfile)]
         for key, value in args.items():
             cmd += ["--build-arg", f"{key}={value}"]

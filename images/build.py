@@ -25,6 +25,7 @@ from images.backends import BACKENDS, Backend, pick
 from images.common import BUILD_DIR, LOCKS_DIR, UsageError, atomic_write, display
 from images.hostpip import read_host_pip
 from images.lint import dockerfiles
+from images.lock import lock_path, regenerate_command
 from images.render import CA_TARGET, bootstrap_tag, load_patches, problems, tag
 
 SECRET_IDS = ("pip.conf", "ca.pem", "netrc")
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local wheels mounted read-only (default: the host pip's find-links folders)")
     p.add_argument("--no-host-pip", action="store_true", help="do not pass the host's pip settings through")
     p.add_argument("--strict", action="store_true", help="refuse unpinned bases and moving source refs")
+    p.add_argument("--no-cache", action="store_true", help="rebuild every layer (a cold build; reproducibility)")
 
 
 def _secrets(given: list[str]) -> dict[str, Path]:
@@ -123,8 +125,12 @@ class Builder:
         if self.args.strict and [p for p in found if "slot" not in p]:
             raise UsageError("--strict refuses: " + "; ".join(found))
         rendered_lock = dockerfile.parent / "context" / "lock.txt"
-        if rendered_lock.read_text() != (LOCKS_DIR / f"{name}.lock.txt").read_text():
-            raise UsageError(f"{display(dockerfile)}: rendered from another lock; run `nox -s render -- {name}`")
+        lock = lock_path(self.args.locks, name)
+        if not lock.is_file():
+            raise UsageError(f"--locks {self.args.locks}: no {lock.name}; create it with `{regenerate_command(name)}`")
+        if rendered_lock.read_text() != lock.read_text():
+            again = f"nox -s render -- {name}" + (f" --locks {self.args.locks}" if self.args.locks != LOCKS_DIR else "")
+            raise UsageError(f"{display(dockerfile)}: rendered from another lock than {display(lock)}; run `{again}`")
         # The epoch the Dockerfile was rendered with (its labels say the same), not today's HEAD.
         epoch = int(re.search(r"^ARG SOURCE_DATE_EPOCH=(\d+)$", dockerfile.read_text(), re.M).group(1))
         final, building = tag(name), f"{tag(name)}-building"
@@ -138,7 +144,8 @@ class Builder:
             volumes = {w: f"{WHEELHOUSE}/{i}" for i, w in enumerate(self.wheelhouses)}
             iid = dockerfile.parent / "image-id"
             cmd = self.backend.build(dockerfile, dockerfile.parent / "context", building, args=args,
-                                     secrets=secrets, volumes=volumes, epoch=epoch, iidfile=iid)
+                                     secrets=secrets, volumes=volumes, epoch=epoch, iidfile=iid,
+                                     cache=not self.args.no_cache)
             if self.args.dry_run:
                 print(f"# secrets are files in a private temporary folder (here {tmp}), deleted after the build")
                 for c in (cmd, self.backend.tag(building, final), self.backend.remove(building)):

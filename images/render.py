@@ -101,6 +101,7 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         Stage("patches", "patches applied by content", bool(real),
               f"slot(s) with no hunks, nothing to apply: {', '.join(slots)}" if slots else f"{where}.patches is empty"),
         Stage("harness", "the harness itself", True),
+        Stage("fingerprint", "the image's lock and fingerprint, for drift checks at run time", True),
         Stage("labels", "OCI labels, matrix and lock hashes", True),
     ]
     epoch = source_date_epoch()

@@ -81,3 +81,14 @@ def test_unrendered_image_is_refused(tmp_path):
 
     with pytest.raises(UsageError, match="run `nox -s render -- cpu` first"):
         dockerfiles(["cpu"], tmp_path)
+
+
+def test_build_honours_locks(cli, tmp_path):
+    code, _, err = cli("build", "cpu", "--dry-run", "--backend", "buildah", "--locks", str(tmp_path))
+    assert code == 2 and f"--locks {tmp_path}: no cpu.lock.txt" in err
+    from images.common import LOCKS_DIR
+
+    (tmp_path / "cpu.lock.txt").write_text((LOCKS_DIR / "cpu.lock.txt").read_text() + "# edited\n")
+    code, _, err = cli("build", "cpu", "--dry-run", "--backend", "buildah", "--locks", str(tmp_path))
+    assert code == 2 and f"rendered from another lock than {tmp_path}/cpu.lock.txt" in err
+    assert f"run `nox -s render -- cpu --locks {tmp_path}`" in err

@@ -12,7 +12,8 @@ from images import render
 from images.common import LOCKS_DIR, REPO_ROOT, UsageError
 from matrix import load_matrix
 
-ORDER = ["base", "environment", "locked-set", "source-builds", "overrides-last", "patches", "harness", "labels"]
+ORDER = ["base", "environment", "locked-set", "source-builds", "overrides-last", "patches", "harness", "fingerprint",
+         "labels"]
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_install_order_survives_reinstalls(rendered):
 
 def test_skipped_stages_leave_markers(rendered):
     text = (rendered / "images" / "cpu" / "Dockerfile").read_text()
-    assert _markers(text) == ["base", "locked-set", "harness", "labels"]
+    assert _markers(text) == ["base", "locked-set", "harness", "fingerprint", "labels"]
     assert "# --- No source-builds stage: matrix.yaml images.cpu.source_builds is empty" in text
     sglang = (rendered / "images" / "sglang-te27" / "Dockerfile").read_text()
     assert "# --- No patches stage: slot(s) with no hunks, nothing to apply: sglang-memory-pool" in sglang
@@ -98,3 +99,19 @@ def test_stale_lock_is_refused(cli, matrix_copy):
     matrix_copy.replace("- pandas==3.1.1", "- pandas==3.1.0")
     code, _, err = cli("render", "cpu")
     assert code == 2 and "cpu.lock.txt: stale" in err
+
+
+@pytest.mark.parametrize("image", ["vllm-te27", "sglang-te27", "cpu"])
+def test_every_image_names_itself_and_writes_no_bytecode(rendered, image):
+    text = (rendered / "images" / image / "Dockerfile").read_text()
+    assert f"\nENV GRPO_STACK_IMAGE={image}\n" in text  # what trainer/preflight.py reads
+    assert text.index("ARG PYTHONDONTWRITEBYTECODE=1") < text.index("RUN ")
+    assert "/var/cache/ldconfig/aux-cache" in text or "apt-get" not in text
+    assert text.index("COPY harness/") < text.index("COPY lock.txt /etc/grpo-stack/lock.txt") < text.index(
+        "-m images.fingerprint record")
+
+
+def test_lock_header_carries_constraints_with_their_reason():
+    text = (LOCKS_DIR / "vllm-te27.lock.txt").read_text()
+    assert "# constraints (bounds the resolver cannot see):\n#   pyarrow<26: pyarrow 26 raises ImportError" in text
+    assert "\npyarrow==25.0.1 \\\n" in text and "\nnumpy==1.26.4 \\\n" in text
