@@ -26,7 +26,7 @@ from images.common import BUILD_DIR, LOCKS_DIR, UsageError, atomic_write, displa
 from images.hostpip import read_host_pip
 from images.lint import dockerfiles
 from images.lock import lock_path, regenerate_command
-from images.render import CA_TARGET, bootstrap_tag, load_patches, problems, tag
+from images.render import CA_TARGET, bootstrap_tag, load_patches, problems, refuse_or_warn, tag
 
 SECRET_IDS = ("pip.conf", "ca.pem", "netrc")
 WHEELHOUSE = "/wheelhouse"
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wheelhouse", action="append", default=[], metavar="DIR",
                    help="local wheels mounted read-only (default: the host pip's find-links folders)")
     p.add_argument("--no-host-pip", action="store_true", help="do not pass the host's pip settings through")
-    p.add_argument("--strict", action="store_true", help="refuse unpinned bases and moving source refs")
+    p.add_argument("--allow-unpinned", action="store_true",
+                   help="development: build despite a base without digest, moving source refs or patch slots")
     p.add_argument("--no-cache", action="store_true", help="rebuild every layer (a cold build; reproducibility)")
 
 
@@ -122,8 +123,7 @@ class Builder:
         image = self.matrix.images[name]
         dockerfile = dockerfiles([name])[0]
         found = problems(name, image, load_patches(name, image))
-        if self.args.strict and [p for p in found if "slot" not in p]:
-            raise UsageError("--strict refuses: " + "; ".join(found))
+        refuse_or_warn(found, self.args.allow_unpinned, self.console)
         rendered_lock = dockerfile.parent / "context" / "lock.txt"
         lock = lock_path(self.args.locks, name)
         if not lock.is_file():

@@ -91,8 +91,8 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
     last = [o for o in image.overrides if o.reinstall_last]
     stages = [
         Stage("base", "base image, OS packages, Python environment", True),
-        Stage("environment", "clear the base's pip constraint, image env", bool(image.env),
-              f"{where}.env is empty (no base pip constraint to clear)"),
+        Stage("environment", "remove the base's stale packages, clear its pip constraint, image env",
+              bool(image.env or image.base_cleanup), f"{where}.env and .base_cleanup are empty"),
         Stage("locked-set", "engine + locked set, hash-checked", True),
         Stage("source-builds", "source builds against the final torch", bool(image.source_builds),
               f"{where}.source_builds is empty"),
@@ -116,6 +116,8 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         "org.opencontainers.image.revision": git_revision(),
         "org.opencontainers.image.created": datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "org.opencontainers.image.source": _source_url(remote),
+        "org.opencontainers.image.base.name": image.base.ref,
+        "org.opencontainers.image.base.digest": image.base.digest or "none (not pinned; see matrix.yaml)",
         f"{LABEL_PREFIX}.image": name,
         f"{LABEL_PREFIX}.matrix-hash": image_hash(image),
         f"{LABEL_PREFIX}.lock-input-hash": lock_input_hash(image),
@@ -131,7 +133,9 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
                  "default": f"{base.ref}@{base.digest}" if base.digest else base.ref,
                  "bootstrap": bootstrap_tag(image), "suite": base.bootstrap and base.bootstrap.suite,
                  "variant": base.bootstrap and base.bootstrap.variant},
-        "source_builds": [{"name": n, "ref": s.ref, "pinned": s.commit is not None,
+        "cleanup": image.base_cleanup, "settings": sorted(build_settings(image).items()),
+        "source_builds": [{"name": n, "ref": s.ref, "commit": s.commit, "pinned": s.commit is not None,
+                           "why": s.why, "cudnn_from_wheel": s.cudnn_from_wheel,
                            "command": " ".join([*(f"{k}={v}" for k, v in sorted(s.env.items())), f"{python} -m pip",
                                                 "install --no-cache-dir --no-compile --no-deps --no-build-isolation",
                                                 f'"git+{s.git}@{s.commit or s.ref}"'])}
@@ -140,15 +144,30 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
     }
 
 
+def build_settings(image: Image) -> dict[str, str]:
+    """The environment every source build gets from `source_build_settings`."""
+    s = image.source_build_settings
+    return {"MAX_JOBS": str(s.max_jobs), "NVTE_BUILD_THREADS_PER_JOB": str(s.nvte_build_threads_per_job),
+            "NVCC_THREADS": str(s.nvcc_threads), "TORCH_CUDA_ARCH_LIST": s.torch_cuda_arch_list}
+
+
 def problems(name: str, image: Image, patches: dict[str, patching.Patch]) -> list[str]:
-    """What `--strict` refuses and a plain render warns about."""
+    """What render and build refuse unless `--allow-unpinned` (development), where they are warnings."""
     where = f"matrix.yaml images.{name}"
-    out = [] if image.base.digest else [f"{where}.base: {image.base.ref} is not pinned by digest"]
+    out = [] if image.base.digest or image.base.bootstrap else [
+        f"{where}.base: {image.base.ref} has no digest; pull it once and write `digest: sha256:...` there"]
     out += [f"{where}.source_builds.{n}: built from the moving ref {s.ref!r}; set `commit`"
             for n, s in image.source_builds.items() if s.commit is None]
-    out += [f"images/patches/{p}.patch: a slot with no hunks (content not known yet); it is not applied"
+    out += [f"images/patches/{p}.patch: a slot with no hunks, so the image would lack it: {patches[p].header.splitlines()[0]}"
             for p in image.patches if not patches[p].hunks]
     return out
+
+
+def refuse_or_warn(found: list[str], allow_unpinned: bool, console) -> None:
+    if found and not allow_unpinned:
+        raise UsageError("\n".join(found) + "\n(--allow-unpinned renders and builds anyway, for development)")
+    for p in found:
+        console.print(f"[yellow]warning:[/yellow] {p}")
 
 
 def load_patches(image_name: str, image: Image) -> dict[str, patching.Patch]:
@@ -220,16 +239,13 @@ def bake_json(matrix, names: list[str], out_dir: Path) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def render(matrix, names: list[str], locks_dir: Path, matrix_file: Path, strict: bool, console,
+def render(matrix, names: list[str], locks_dir: Path, matrix_file: Path, allow_unpinned: bool, console,
            out_dir: Path = BUILD_DIR / "images") -> list[Path]:
     """Render the named images (all problems checked before anything is written) and the bake file."""
-    found = {n: problems(n, matrix.images[n], load_patches(n, matrix.images[n])) for n in names}
+    found = [p for n in names for p in problems(n, matrix.images[n], load_patches(n, matrix.images[n]))]
     for n in names:
         read_lock(n, matrix.images[n], locks_dir)
-    if strict and any(found.values()):
-        raise UsageError("--strict refuses: " + "; ".join(p for ps in found.values() for p in ps))
-    for p in (p for ps in found.values() for p in ps):
-        console.print(f"[yellow]warning:[/yellow] {p}")
+    refuse_or_warn(found, allow_unpinned, console)
     written = [render_image(n, matrix.images[n], locks_dir, matrix_file, out_dir) for n in names]
     atomic_write(out_dir.parent / "docker-bake.json", bake_json(matrix, list(matrix.images), out_dir))
     return written

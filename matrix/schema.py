@@ -51,7 +51,7 @@ class Bootstrap(Strict):
 class Base(Strict):
     ref: NonEmptyStr
     digest: Digest | None = None
-    """None → the build warns, `--strict` refuses."""
+    """None → render and build refuse unless `--allow-unpinned`, or unless a bootstrap is declared (the fallback)."""
     bootstrap: Bootstrap | None = None
 
 
@@ -81,8 +81,32 @@ class SourceBuild(Strict):
     git: NonEmptyStr
     ref: NonEmptyStr
     commit: GitCommit | None = None
+    """None → render and build refuse unless `--allow-unpinned` (development)."""
     env: dict[str, str] = {}
-    why: NonEmptyStr | None = None
+    why: NonEmptyStr
+    cudnn_from_wheel: bool = False
+    """Build against the cuDNN of the nvidia-cudnn-cu12 wheel: CUDNN_PATH points at it and its headers are copied
+    into /usr/local/cuda/include (seed 000's Transformer Engine step)."""
+
+
+class BaseCleanup(Strict):
+    """Packages of the base image uninstalled before anything is installed, and why."""
+
+    packages: list[NonEmptyStr]
+    why: NonEmptyStr
+
+
+class SourceBuildSettings(Strict):
+    """Parallelism and GPU targets passed to every source build (as environment variables)."""
+
+    max_jobs: PositiveInt = 8
+    """MAX_JOBS: parallel compile jobs (torch's cpp_extension, flash-attn, apex); memory grows with it."""
+    nvte_build_threads_per_job: PositiveInt = 1
+    """NVTE_BUILD_THREADS_PER_JOB: Transformer Engine's threads per compile job."""
+    nvcc_threads: PositiveInt = 4
+    """NVCC_THREADS: nvcc's own threads per job (flash-attn)."""
+    torch_cuda_arch_list: NonEmptyStr = "9.0"
+    """TORCH_CUDA_ARCH_LIST: GPU architectures compiled for; 9.0 is H100/H20 (sm_90)."""
 
 
 class PipSources(Strict):
@@ -101,7 +125,9 @@ class Image(Strict):
     requirements: list[Pin] = []
     overrides: list[Override] = []
     constraints: list[Constraint] = []
+    base_cleanup: BaseCleanup | None = None
     source_builds: dict[str, SourceBuild] = {}
+    source_build_settings: SourceBuildSettings = SourceBuildSettings()
     patches: list[NonEmptyStr] = []
     apt: list[NonEmptyStr] = []
     env: dict[str, str] = {}
