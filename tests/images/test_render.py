@@ -136,7 +136,7 @@ def test_every_image_names_itself_and_writes_no_bytecode(rendered, image):
     assert f"\nENV GRPO_STACK_IMAGE={image}\n" in text  # what trainer/preflight.py reads
     assert text.index("ARG PYTHONDONTWRITEBYTECODE=1") < text.index("RUN ")
     assert "/var/cache/ldconfig/aux-cache" in text or "apt-get" not in text
-    assert text.index("COPY harness/") < text.index("COPY lock.txt /etc/grpo-stack/lock.txt") < text.index(
+    assert text.index("COPY harness/") < text.index("cp /ctx/lock.txt /etc/grpo-stack/lock.txt") < text.index(
         "-m images.fingerprint record")
 
 
