@@ -73,9 +73,11 @@ def test_skipped_stages_leave_markers(rendered):
 def test_labels_carry_the_lock_hash(rendered):
     summary = json.loads((LOCKS_DIR / "cpu.summary.json").read_text())
     text = (rendered / "images" / "cpu" / "Dockerfile").read_text()
-    assert f'LABEL io.grpo-stack.lock-hash="{summary["lock_hash"]}"' in text
-    for key in ("title", "version", "revision", "created", "source"):
-        assert f"LABEL org.opencontainers.image.{key}=" in text
+    labels = text[text.index("\nLABEL "):]
+    assert text.count("\nLABEL ") == 1  # one instruction, one layer commit
+    assert f'io.grpo-stack.lock-hash="{summary["lock_hash"]}" \\\n' in labels
+    for key in ("title", "version", "revision", "created", "source", "base.name", "base.digest"):
+        assert f"org.opencontainers.image.{key}=" in labels
 
 
 def test_context_holds_lock_patches_and_harness(rendered):
@@ -134,7 +136,7 @@ def test_stale_lock_is_refused(cli, matrix_copy):
 def test_every_image_names_itself_and_writes_no_bytecode(rendered, image):
     text = (rendered / "images" / image / "Dockerfile").read_text()
     assert f"\nENV GRPO_STACK_IMAGE={image}\n" in text  # what trainer/preflight.py reads
-    assert text.index("ARG PYTHONDONTWRITEBYTECODE=1") < text.index("RUN ")
+    assert text.index("ARG PYTHONDONTWRITEBYTECODE=1") < text.index("\nRUN ")
     assert "/var/cache/ldconfig/aux-cache" in text or "apt-get" not in text
     assert text.index("COPY harness/") < text.index("cp /ctx/lock.txt /etc/grpo-stack/lock.txt") < text.index(
         "-m images.fingerprint record")
