@@ -48,6 +48,13 @@ def locked_set(lock_text: str) -> list[lockfile.Pin]:
     return [pins[n] for n in sorted(names)]
 
 
+def missing_requirements(lock_text: str) -> list[str]:
+    """The harness's requirements the lock lacks (the harness goes into images with --no-deps; this is the check
+    that its requirements are there; their versions are tested by running the trainer's tests on them)."""
+    pins = lockfile.parse(lock_text)
+    return sorted(n for n in harness_roots() - NOT_FROM_LOCK if n not in pins)
+
+
 def env_dir(name: str) -> Path:
     return BUILD_DIR / "lock-env" / name
 

@@ -23,6 +23,7 @@ GPU_IMAGES = ("vllm-te27", "sglang-te27")
 @pytest.mark.parametrize("image", GPU_IMAGES)
 def test_harness_runs_on_the_locked_versions(image):
     lock = (LOCKS_DIR / f"{image}.lock.txt").read_text()
+    assert lockenv.missing_requirements(lock) == []
     python = lockenv.build_env(image, lock)
     assert lockenv.import_problems(python, lock) == []
     done = lockenv.run_trainer_tests(python)
