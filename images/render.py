@@ -229,13 +229,34 @@ def render_image(name: str, image: Image, locks_dir: Path, matrix_file: Path, ou
     return final / "Dockerfile"
 
 
+PLATFORMS = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}
+
+
 def bake_json(matrix, names: list[str], out_dir: Path) -> str:
-    """docker-bake.json: one target per image, so buildx users build the matrix directly."""
+    """docker-bake.json: one target per image, so buildx users build the matrix directly (`docker buildx bake`).
+
+    Secrets are files named by variables (empty by default: /dev/null); the layer cache is a local folder
+    (`CACHE_DIR`), so an air-gapped builder reuses it; `BASE` swaps the base (e.g. a mirrored or debootstrapped
+    image), and the named context keyed by the base's reference (the FROM it resolves to) can point at an
+    `oci-layout://` folder or a `docker-image://` mirror instead."""
     rel = out_dir.relative_to(BUILD_DIR.parent) if out_dir.is_relative_to(BUILD_DIR.parent) else out_dir
-    targets = {n: {"context": f"{rel}/{n}/context", "dockerfile": "../Dockerfile", "tags": [tag(n)],
-                   "args": {"SOURCE_DATE_EPOCH": str(source_date_epoch())}} for n in names}
-    doc = {"variable": {"GENERATED_BY": {"default": "nox -s render"}},
-           "group": {"default": {"targets": names}}, "target": targets}
+    targets = {}
+    for n in names:
+        image = matrix.images[n]
+        base = f"{image.base.ref}@{image.base.digest}" if image.base.digest else image.base.ref
+        targets[n] = {
+            "context": f"{rel}/{n}/context", "dockerfile": "../Dockerfile", "tags": [tag(n)],
+            "args": {"SOURCE_DATE_EPOCH": str(source_date_epoch()), "BASE": base,
+                     "PIP_EXTRA_INDEX_URL": " ".join(image.pip.extra_index_urls)},
+            "contexts": {image.base.ref: f"docker-image://{base}"},
+            "platforms": [PLATFORMS["aarch64" if "aarch64" in image.platform else "x86_64"]],
+            "secret": ["id=pip.conf,src=${PIP_CONF}", "id=ca.pem,src=${CA_PEM}", "id=netrc,src=${NETRC}"],
+            "cache-from": [f"type=local,src=${{CACHE_DIR}}/{n}"],
+            "cache-to": [f"type=local,dest=${{CACHE_DIR}}/{n},mode=max"],
+        }
+    variables = {"GENERATED_BY": {"default": "nox -s render"}, "CACHE_DIR": {"default": "build/cache"},
+                 **{v: {"default": "/dev/null"} for v in ("PIP_CONF", "CA_PEM", "NETRC")}}
+    doc = {"variable": variables, "group": {"default": {"targets": names}}, "target": targets}
     return json.dumps(doc, indent=2) + "\n"
 
 

@@ -92,6 +92,11 @@ def test_bake_file_has_one_target_per_image(rendered):
     assert bake["group"]["default"]["targets"] == ["vllm-te27", "sglang-te27", "cpu"]
     assert bake["target"]["cpu"]["dockerfile"] == "../Dockerfile"
     assert bake["variable"]["GENERATED_BY"]["default"] == "nox -s render"
+    cpu = bake["target"]["cpu"]
+    assert cpu["secret"] == ["id=pip.conf,src=${PIP_CONF}", "id=ca.pem,src=${CA_PEM}", "id=netrc,src=${NETRC}"]
+    assert cpu["cache-to"] == ["type=local,dest=${CACHE_DIR}/cpu,mode=max"] and cpu["platforms"] == ["linux/amd64"]
+    assert cpu["args"]["BASE"] == "debian:bookworm-slim" and cpu["contexts"] == {
+        "debian:bookworm-slim": "docker-image://debian:bookworm-slim"}
 
 
 def test_unpinned_is_refused_and_writes_nothing(tmp_path):
