@@ -66,7 +66,8 @@ def test_skipped_stages_leave_markers(rendered):
     vllm = (rendered / "images" / "vllm-te27" / "Dockerfile").read_text()
     assert "# --- No patches stage: matrix.yaml images.vllm-te27.patches is empty" in vllm
     sglang = (rendered / "images" / "sglang-te27" / "Dockerfile").read_text()
-    assert "# --- No patches stage: slot(s) with no hunks, nothing to apply: sglang-memory-pool" in sglang
+    assert ("/ctx/patching.py /ctx/patches/sglang-memory-pool.patch "
+            "/ctx/patches/sglang-model-runner-memory-saver.patch") in sglang
     assert "CAUSAL_CONV1D_FORCE_BUILD=TRUE" in sglang
 
 
@@ -110,8 +111,6 @@ def test_unpinned_is_refused_and_writes_nothing(tmp_path):
         "`digest: sha256:...` there",
         "matrix.yaml images.sglang-te27.base: nvcr.io/nvidia/pytorch:24.12-py3 has no digest; pull it once and write "
         "`digest: sha256:...` there",
-        "images/patches/sglang-memory-pool.patch: a slot with no hunks, so the image would lack it: SLOT — SGLang "
-        "memory-pool patch of stack C (sglang 0.5.2, python/sglang/srt/mem_cache/memory_pool.py).",
         "(--allow-unpinned renders and builds anyway, for development)"]
     assert not (tmp_path / "images").exists()
 
@@ -124,11 +123,11 @@ def test_a_moving_source_ref_is_refused(cli, matrix_copy):
 
 
 def test_unknown_patch_lists_the_valid_ones(cli, matrix_copy):
-    matrix_copy.replace("patches: [sglang-memory-pool]", "patches: [megatron-mla]")
+    matrix_copy.replace("patches: [sglang-memory-pool, sglang-model-runner", "patches: [megatron-mla, sglang-model-runner")
     code, _, err = cli("render", "sglang-te27")
     assert code == 2
     assert "images.sglang-te27.patches: no patch file for megatron-mla" in err
-    assert "megatron-mla-down-proj, sglang-memory-pool" in err
+    assert "megatron-mla-down-proj, sglang-memory-pool, sglang-model-runner-memory-saver" in err
 
 
 def test_stale_lock_is_refused(cli, matrix_copy):
