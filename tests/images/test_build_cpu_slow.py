@@ -119,6 +119,7 @@ def test_two_cold_builds_give_one_digest(built):
         second = json.loads((BUILD_DIR / "images" / "cpu" / "build.json").read_text())
         if second["digest"] != first["digest"]:
             diff = differing_files(Backend("buildah", "vfs"), keep, tag("cpu"))
-            pytest.fail(f"digests {first['digest']} and {second['digest']} differ in:\n" + "\n".join(diff[:50]))
+            pytest.fail(f"digests {first['digest']} and {second['digest']} differ in {len(diff)} files:\n"
+                        + "\n".join(diff[:50]))
     finally:
         subprocess.run(BUILDAH + ["rmi", keep], capture_output=True)
