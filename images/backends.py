@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,10 @@ class Backend:
     name: str
     storage_driver: str | None = None
     """buildah/podman storage driver; vfs works in any container (overlay needs kernel support)."""
+    docker_build: tuple[str, ...] = ("docker", "buildx", "build", "--load")
+    """How docker builds: buildx, or without its plugin a pre-23 client with the engine's BuildKit."""
+    note: str | None = None
+    """Said once before building (the docker fallback)."""
 
     def _tool(self) -> list[str]:
         if self.name == "docker":
@@ -26,13 +33,14 @@ class Backend:
         return [self.name] + (["--storage-driver", self.storage_driver] if self.storage_driver else [])
 
     def build(self, dockerfile: Path, context: Path, tag: str, *, args: dict[str, str], secrets: dict[str, Path],
-              volumes: dict[Path, str], epoch: int, iidfile: Path) -> list[str]:
+              volumes: dict[Path, str], epoch: int, iidfile: Path, cache: bool = True) -> list[str]:
         if volumes and self.name == "docker":
-            raise UsageError("--backend docker: `docker build` cannot bind-mount a wheelhouse; valid backends for "
-                             "a wheelhouse: buildah, podman (or pass --no-host-pip without --wheelhouse)")
-        cmd = self._tool() + (["buildx", "build", "--load"] if self.name == "docker" else
-                              ["bud", "--isolation", "chroot", "--timestamp", str(epoch)] if self.name == "buildah"
-                              else ["build"])
+            raise ValueError("docker builds take wheelhouses through the build context, not volumes")
+        cmd = (list(self.docker_build) if self.name == "docker" else
+               self._tool() + (["bud", "--isolation", "chroot", "--timestamp", str(epoch), "--layers"]
+                               if self.name == "buildah" else ["build"]))
+        if not cache:
+            cmd.append("--no-cache")
         cmd += ["-f", str(dockerfile), "-t", tag, "--iidfile", str(iidfile)]
         for key, value in args.items():
             cmd += ["--build-arg", f"{key}={value}"]
@@ -69,12 +77,41 @@ class Backend:
                 self._tool() + ["commit", "--rm", ctr, tag]]
 
 
+def _client_major(docker: str) -> int:
+    out = subprocess.run([docker, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"version (\d+)\.", out)
+    return int(found.group(1)) if found else 0
+
+
+def docker_backend() -> Backend:
+    """docker with buildx when its plugin answers; else the first docker client older than 23 (Debian's 20.10),
+    whose `build` uses the engine's BuildKit under DOCKER_BUILDKIT=1 (secret mounts included); newer clients
+    need buildx for BuildKit."""
+    buildx = Backend("docker")
+    if shutil.which("docker") is None:
+        return buildx
+    if subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0:
+        return buildx
+    folders = [*os.environ.get("PATH", "").split(":"), "/usr/bin"]
+    clients = [str(Path(f) / "docker") for f in folders if f and (Path(f) / "docker").is_file()]
+    for client in dict.fromkeys(clients):
+        major = _client_major(client)
+        if 0 < major < 23:
+            return Backend("docker", docker_build=("env", "DOCKER_BUILDKIT=1", client, "build"),
+                           note=f"docker buildx is not installed: building with {client} (client {major}.x) and "
+                                "the engine's BuildKit (DOCKER_BUILDKIT=1)")
+    return buildx
+
+
 def pick(name: str | None, storage_driver: str | None) -> Backend:
     """The named backend, or the first one installed (buildah, podman, docker)."""
+    if name == "docker" or (name is None and not any(shutil.which(c) for c in BACKENDS[:2])
+                            and shutil.which("docker")):
+        return docker_backend()
     if name:
-        return Backend(name, storage_driver if name != "docker" else None)
-    for candidate in BACKENDS:
+        return Backend(name, storage_driver)
+    for candidate in BACKENDS[:2]:
         if shutil.which(candidate):
-            return Backend(candidate, storage_driver if candidate != "docker" else None)
+            return Backend(candidate, storage_driver)
     raise UsageError(f"--backend: none installed; valid backends: {', '.join(BACKENDS)} "
                      "(e.g. `apt-get install buildah`)")

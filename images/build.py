@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -20,12 +21,13 @@ from pathlib import Path
 
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from images import bootstrap
+from images import bootstrap, lockfile
 from images.backends import BACKENDS, Backend, pick
 from images.common import BUILD_DIR, LOCKS_DIR, UsageError, atomic_write, display
 from images.hostpip import read_host_pip
 from images.lint import dockerfiles
-from images.render import CA_TARGET, bootstrap_tag, load_patches, problems, tag
+from images.lock import lock_path, regenerate_command
+from images.render import CA_TARGET, bootstrap_tag, load_patches, problems, refuse_or_warn, tag
 
 SECRET_IDS = ("pip.conf", "ca.pem", "netrc")
 WHEELHOUSE = "/wheelhouse"
@@ -43,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wheelhouse", action="append", default=[], metavar="DIR",
                    help="local wheels mounted read-only (default: the host pip's find-links folders)")
     p.add_argument("--no-host-pip", action="store_true", help="do not pass the host's pip settings through")
-    p.add_argument("--strict", action="store_true", help="refuse unpinned bases and moving source refs")
+    p.add_argument("--allow-unpinned", action="store_true",
+                   help="development: build despite a base without digest, moving source refs or patch slots")
+    p.add_argument("--no-cache", action="store_true", help="rebuild every layer (a cold build; reproducibility)")
 
 
 def _secrets(given: list[str]) -> dict[str, Path]:
@@ -58,16 +62,34 @@ def _secrets(given: list[str]) -> dict[str, Path]:
     return out
 
 
-def pip_conf(index_url: str | None, wheelhouses: int, has_ca: bool) -> str:
-    """The build's pip.conf: the host's index and CA, its wheelhouses at their mount points."""
+def pip_conf(index_url: str | None, find_links: list[str], has_ca: bool) -> str:
+    """The build's pip.conf: the host's index and CA, its wheelhouses where the build sees them."""
     lines = ["[global]"]
     if index_url:
         lines.append(f"index-url = {index_url}")
-    if wheelhouses:
-        lines.append("find-links = " + " ".join(f"{WHEELHOUSE}/{i}" for i in range(wheelhouses)))
+    if find_links:
+        lines.append("find-links = " + " ".join(find_links))
     if has_ca:
         lines.append(f"cert = {CA_TARGET}")
     return "\n".join(lines) + "\n"
+
+
+def stage_wheelhouses(wheelhouses: list[Path], context: Path) -> list[str]:
+    """Hard-link (else copy) the wheels the image's lock names into `context/wheelhouse/`; their find-links
+    inside the build. Every pip step bind-mounts the context, and no COPY takes this folder into a layer."""
+    pins = {(lockfile.normalize(p.name), p.version) for p in lockfile.parse((context / "lock.txt").read_text()).values()}
+    folder = context / "wheelhouse"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for wheelhouse in wheelhouses:
+        for wheel in sorted(wheelhouse.glob("*.whl")):
+            name, version = wheel.name.split("-")[:2]
+            if (lockfile.normalize(name), version) in pins and not (folder / wheel.name).exists():
+                try:
+                    os.link(wheel, folder / wheel.name)
+                except OSError:
+                    shutil.copy2(wheel, folder / wheel.name)
+    return ["/ctx/wheelhouse"] if any(folder.iterdir()) else []
 
 
 class Builder:
@@ -76,6 +98,8 @@ class Builder:
     def __init__(self, matrix, args: argparse.Namespace, console):
         self.matrix, self.args, self.console = matrix, args, console
         self.backend: Backend = pick(args.backend, args.storage_driver)
+        if self.backend.note:
+            console.print(f"[yellow]note:[/yellow] {self.backend.note}")
         self.user_secrets = _secrets(args.secret)
         host = read_host_pip(not args.no_host_pip)
         missing = [w for w in args.wheelhouse if not Path(w).is_dir()]
@@ -120,25 +144,37 @@ class Builder:
         image = self.matrix.images[name]
         dockerfile = dockerfiles([name])[0]
         found = problems(name, image, load_patches(name, image))
-        if self.args.strict and [p for p in found if "slot" not in p]:
-            raise UsageError("--strict refuses: " + "; ".join(found))
+        refuse_or_warn(found, self.args.allow_unpinned, self.console)
         rendered_lock = dockerfile.parent / "context" / "lock.txt"
-        if rendered_lock.read_text() != (LOCKS_DIR / f"{name}.lock.txt").read_text():
-            raise UsageError(f"{display(dockerfile)}: rendered from another lock; run `nox -s render -- {name}`")
+        lock = lock_path(self.args.locks, name)
+        if not lock.is_file():
+            raise UsageError(f"--locks {self.args.locks}: no {lock.name}; create it with `{regenerate_command(name)}`")
+        if rendered_lock.read_text() != lock.read_text():
+            again = f"nox -s render -- {name}" + (f" --locks {self.args.locks}" if self.args.locks != LOCKS_DIR else "")
+            raise UsageError(f"{display(dockerfile)}: rendered from another lock than {display(lock)}; run `{again}`")
         # The epoch the Dockerfile was rendered with (its labels say the same), not today's HEAD.
         epoch = int(re.search(r"^ARG SOURCE_DATE_EPOCH=(\d+)$", dockerfile.read_text(), re.M).group(1))
         final, building = tag(name), f"{tag(name)}-building"
         with tempfile.TemporaryDirectory(prefix="grpo-stack-secrets-") as tmp:
-            secrets = self._write_secrets(Path(tmp))
+            if self.backend.name == "docker" and self.args.dry_run:
+                print(f"# the lock's wheels from {' '.join(map(str, self.wheelhouses))} are linked into "
+                      "context/wheelhouse/, which every pip step mounts at /ctx/wheelhouse")
+                volumes, find_links = {}, ["/ctx/wheelhouse"] if self.wheelhouses else []
+            elif self.backend.name == "docker":  # no volumes: the wheels the lock names go in the context
+                volumes, find_links = {}, stage_wheelhouses(self.wheelhouses, dockerfile.parent / "context")
+            else:
+                volumes = {w: f"{WHEELHOUSE}/{i}" for i, w in enumerate(self.wheelhouses)}
+                find_links = list(volumes.values())
+            secrets = self._write_secrets(Path(tmp), find_links)
             args = {"SOURCE_DATE_EPOCH": str(epoch), **self.base(name)}
             public = " ".join(image.pip.extra_index_urls + self.host.extra_index_urls)
             if self.wheelhouses and image.pip.extra_index_urls:  # the wheelhouse stands in for them (as in lock)
                 public = " ".join(self.host.extra_index_urls)
             args["PIP_EXTRA_INDEX_URL"] = public
-            volumes = {w: f"{WHEELHOUSE}/{i}" for i, w in enumerate(self.wheelhouses)}
             iid = dockerfile.parent / "image-id"
             cmd = self.backend.build(dockerfile, dockerfile.parent / "context", building, args=args,
-                                     secrets=secrets, volumes=volumes, epoch=epoch, iidfile=iid)
+                                     secrets=secrets, volumes=volumes, epoch=epoch, iidfile=iid,
+                                     cache=not self.args.no_cache)
             if self.args.dry_run:
                 print(f"# secrets are files in a private temporary folder (here {tmp}), deleted after the build")
                 for c in (cmd, self.backend.tag(building, final), self.backend.remove(building)):
@@ -152,9 +188,9 @@ class Builder:
         self.run(self.backend.remove(building), check=False)
         return self._record(name, final, round(time.monotonic() - started, 1), args)
 
-    def _write_secrets(self, folder: Path) -> dict[str, Path]:
+    def _write_secrets(self, folder: Path, find_links: list[str]) -> dict[str, Path]:
         has_ca = "ca.pem" in self.user_secrets or self.host.cert is not None
-        content = {"pip.conf": pip_conf(self.host.index_url, len(self.wheelhouses), has_ca), "netrc": "",
+        content = {"pip.conf": pip_conf(self.host.index_url, find_links, has_ca), "netrc": "",
                    "ca.pem": self.host.cert.read_text() if self.host.cert else ""}
         out = {}
         for key in SECRET_IDS:

@@ -41,8 +41,9 @@ def parser() -> Parser:
     p = sub.add_parser("render", help="Dockerfiles and docker-bake.json", description=
                        "Render build/images/<image>/Dockerfile (+ context/) and build/docker-bake.json.")
     _common(p)
-    p.add_argument("--strict", action="store_true",
-                   help="refuse unpinned bases, moving source refs and patch slots instead of warning")
+    p.add_argument("--allow-unpinned", action="store_true",
+                   help="development: warn about a base without digest, moving source refs and patch slots "
+                        "instead of refusing")
     p = sub.add_parser("lint", help="hadolint over rendered Dockerfiles",
                        description="Run hadolint on build/images/<image>/Dockerfile.")
     _common(p)
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "render":
         from images.render import render
-        for path in render(matrix, names, args.locks, matrix_path(args.file), args.strict, console):
+        for path in render(matrix, names, args.locks, matrix_path(args.file), args.allow_unpinned, console):
             console.print(f"rendered {display(path)}")
         return 0
     if args.command == "lint":

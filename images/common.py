@@ -56,7 +56,7 @@ def canonical(data: object) -> str:
 
 def lock_input_hash(image: Image) -> str:
     """Hash of what decides an image's resolution (the lock's inputs); `description`, apt, patches do not."""
-    keys = ("python", "platform", "engine", "requirements", "overrides", "pip")
+    keys = ("python", "platform", "engine", "requirements", "overrides", "constraints", "pip")
     return sha256_text(canonical(image.model_dump(mode="json", include=set(keys))))
 
 

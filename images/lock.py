@@ -70,13 +70,15 @@ def requirement_lines(image: Image) -> list[str]:
 
 
 def uv_command(image: Image, src: Sources, name: str, fmt: str) -> list[str]:
-    """The `uv pip compile` call (run in a folder holding `<name>.in` and `<name>.overrides.txt`)."""
+    """The `uv pip compile` call (run in a folder holding `<name>.in`, `.overrides.txt` and `.constraints.txt`)."""
     cmd = [sys.executable, "-m", "uv", "pip", "compile", f"{name}.in", "--no-config", "--quiet",
            "--python-version", image.python, "--python-platform", image.platform, "--format", fmt]
     if fmt == "requirements.txt":
         cmd.append("--generate-hashes")
     if image.overrides:
         cmd += ["--override", f"{name}.overrides.txt"]
+    if image.constraints:
+        cmd += ["--constraint", f"{name}.constraints.txt"]
     for url in src.indexes:
         cmd += ["--extra-index-url", url]
     for link in src.find_links:
@@ -102,7 +104,7 @@ def header(name: str, image: Image, src: Sources) -> str:
         f"# Hash-locked Python set of image `{name}` (python {image.python}, {image.platform}).",
         f"# Regenerate: {regenerate_command(name)}    Check (offline): nox -s lock -- --check",
         f"{INPUT_HASH_KEY}{lock_input_hash(image)}",
-        "#   (matrix.yaml images." + name + ": python, platform, engine, requirements, overrides, pip)",
+        "#   (matrix.yaml images." + name + ": python, platform, engine, requirements, overrides, constraints, pip)",
         f"# resolver: uv pip compile --python-version {image.python} --python-platform {image.platform} "
         "--generate-hashes" + (" --override <overrides below>" if image.overrides else ""),
         f"# sources: {src.note}",
@@ -111,6 +113,8 @@ def header(name: str, image: Image, src: Sources) -> str:
     for o in image.overrides:
         last = "; force-reinstalled after every other install step" if o.reinstall_last else ""
         lines.append(f"#   {o.pin}: {o.why}{last}")
+    lines.append("# constraints (bounds the resolver cannot see):" if image.constraints else "# constraints: none")
+    lines += [f"#   {c.bound}: {c.why}" for c in image.constraints]
     return "\n".join(lines) + "\n"
 
 
@@ -121,6 +125,7 @@ def resolve(name: str, image: Image, wheelhouse: list[Path]) -> tuple[str, dict]
         folder = Path(tmp)
         (folder / f"{name}.in").write_text("\n".join(requirement_lines(image)) + "\n")
         (folder / f"{name}.overrides.txt").write_text("".join(o.pin + "\n" for o in image.overrides))
+        (folder / f"{name}.constraints.txt").write_text("".join(c.bound + "\n" for c in image.constraints))
         locked = _run_uv(uv_command(image, src, name, "requirements.txt"), folder, name, image)
         # The same resolution in PEP 751 form carries wheel sizes (the second run is served from uv's cache).
         pylock = _run_uv(uv_command(image, src, name, "pylock.toml"), folder, name, image)

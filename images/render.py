@@ -91,8 +91,8 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
     last = [o for o in image.overrides if o.reinstall_last]
     stages = [
         Stage("base", "base image, OS packages, Python environment", True),
-        Stage("environment", "clear the base's pip constraint, image env", bool(image.env),
-              f"{where}.env is empty (no base pip constraint to clear)"),
+        Stage("environment", "remove the base's stale packages, clear its pip constraint, image env",
+              bool(image.env or image.base_cleanup), f"{where}.env and .base_cleanup are empty"),
         Stage("locked-set", "engine + locked set, hash-checked", True),
         Stage("source-builds", "source builds against the final torch", bool(image.source_builds),
               f"{where}.source_builds is empty"),
@@ -101,6 +101,7 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         Stage("patches", "patches applied by content", bool(real),
               f"slot(s) with no hunks, nothing to apply: {', '.join(slots)}" if slots else f"{where}.patches is empty"),
         Stage("harness", "the harness itself", True),
+        Stage("fingerprint", "the image's lock and fingerprint, for drift checks at run time", True),
         Stage("labels", "OCI labels, matrix and lock hashes", True),
     ]
     epoch = source_date_epoch()
@@ -115,6 +116,8 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         "org.opencontainers.image.revision": git_revision(),
         "org.opencontainers.image.created": datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "org.opencontainers.image.source": _source_url(remote),
+        "org.opencontainers.image.base.name": image.base.ref,
+        "org.opencontainers.image.base.digest": image.base.digest or "none (not pinned; see matrix.yaml)",
         f"{LABEL_PREFIX}.image": name,
         f"{LABEL_PREFIX}.matrix-hash": image_hash(image),
         f"{LABEL_PREFIX}.lock-input-hash": lock_input_hash(image),
@@ -130,7 +133,9 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
                  "default": f"{base.ref}@{base.digest}" if base.digest else base.ref,
                  "bootstrap": bootstrap_tag(image), "suite": base.bootstrap and base.bootstrap.suite,
                  "variant": base.bootstrap and base.bootstrap.variant},
-        "source_builds": [{"name": n, "ref": s.ref, "pinned": s.commit is not None,
+        "cleanup": image.base_cleanup, "settings": sorted(build_settings(image).items()),
+        "source_builds": [{"name": n, "ref": s.ref, "commit": s.commit, "pinned": s.commit is not None,
+                           "why": s.why, "cudnn_from_wheel": s.cudnn_from_wheel,
                            "command": " ".join([*(f"{k}={v}" for k, v in sorted(s.env.items())), f"{python} -m pip",
                                                 "install --no-cache-dir --no-compile --no-deps --no-build-isolation",
                                                 f'"git+{s.git}@{s.commit or s.ref}"'])}
@@ -139,15 +144,30 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
     }
 
 
+def build_settings(image: Image) -> dict[str, str]:
+    """The environment every source build gets from `source_build_settings`."""
+    s = image.source_build_settings
+    return {"MAX_JOBS": str(s.max_jobs), "NVTE_BUILD_THREADS_PER_JOB": str(s.nvte_build_threads_per_job),
+            "NVCC_THREADS": str(s.nvcc_threads), "TORCH_CUDA_ARCH_LIST": s.torch_cuda_arch_list}
+
+
 def problems(name: str, image: Image, patches: dict[str, patching.Patch]) -> list[str]:
-    """What `--strict` refuses and a plain render warns about."""
+    """What render and build refuse unless `--allow-unpinned` (development), where they are warnings."""
     where = f"matrix.yaml images.{name}"
-    out = [] if image.base.digest else [f"{where}.base: {image.base.ref} is not pinned by digest"]
+    out = [] if image.base.digest or image.base.bootstrap else [
+        f"{where}.base: {image.base.ref} has no digest; pull it once and write `digest: sha256:...` there"]
     out += [f"{where}.source_builds.{n}: built from the moving ref {s.ref!r}; set `commit`"
             for n, s in image.source_builds.items() if s.commit is None]
-    out += [f"images/patches/{p}.patch: a slot with no hunks (content not known yet); it is not applied"
+    out += [f"images/patches/{p}.patch: a slot with no hunks, so the image would lack it: {patches[p].header.splitlines()[0]}"
             for p in image.patches if not patches[p].hunks]
     return out
+
+
+def refuse_or_warn(found: list[str], allow_unpinned: bool, console) -> None:
+    if found and not allow_unpinned:
+        raise UsageError("\n".join(found) + "\n(--allow-unpinned renders and builds anyway, for development)")
+    for p in found:
+        console.print(f"[yellow]warning:[/yellow] {p}")
 
 
 def load_patches(image_name: str, image: Image) -> dict[str, patching.Patch]:
@@ -209,26 +229,44 @@ def render_image(name: str, image: Image, locks_dir: Path, matrix_file: Path, ou
     return final / "Dockerfile"
 
 
+PLATFORMS = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}
+
+
 def bake_json(matrix, names: list[str], out_dir: Path) -> str:
-    """docker-bake.json: one target per image, so buildx users build the matrix directly."""
+    """docker-bake.json: one target per image, so buildx users build the matrix directly (`docker buildx bake`).
+
+    Secrets are files named by variables (empty by default: /dev/null); the layer cache is a local folder
+    (`CACHE_DIR`), so an air-gapped builder reuses it; `BASE` swaps the base (e.g. a mirrored or debootstrapped
+    image), and the named context keyed by the base's reference (the FROM it resolves to) can point at an
+    `oci-layout://` folder or a `docker-image://` mirror instead."""
     rel = out_dir.relative_to(BUILD_DIR.parent) if out_dir.is_relative_to(BUILD_DIR.parent) else out_dir
-    targets = {n: {"context": f"{rel}/{n}/context", "dockerfile": "../Dockerfile", "tags": [tag(n)],
-                   "args": {"SOURCE_DATE_EPOCH": str(source_date_epoch())}} for n in names}
-    doc = {"variable": {"GENERATED_BY": {"default": "nox -s render"}},
-           "group": {"default": {"targets": names}}, "target": targets}
+    targets = {}
+    for n in names:
+        image = matrix.images[n]
+        base = f"{image.base.ref}@{image.base.digest}" if image.base.digest else image.base.ref
+        targets[n] = {
+            "context": f"{rel}/{n}/context", "dockerfile": "../Dockerfile", "tags": [tag(n)],
+            "args": {"SOURCE_DATE_EPOCH": str(source_date_epoch()), "BASE": base,
+                     "PIP_EXTRA_INDEX_URL": " ".join(image.pip.extra_index_urls)},
+            "contexts": {image.base.ref: f"docker-image://{base}"},
+            "platforms": [PLATFORMS["aarch64" if "aarch64" in image.platform else "x86_64"]],
+            "secret": ["id=pip.conf,src=${PIP_CONF}", "id=ca.pem,src=${CA_PEM}", "id=netrc,src=${NETRC}"],
+            "cache-from": [f"type=local,src=${{CACHE_DIR}}/{n}"],
+            "cache-to": [f"type=local,dest=${{CACHE_DIR}}/{n},mode=max"],
+        }
+    variables = {"GENERATED_BY": {"default": "nox -s render"}, "CACHE_DIR": {"default": "build/cache"},
+                 **{v: {"default": "/dev/null"} for v in ("PIP_CONF", "CA_PEM", "NETRC")}}
+    doc = {"variable": variables, "group": {"default": {"targets": names}}, "target": targets}
     return json.dumps(doc, indent=2) + "\n"
 
 
-def render(matrix, names: list[str], locks_dir: Path, matrix_file: Path, strict: bool, console,
+def render(matrix, names: list[str], locks_dir: Path, matrix_file: Path, allow_unpinned: bool, console,
            out_dir: Path = BUILD_DIR / "images") -> list[Path]:
     """Render the named images (all problems checked before anything is written) and the bake file."""
-    found = {n: problems(n, matrix.images[n], load_patches(n, matrix.images[n])) for n in names}
+    found = [p for n in names for p in problems(n, matrix.images[n], load_patches(n, matrix.images[n]))]
     for n in names:
         read_lock(n, matrix.images[n], locks_dir)
-    if strict and any(found.values()):
-        raise UsageError("--strict refuses: " + "; ".join(p for ps in found.values() for p in ps))
-    for p in (p for ps in found.values() for p in ps):
-        console.print(f"[yellow]warning:[/yellow] {p}")
+    refuse_or_warn(found, allow_unpinned, console)
     written = [render_image(n, matrix.images[n], locks_dir, matrix_file, out_dir) for n in names]
     atomic_write(out_dir.parent / "docker-bake.json", bake_json(matrix, list(matrix.images), out_dir))
     return written

@@ -20,6 +20,8 @@ Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 Pin = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*(\[[A-Za-z0-9_,\-]+\])?==[A-Za-z0-9.+!\-]+$")]
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+_OP_VERSION = r"\s*(==|!=|<=|>=|<|>|~=)\s*[A-Za-z0-9.*+!\-]+"
+Bound = Annotated[str, Field(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._\-]*{_OP_VERSION}(\s*,{_OP_VERSION})*$")]
 GitCommit = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 PythonVersion = Annotated[str, Field(pattern=r"^3\.\d+$")]
 
@@ -29,6 +31,7 @@ LOSS_CAP = 3.0  # ChatLearn's constant cap on the per-token policy loss (REFEREN
 def pattern_names() -> dict[str, str]:
     """Human wording of each pattern, for error messages."""
     wording = {Pin: "an exact pin 'name==version' (extras allowed: 'ray[default]==2.46.0')",
+               Bound: "a version bound 'name<26' or 'name>=1,<2'",
                Digest: "'sha256:' followed by 64 hex digits", GitCommit: "a full 40-hex-digit commit",
                PythonVersion: "a quoted Python version such as \"3.12\""}
     return {t.__metadata__[0].metadata[0].pattern: words for t, words in wording.items()}
@@ -52,7 +55,7 @@ class Bootstrap(Strict):
 class Base(Strict):
     ref: NonEmptyStr
     digest: Digest | None = None
-    """None → the build warns, `--strict` refuses."""
+    """None → render and build refuse unless `--allow-unpinned`, or unless a bootstrap is declared (the fallback)."""
     bootstrap: Bootstrap | None = None
 
 
@@ -71,12 +74,43 @@ class Override(Strict):
     """Force-reinstalled after every other install step, because later installs overwrite it (cuDNN)."""
 
 
+class Constraint(Strict):
+    """A bound the resolver cannot see on its own (a package's metadata omits it); the reason is mandatory."""
+
+    bound: Bound
+    why: NonEmptyStr
+
+
 class SourceBuild(Strict):
     git: NonEmptyStr
     ref: NonEmptyStr
     commit: GitCommit | None = None
+    """None → render and build refuse unless `--allow-unpinned` (development)."""
     env: dict[str, str] = {}
-    why: NonEmptyStr | None = None
+    why: NonEmptyStr
+    cudnn_from_wheel: bool = False
+    """Build against the cuDNN of the nvidia-cudnn-cu12 wheel: CUDNN_PATH points at it and its headers are copied
+    into /usr/local/cuda/include (seed 000's Transformer Engine step)."""
+
+
+class BaseCleanup(Strict):
+    """Packages of the base image uninstalled before anything is installed, and why."""
+
+    packages: list[NonEmptyStr]
+    why: NonEmptyStr
+
+
+class SourceBuildSettings(Strict):
+    """Parallelism and GPU targets passed to every source build (as environment variables)."""
+
+    max_jobs: PositiveInt = 8
+    """MAX_JOBS: parallel compile jobs (torch's cpp_extension, flash-attn, apex); memory grows with it."""
+    nvte_build_threads_per_job: PositiveInt = 1
+    """NVTE_BUILD_THREADS_PER_JOB: Transformer Engine's threads per compile job."""
+    nvcc_threads: PositiveInt = 4
+    """NVCC_THREADS: nvcc's own threads per job (flash-attn)."""
+    torch_cuda_arch_list: NonEmptyStr = "9.0"
+    """TORCH_CUDA_ARCH_LIST: GPU architectures compiled for; 9.0 is H100/H20 (sm_90)."""
 
 
 class PipSources(Strict):
@@ -94,7 +128,10 @@ class Image(Strict):
     engine: Engine | None = None
     requirements: list[Pin] = []
     overrides: list[Override] = []
+    constraints: list[Constraint] = []
+    base_cleanup: BaseCleanup | None = None
     source_builds: dict[str, SourceBuild] = {}
+    source_build_settings: SourceBuildSettings = SourceBuildSettings()
     patches: list[NonEmptyStr] = []
     apt: list[NonEmptyStr] = []
     env: dict[str, str] = {}

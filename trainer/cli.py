@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run a GPU recipe on CPU: its layout's degrees with the model's tiny stand-in (see README)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs the logging extra)")
     p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (needs WANDB_API_KEY)")
+    p.add_argument("--ignore-drift", action="store_true",
+                   help="inside an image: start even if its installed packages differ from its lock")
     p.add_argument("--mllog", action="store_true",
                    help="also print MLPerf-style :::MLLOG lines (copied to RUN_DIR/mllog.txt)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -68,6 +70,18 @@ def _run_dir(args) -> Path:
     return _new_run_dir(Path(args.runs), args.recipe)
 
 
+def _refuse_drift(ignore: bool) -> None:
+    """Inside an image built by `nox -s build`: its installed packages must still be its lock's."""
+    from images.fingerprint import IMAGE_DIR, LOCK_NAME, drift
+
+    lock = IMAGE_DIR / LOCK_NAME
+    if lock.is_file() and not ignore:
+        drifted = drift(lock)
+        if drifted:
+            raise TrainerInputError(f"this image's packages differ from its lock {lock} (--ignore-drift to start "
+                                    "anyway): " + "; ".join(drifted))
+
+
 def _check_resume(run_dir: Path, world: int) -> None:
     from trainer.checkpoint import latest_episode, ranks_in
 
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in substitutions:
                 print(f"  - {line}")
         lacking = missing(resolved, root=ROOT)
+        _refuse_drift(args.ignore_drift)
         if lacking:
             raise TrainerInputError(f"recipe {args.recipe} cannot run on this machine; missing: " + "; ".join(lacking))
         world = resolved.recipe.gpus

@@ -40,7 +40,9 @@ def built(tmp_path_factory):
     host_ca = Path("/etc/ssl/certs/ca-certificates.crt")
     (folder / "ca.pem").write_text(f"# {token}\n" + (host_ca.read_text() if host_ca.is_file() else ""))
     assert main(["render", "cpu"]) == 0
-    assert main(["build", "cpu", "--backend", "buildah", "--secret", f"netrc={folder / 'netrc'}",
+    # Cold (--no-cache), like the second build of test_two_cold_builds_give_one_digest: a layer reused from the cache
+    # of an earlier commit keeps that commit's file times. On a fresh CI machine this costs nothing extra.
+    assert main(["build", "cpu", "--backend", "buildah", "--no-cache", "--secret", f"netrc={folder / 'netrc'}",
                  "--secret", f"ca.pem={folder / 'ca.pem'}"]) == 0
     return token, json.loads((BUILD_DIR / "images" / "cpu" / "build.json").read_text())
 
@@ -91,3 +93,35 @@ def test_no_layer_holds_the_secret(built, tmp_path):
     assert any(b"grpo-stack/matrix.yaml" in b or b"opt/grpo-stack/matrix.yaml" in b for b in blobs.values())
     leaked = [name for name, data in blobs.items() if token.encode() in data]
     assert leaked == [], f"secret found in blobs {leaked}"
+
+
+def test_image_names_itself_and_shows_no_drift(built):
+    done = _run_in_image("python", "-c", "import os; from trainer.preflight import IMAGE_ENV; print(os.environ[IMAGE_ENV])")
+    assert done.stdout.strip() == "cpu", done.stderr
+    done = _run_in_image("python", "-m", "images.fingerprint", "drift")
+    assert (done.returncode, done.stdout) == (0, ""), done.stdout + done.stderr
+
+
+def test_drift_names_the_changed_packages(built):
+    done = _run_in_image("sh", "-c", "python -m pip uninstall -q -y tqdm && python -m images.fingerprint drift")
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == ["tqdm: locked 4.70.1, not installed", "tqdm: removed after the build (was 4.70.1)"]
+
+
+def test_two_cold_builds_give_one_digest(built):
+    """A second build with every layer rebuilt gives the same digest; on a mismatch the differing files are named."""
+    from images.backends import Backend
+    from images.reproducible import differing_files
+
+    _, first = built
+    keep = f"{tag('cpu')}-first"
+    subprocess.run(BUILDAH + ["tag", tag("cpu"), keep], check=True, capture_output=True)
+    try:
+        assert main(["build", "cpu", "--backend", "buildah", "--no-cache"]) == 0
+        second = json.loads((BUILD_DIR / "images" / "cpu" / "build.json").read_text())
+        if second["digest"] != first["digest"]:
+            diff = differing_files(Backend("buildah", "vfs"), keep, tag("cpu"))
+            pytest.fail(f"digests {first['digest']} and {second['digest']} differ in {len(diff)} files:\n"
+                        + "\n".join(diff[:50]))
+    finally:
+        subprocess.run(BUILDAH + ["rmi", keep], capture_output=True)

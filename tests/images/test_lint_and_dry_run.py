@@ -11,7 +11,7 @@ from images.lint import hadolint
 def rendered():
     from images.cli import main
 
-    assert main(["render"]) == 0
+    assert main(["render", "--allow-unpinned"]) == 0
 
 
 def _have_hadolint() -> bool:
@@ -56,9 +56,27 @@ def test_dry_run_prints_the_build_commands(cli, tmp_path):
     assert lines[-2].endswith("tag grpo-stack/cpu:0.1.0-building grpo-stack/cpu:0.1.0")
 
 
-def test_docker_cannot_mount_a_wheelhouse(cli, tmp_path):
-    code, _, err = cli("build", "cpu", "--dry-run", "--backend", "docker", "--wheelhouse", str(tmp_path))
-    assert code == 2 and "valid backends for a wheelhouse: buildah, podman" in err
+def test_docker_takes_the_wheelhouse_through_the_context(cli, tmp_path):
+    code, out, err = cli("build", "cpu", "--dry-run", "--backend", "docker", "--wheelhouse", str(tmp_path))
+    assert code == 0, err
+    assert f"# the lock's wheels from {tmp_path} are linked into context/wheelhouse/" in out
+    build = next(line for line in out.splitlines() if line.startswith("$ ") and " build " in line)
+    assert " -v " not in build and "--secret id=pip.conf,src=" in build
+
+
+def test_wheelhouse_staging_takes_only_locked_wheels(tmp_path):
+    from images.build import stage_wheelhouses
+
+    context, wheels = tmp_path / "context", tmp_path / "wheels"
+    context.mkdir()
+    wheels.mkdir()
+    (context / "lock.txt").write_text("torch==2.13.0+cpu \\\n    --hash=sha256:00\n")
+    for name in ("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl", "torch-2.12.0-cp311-none-any.whl",
+                 "other-1.0-py3-none-any.whl"):
+        (wheels / name).write_bytes(b"wheel")
+    assert stage_wheelhouses([wheels], context) == ["/ctx/wheelhouse"]
+    assert [p.name for p in (context / "wheelhouse").iterdir()] == [
+        "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -81,3 +99,14 @@ def test_unrendered_image_is_refused(tmp_path):
 
     with pytest.raises(UsageError, match="run `nox -s render -- cpu` first"):
         dockerfiles(["cpu"], tmp_path)
+
+
+def test_build_honours_locks(cli, tmp_path):
+    code, _, err = cli("build", "cpu", "--dry-run", "--backend", "buildah", "--locks", str(tmp_path))
+    assert code == 2 and f"--locks {tmp_path}: no cpu.lock.txt" in err
+    from images.common import LOCKS_DIR
+
+    (tmp_path / "cpu.lock.txt").write_text((LOCKS_DIR / "cpu.lock.txt").read_text() + "# edited\n")
+    code, _, err = cli("build", "cpu", "--dry-run", "--backend", "buildah", "--locks", str(tmp_path))
+    assert code == 2 and f"rendered from another lock than {tmp_path}/cpu.lock.txt" in err
+    assert f"run `nox -s render -- cpu --locks {tmp_path}`" in err

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from images import lockfile
 from images.common import LOCKS_DIR, sha256_text
 from images.conflicts import explain
 from images.lock import lock_path, resolve, stored_input_hash, summary_path
@@ -126,3 +127,12 @@ def test_cpu_resolves_to_the_committed_torch(tmp_path):
     text, summary = resolve("cpu", load_matrix().images["cpu"], wheelhouse)
     assert summary["versions"]["torch"] == "2.13.0+cpu" and "nvidia-" not in text
     assert stored_input_hash(text) == stored_input_hash(lock_path(LOCKS_DIR, "cpu").read_text())
+
+
+def test_a_lock_without_a_harness_requirement_is_named():
+    from images import lockenv
+
+    text = (LOCKS_DIR / "vllm-te27.lock.txt").read_text()
+    assert lockenv.missing_requirements(text) == []
+    safetensors = next(p for p in lockfile.parse(text).values() if p.name == "safetensors")
+    assert lockenv.missing_requirements(text.replace(safetensors.block, "")) == ["safetensors"]

@@ -60,12 +60,25 @@ def test_refuses_ambiguous_target(site):
         patching.apply(MLA, site)
 
 
-def test_sglang_slot_has_no_hunks_and_is_refused(tmp_path):
-    slot = PATCHES_DIR / "sglang-memory-pool.patch"
-    assert patching.parse(slot.read_text(), "sglang-memory-pool").hunks == []
-    assert "SLOT" in slot.read_text()
-    with pytest.raises(patching.PatchError, match="slot with no hunks"):
-        patching.apply(slot, tmp_path)
+@pytest.mark.parametrize("patch, target, excerpt", [
+    ("sglang-memory-pool", "sglang/srt/mem_cache/memory_pool.py", "sglang_memory_pool_excerpt.py.txt"),
+    ("sglang-model-runner-memory-saver", "sglang/srt/model_executor/model_runner.py",
+     "sglang_model_runner_excerpt.py.txt"),
+])
+def test_sglang_memory_saver_patches_apply_to_0_5_2(tmp_path, patch, target, excerpt):
+    file = tmp_path / target
+    file.parent.mkdir(parents=True)
+    before = (DATA / excerpt).read_text()
+    file.write_text(before)
+    patching.apply(PATCHES_DIR / f"{patch}.patch", tmp_path)
+    after = file.read_text()
+    assert "enable_memory_saver=False" not in after
+    if patch == "sglang-memory-pool":  # passed on to MambaPool and to the full-attention pool
+        passed = "enable_memory_saver=enable_memory_saver"
+        assert after.count(passed) == before.count(passed) + 2
+        assert "with memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):\n            conv_state = torch.zeros(" in after
+    else:
+        assert "                    enable_memory_saver=self.server_args.enable_memory_saver,\n                )" in after
 
 
 def test_standalone_entry_point_reports_failure(site, capsys):
