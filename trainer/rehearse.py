@@ -12,6 +12,7 @@ from __future__ import annotations
 from math import lcm
 
 from matrix import Matrix, ResolvedRecipe
+from trainer.parallel.layout import ParallelLayout
 
 EPISODES = 2
 PROMPTS, SAMPLES, PROMPT_LEN, RESPONSE_LEN = 4, 4, 32, 16
@@ -53,10 +54,11 @@ def rehearsal(m: Matrix, resolved: ResolvedRecipe) -> tuple[ResolvedRecipe, list
         changes.append(f"uneven PP stages {layout.first_stage_layers}/{layout.last_stage_layers} → even")
         layout = layout.model_copy(update={"first_stage_layers": None, "last_stage_layers": None})
     gpus = resolved.min_gpus
+    dp = ParallelLayout.of(layout, gpus).dp
     changes += [f"image {r.image} → cpu", f"rollout {r.rollout.engine} (tp {r.rollout.tp}) → torch",
                 f"data {r.data.source} → demo (embedded arithmetic task)",
                 f"gpus {r.gpus} → {gpus} processes (the layout's minimum; DP {resolved.dp} → "
-                f"{gpus // (layout.tp * layout.cp * layout.pp)})"]
+                f"{dp})"]
     grpo = r.grpo.model_copy(update={
         "prompts_per_episode": min(r.grpo.prompts_per_episode, PROMPTS),
         "samples_per_prompt": min(r.grpo.samples_per_prompt, SAMPLES),
@@ -73,5 +75,5 @@ def rehearsal(m: Matrix, resolved: ResolvedRecipe) -> tuple[ResolvedRecipe, list
         "eval": r.eval.model_copy(update={"every": 0})})
     rehearsed = resolved.model_copy(update={"name": f"{resolved.name}-rehearsal", "recipe": recipe, "model": model,
                                             "image": m.images["cpu"], "layout": layout,
-                                            "min_gpus": gpus, "dp": gpus // (layout.tp * layout.cp * layout.pp)})
+                                            "min_gpus": gpus, "dp": dp})
     return rehearsed, changes

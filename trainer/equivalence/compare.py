@@ -35,13 +35,13 @@ def _rel(a: float, b: float) -> float:
 
 
 def boundary_positions(width: int, cp: int) -> torch.Tensor:
-    """Log-prob positions (scoring token t+1) on either side of the 2·CP chunk boundaries of a padded row."""
+    """Log-prob positions (position t scores token t+1) that score a token next to a 2·CP chunk boundary of
+    a row padded to 2·CP (``trainer.parallel.cp.chunk_boundaries``): those tokens and the ones before them."""
+    from trainer.parallel.cp import chunk_boundaries  # megatron-heavy import, only for CP candidates
+
     unit = 2 * cp
-    padded = -(-width // unit) * unit
-    c = padded // unit
-    edges = torch.arange(1, unit) * c
-    positions = torch.cat([edges - 2, edges - 1, edges]).clamp(0, width - 2)
-    return positions.unique()
+    tokens = chunk_boundaries(-(-width // unit) * unit, cp)
+    return torch.cat([tokens - 1, tokens]).clamp(0, width - 2).unique()
 
 
 def compare(reference: dict, candidate: dict, mask: torch.Tensor, tolerances: Tolerances, *, cp: int,

@@ -45,11 +45,3 @@ class Job:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
-
-    def all_true(self, flag: bool) -> bool:
-        """``flag`` held on every rank."""
-        if self.world_size == 1:
-            return flag
-        holder: list = [None] * self.world_size
-        dist.all_gather_object(holder, flag)
-        return all(holder)

@@ -47,10 +47,6 @@ def uniform(micro_batches: list[dict], rows: int, width: int) -> list[dict]:
     return out
 
 
-def is_last_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage()
-
-
 def run(model: torch.nn.Module, micro_batches: list[dict], step: Callable, *, forward_only: bool) -> list[Any]:
     """Run ``step(model, micro_batch) -> (output, finish)`` over ``micro_batches`` with megatron's schedule.
 
