@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,25 @@ pytestmark = [
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 # A few episodes of the embedded demo recipe, end to end inside the image.
 TRAINER_COMMAND = ["python", "-m", "trainer", "demo", "run.episodes=2", "run.warm_start_steps=5", "--runs", "/tmp/runs"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_storage():
+    """Every image of this module lives in its own container storage, deleted at the end: with vfs each layer is a
+    full copy of the file system (two cold builds take ~20 GB), and a CI machine must not fill up run after run."""
+    root = Path(tempfile.mkdtemp(prefix="grpo-buildah-"))
+    conf = root / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{root / "graph"}"\nrunroot = "{root / "run"}"\n')
+    before = os.environ.get("CONTAINERS_STORAGE_CONF")
+    os.environ["CONTAINERS_STORAGE_CONF"] = str(conf)
+    try:
+        yield root
+    finally:
+        if before is None:
+            os.environ.pop("CONTAINERS_STORAGE_CONF", None)
+        else:
+            os.environ["CONTAINERS_STORAGE_CONF"] = before
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
