@@ -81,8 +81,14 @@ def check_layout_fits(recipe_name: str, r: Recipe, layout: Layout, model: Model,
             yield at + ("fsdp",), "FSDP layouts shard over DP only; set tp, pp, cp, ep to 1"
         if r.trainer != "fsdp":
             yield path + ("trainer",), f"'{r.trainer}' cannot run FSDP layout '{lname}'; use trainer: fsdp"
-    elif r.trainer == "fsdp":
-        yield path + ("layout",), f"trainer fsdp needs a layout with fsdp: true; '{lname}' is a megatron layout"
+        if layout.ulysses > 1 and r.grpo.loss_agg != "token-mean":
+            yield path + ("grpo", "loss_agg"), (f"'{r.grpo.loss_agg}' needs each sequence whole on one rank; "
+                                                f"Ulysses (layout {lname}) splits sequences: use token-mean")
+    else:
+        if r.trainer == "fsdp":
+            yield path + ("layout",), f"trainer fsdp needs a layout with fsdp: true; '{lname}' is a megatron layout"
+        if layout.ulysses > 1:
+            yield at + ("ulysses",), "Ulysses sequence parallelism is an FSDP layout's; megatron layouts use cp"
     for key, msg in dims.model_problems(model.shape, r.model):
         yield at + (key,), msg if key != "tp" else f"{msg} (recipe {recipe_name})"
     seq = dims.sequence_problem(r.grpo.max_prompt_len, r.grpo.max_response_len)
@@ -117,12 +123,13 @@ def check_gate(name: str, g: Gate, m: Matrix) -> Iterator[Finding]:
         at = ("gates", name, "reference") if i == 0 else ("gates", name, "candidates", i - 1)
         changes = patch.model_dump(exclude_none=True)
         gpus = changes.pop("gpus", recipe.gpus)
+        trainer = changes.pop("trainer", recipe.trainer)
         try:
             layout = Layout.model_validate(base.model_dump() | changes)
         except ValueError as exc:  # an impossible combination of degrees
             yield at, str(exc).splitlines()[0]
             continue
-        variant = recipe.model_copy(update={"gpus": gpus, "layout": f"{recipe.layout}+{changes}"})
+        variant = recipe.model_copy(update={"gpus": gpus, "trainer": trainer, "layout": f"{recipe.layout}+{changes}"})
         for _, msg in check_layout_fits(g.recipe, variant, layout, m.models[recipe.model], at):
             yield at, msg
 

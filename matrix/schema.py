@@ -253,6 +253,9 @@ class Layout(Strict):
     last_stage_layers: PositiveInt | None = None
     fsdp: bool = False
     """Shard over all DP ranks with torch FSDP2 (trainer: fsdp) instead of megatron's layout."""
+    ulysses: PositiveInt = 1
+    """FSDP only: Ulysses sequence parallelism (the seed's ulysses_sequence_parallel_size): this many ranks
+    share each packed micro-batch, split along the sequence, and exchange heads for sequence around attention."""
 
     @property
     def expert_tp(self) -> int:
@@ -348,6 +351,18 @@ class Run(Strict):
     """Supervised steps on the demo task's answer format before GRPO (the embedded demo's tiny model)."""
 
 
+class FSDPOptions(Strict):
+    """Settings of the FSDP2 trainer (trainer: fsdp); ignored by megatron."""
+
+    max_token_in_packing: PositiveInt = 4096
+    """Token budget of one packed micro-batch (the seed's max_token_in_packing): rows are packed into one
+    sequence up to this many tokens, each with its own position ids, so packed rows never attend to each other."""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Mixed precision: dtype of the gathered parameters in forward/backward (the sharded master stays fp32)."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the gradient reduce-scatter."""
+
+
 class Recipe(Strict):
     description: NonEmptyStr
     model: NonEmptyStr
@@ -361,6 +376,7 @@ class Recipe(Strict):
     data: Data
     run: Run
     eval: Eval = Eval()
+    fsdp: FSDPOptions = FSDPOptions()
 
 
 # --------------------------------------------------------------------------- gates and benchmarks
@@ -378,6 +394,10 @@ class LayoutPatch(Strict):
     first_stage_layers: PositiveInt | None = None
     last_stage_layers: PositiveInt | None = None
     sequence_parallel: bool | None = None
+    fsdp: bool | None = None
+    ulysses: PositiveInt | None = None
+    trainer: Literal["megatron", "fsdp"] | None = None
+    """The recipe's trainer for this layout: a gate can compare the FSDP2 and megatron-core backends."""
     gpus: PositiveInt | None = None
 
 

@@ -32,7 +32,7 @@ class RunRequest:
     tensorboard: bool = False
     wandb_project: str | None = None
     mllog: bool = False
-    initial: dict | None = None  # whole megatron-named weights (multi-process runs start from the same init)
+    initial: dict | None = None  # whole HF-named weights (multi-process runs start from the same init)
 
 
 def plant_fault_if_asked() -> None:
@@ -60,17 +60,23 @@ def start_rank() -> tuple[int, int]:
     return rank, world
 
 
-def initial_weights(resolved: ResolvedRecipe) -> dict[str, torch.Tensor]:
-    """Whole weights of the one-process initialisation of ``resolved``'s model at its seed, so that every
-    layout starts from the same model (megatron draws per-stage weights differently under PP / EP)."""
+def one_process(resolved: ResolvedRecipe) -> ResolvedRecipe:
+    """The recipe on one process: every degree 1, the same trainer (an FSDP layout stays FSDP, on one rank)."""
     from matrix.schema import Layout
-    from trainer.models.build import build_gpt_model
-    from trainer.parallel.gather import whole_tensors
+
+    return resolved.model_copy(update={"layout": Layout(fsdp=resolved.layout.fsdp), "min_gpus": 1, "dp": 1,
+                                       "recipe": resolved.recipe.model_copy(update={"gpus": 1})})
+
+
+def initial_weights(resolved: ResolvedRecipe) -> dict[str, torch.Tensor]:
+    """Whole HF-named weights of the one-process initialisation of ``resolved``'s model at its seed, so that
+    every layout starts from the same model (megatron draws per-stage weights differently under PP / EP)."""
+    from trainer.backends.base import build_backend
     from trainer.parallel.process_groups import process_groups
 
-    with process_groups(Layout()):
-        model = build_gpt_model(resolved.model, seed=resolved.recipe.run.seed, layout=Layout())
-        return whole_tensors(model, resolved.model.shape.vocab)
+    single = one_process(resolved)
+    with process_groups(single.layout):
+        return dict(build_backend(single, seed=single.recipe.run.seed, trainable=False).hf_named_tensors())
 
 
 @record

@@ -60,14 +60,15 @@ class TrainingBackend(Protocol):
 
 
 # recipe.trainer → "module:class", imported only when chosen (megatron-core is heavy).
-BACKENDS = {"megatron": "trainer.backends.megatron:MegatronBackend"}
+BACKENDS = {"megatron": "trainer.backends.megatron:MegatronBackend", "fsdp": "trainer.backends.fsdp:FSDPBackend"}
 
 
 def build_backend(resolved: ResolvedRecipe, *, seed: int, trainable: bool = True,
                   initial: dict[str, Tensor] | None = None) -> TrainingBackend:
     """The backend ``recipe.trainer`` names (the preflight has refused the ones not built).
 
-    ``initial``: whole megatron-named weights to start from instead of the seed's initialisation.
+    ``initial``: whole HF-named weights to start from instead of the seed's initialisation (the names every
+    backend reads and writes, so one backend's weights can start another).
     """
     import importlib
 

@@ -13,14 +13,13 @@ distinct shards (``_grad_norm``), and weights leave as whole tensors (``trainer.
 
 Optimizer: torch ``AdamW`` with a global-norm clip. megatron-core's ``get_megatron_optimizer`` does not run
 on CPU in 0.16.1 (``FP32Optimizer`` allocates its loss scale with ``device='cuda'``, and grad-norm clipping
-goes through CUDA multi-tensor kernels), so the CPU backend uses torch's, with megatron's convention of no
-weight decay on biases and norm weights (1-D parameters).
+goes through CUDA multi-tensor kernels), so the CPU backend uses torch's (``trainer.backends.optim``, shared with
+FSDP2), with megatron's convention of no weight decay on biases and norm weights (1-D parameters).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 
 import torch
@@ -31,7 +30,7 @@ from megatron.core.tensor_parallel import random as mcore_random
 from torch import Tensor
 
 from trainer.backends.base import MakeLossFn
-from trainer.backends.errors import NonFiniteLossError
+from trainer.backends.optim import build_optimizer, check_finite, clip_and_step
 from trainer.batching import micro_batches
 from trainer.models.build import build_gpt_model
 from trainer.models.weight_map import hf_to_mcore, iter_hf
@@ -54,34 +53,14 @@ class MegatronBackend:
         self.model = build_gpt_model(resolved.model, seed=seed, layout=resolved.layout,
                                      full_recompute=resolved.recipe.run.full_recompute)
         if initial is not None:
-            self.load_whole(initial)
+            self.load_hf(initial)
         self.model.requires_grad_(trainable)
         self.steps = 0
         self.optimizer = self.scheduler = None
         if trainable:
-            self._build_optimizer()
+            self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), resolved)
 
     # ------------------------------------------------------------------ optimizer
-
-    def _build_optimizer(self) -> None:
-        grpo = self.resolved.recipe.grpo
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": grpo.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=grpo.lr,
-            betas=tuple(grpo.adam_betas),
-            eps=1e-8,
-            foreach=False,  # the per-parameter loop is bit-reproducible across runs on CPU
-        )
-        total = self.resolved.recipe.run.episodes * grpo.steps_per_episode
-        if grpo.lr_schedule == "cosine":
-            # lr · ½(1 + cos(π·step/total)), no warmup: decays to 0 at the recipe's last step.
-            factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-        else:
-            factor = lambda step: 1.0  # noqa: E731
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     @property
     def lr(self) -> float:
@@ -174,26 +153,15 @@ class MegatronBackend:
             for key, value in result.items():
                 partial[key] = partial.get(key, 0.0) + value
         totals = dp.sum_over_dp_cp(pp.from_last_stage(partial))
-        if not math.isfinite(totals.get("loss", 0.0)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError("loss", totals["loss"])
+        check_finite("loss", totals.get("loss", 0.0), self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         _sync_tied_embeddings(params)
         dp.sum_tp_partial_grads([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
                                 self.model.config)
         dp.all_reduce_grads(params)
         grad_norm = _grad_norm(params)
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError("grad norm", grad_norm)
-        clip = self.resolved.recipe.grpo.grad_clip
-        if grad_norm > clip:
-            for p in params:
-                p.grad.mul_(clip / (grad_norm + 1e-6))
-        lr = self.lr
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = clip_and_step([p.grad for p in params], grad_norm, self.resolved.recipe.grpo.grad_clip,
+                           self.optimizer, self.scheduler)
         self.steps += 1
         return {"grad_norm": grad_norm, "lr": lr, **totals}
 

@@ -4,7 +4,7 @@
 collects one episode with the torch engine and keeps the whole initial weights: every layout starts from
 exactly these weights and this batch. ``replay_rank`` is what each rank of a layout runs: the loop's own
 ``learn`` for ``steps`` steps, recording per step the old log-probs ``learn`` computed, the loss and the grad
-norm, then the whole weights; the driver returns the record.
+norm, then the whole weights under HF names; the driver returns the record.
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ from matrix import ResolvedRecipe
 @dataclass(frozen=True)
 class Replay:
     resolved: ResolvedRecipe  # the recipe with the layout under test
-    initial: dict  # whole megatron-named weights
+    initial: dict  # whole HF-named weights
     batch: dict  # the collected episode's batch
     steps: int
 
 
 def prepare(resolved: ResolvedRecipe, root) -> tuple[dict, dict]:
     """(whole initial weights, collected batch) of one episode of ``resolved`` on one process."""
-    from matrix.schema import Layout
     from trainer.backends.base import build_backend
     from trainer.loop import collect
     from trainer.parallel.process_groups import process_groups
     from trainer.rollout.factory import build_engine
     from trainer.tasks import build_task
     from trainer.warmstart import warm_start
+    from trainer.worker import one_process
 
-    single = resolved.model_copy(update={"layout": Layout(), "recipe": resolved.recipe.model_copy(update={"gpus": 1})})
-    with process_groups(Layout()):
+    single = one_process(resolved)
+    with process_groups(single.layout):
         torch.manual_seed(single.recipe.run.seed)
         task = build_task(single, root=root)
         policy = build_backend(single, seed=single.recipe.run.seed)
@@ -45,7 +45,7 @@ def prepare(resolved: ResolvedRecipe, root) -> tuple[dict, dict]:
         engine = build_engine(single, task)
         engine.update_weights(policy.hf_named_tensors())
         collected = collect(1, single, task, engine)
-        return policy.whole_weights(), collected.batch
+        return dict(policy.hf_named_tensors()), collected.batch
 
 
 @record
@@ -69,7 +69,7 @@ def replay_rank(replay: Replay) -> dict:
             batch = {k: v.clone() for k, v in replay.batch.items()}
             stats = learn(batch, r, policy, ref, StageTimer())
             steps.append({"logprobs": batch["old_logprobs"], "loss": stats["loss"], "grad_norm": stats["grad_norm"]})
-        weights = policy.whole_weights()
+        weights = dict(policy.hf_named_tensors())  # HF names: layouts of different backends compare
         return {"steps": steps, "weights": weights, "world_size": world}
     finally:
         destroy_process_groups()

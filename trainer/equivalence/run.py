@@ -34,14 +34,15 @@ class GateInputError(Exception):
 
 
 def variant(m: Matrix, recipe_name: str, patch: LayoutPatch) -> ResolvedRecipe:
-    """The recipe with ``patch``'s degrees and GPU count."""
+    """The recipe with ``patch``'s degrees, GPU count and trainer."""
     base = m.resolve(recipe_name)
     changes = patch.model_dump(exclude_none=True)
     gpus = changes.pop("gpus", base.recipe.gpus)
+    trainer = changes.pop("trainer", base.recipe.trainer)
     layout = Layout.model_validate(base.layout.model_dump() | changes)
     dims = ParallelLayout.of(layout, gpus)
-    return base.model_copy(update={"layout": layout, "recipe": base.recipe.model_copy(update={"gpus": gpus}),
-                                   "min_gpus": dims.min_world, "dp": dims.dp})
+    recipe = base.recipe.model_copy(update={"gpus": gpus, "trainer": trainer})
+    return base.model_copy(update={"layout": layout, "recipe": recipe, "min_gpus": dims.min_world, "dp": dims.dp})
 
 
 def describe(patch: LayoutPatch) -> str:
@@ -49,8 +50,11 @@ def describe(patch: LayoutPatch) -> str:
     return shown or "one process"
 
 
+CACHE_FORMAT = 2  # bump when what prepare / replay_rank return changes (2: weights under HF names)
+
+
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([CACHE_FORMAT, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Runner:

@@ -34,6 +34,8 @@ class ParallelLayout:
     last_stage_layers: int | None = None
     sequence_parallel: bool = False
     fsdp: bool = False
+    ulysses: int = 1
+    """FSDP only: ranks that share one packed micro-batch along the sequence (Ulysses)."""
     etp_declared: int = 1
     """ETP as written in the matrix (1 when left to default to TP): a dense model must not ask for it."""
 
@@ -42,7 +44,7 @@ class ParallelLayout:
         return cls(tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, etp=layout.expert_tp, world_size=gpus,
                    first_stage_layers=layout.first_stage_layers, last_stage_layers=layout.last_stage_layers,
                    sequence_parallel=layout.sequence_parallel, fsdp=layout.fsdp,
-                   etp_declared=layout.etp or 1)
+                   ulysses=layout.ulysses, etp_declared=layout.etp or 1)
 
     # ------------------------------------------------------------------ sizes
 
@@ -63,8 +65,8 @@ class ParallelLayout:
 
     @property
     def dp(self) -> int:
-        """Data-parallel ranks: world / (TP·CP·PP); with FSDP every rank is a DP rank."""
-        return self.world_size if self.fsdp else self.world_size // self.dense_size
+        """Data-parallel ranks: world / (TP·CP·PP); with FSDP world / Ulysses (parameters shard over all ranks)."""
+        return self.world_size // self.ulysses if self.fsdp else self.world_size // self.dense_size
 
     @property
     def degrees(self) -> tuple[int, int, int, int, int]:
@@ -125,6 +127,9 @@ class ParallelLayout:
         for what, n in heads.items():
             if n % self.tp:
                 yield "tp", f"{self.tp} does not divide {what}={n} of model {model_name}"
+        if shape.heads % self.ulysses:
+            yield "ulysses", (f"{self.ulysses} does not divide heads={shape.heads} of model {model_name}: Ulysses "
+                              f"gives each rank heads / ulysses heads")
         if shape.moe is None:
             if self.ep > 1 or self.etp_declared > 1:
                 yield "ep", (f"model {model_name} is dense: expert parallelism (ep={self.ep}, etp={self.etp}) "
@@ -152,9 +157,11 @@ class ParallelLayout:
         arithmetic = (f"lcm(TP·CP·PP={self.dense_size}, ETP·EP·PP={self.expert_size}) = "
                       f"{lcm(self.dense_size, self.expert_size)}")
         if self.fsdp:
-            if declared_dp is not None and self.world_size != declared_dp:
-                return (f"{self.world_size} does not match layout {name} (FSDP over dp={declared_dp}); "
-                        f"declare gpus: {declared_dp}")
+            if declared_dp is not None and self.world_size != declared_dp * self.ulysses:
+                return (f"{self.world_size} does not match layout {name} (FSDP over dp={declared_dp} · "
+                        f"ulysses={self.ulysses}); declare gpus: {declared_dp * self.ulysses}")
+            if self.world_size % self.ulysses:
+                return f"{self.world_size} is not a multiple of ulysses={self.ulysses}"
             return None
         if declared_dp is not None and self.world_size != self.dense_size * declared_dp:
             return (f"{self.world_size} does not match layout {name}: TP·CP·PP·DP={self.dense_size}·{declared_dp} = "
@@ -170,6 +177,6 @@ def derived_sizes(layout: Layout, gpus: int) -> tuple[int, int]:
     """(minimum GPU count, data-parallel size) of a matrix layout on ``gpus`` devices."""
     dims = ParallelLayout.of(layout, gpus)
     if layout.fsdp:
-        return (layout.dp or 1), gpus
+        return (layout.dp or 1) * layout.ulysses, dims.dp
     minimum = dims.min_world if layout.dp is None else lcm(dims.min_world, dims.dense_size * layout.dp)
     return minimum, dims.dp

@@ -1,8 +1,8 @@
 """torch.distributed (gloo) and megatron ``parallel_state`` set-up and tear-down for one layout.
 
-Today the trainer runs as one process (world size 1, every degree 1). The same entry point takes the
-layout's degrees so multi-process gloo layouts (TP/PP/CP/EP on CPU) only add a launcher: each process
-calls ``init_process_groups`` with its rank and the world size.
+Each process of a run calls ``init_process_groups`` once, at its entry point, with its rank and the world
+size: gloo, megatron's model-parallel groups from the layout's degrees, and for an FSDP layout the device
+meshes the FSDP2 backend shards over (``fsdp_meshes``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -41,6 +42,48 @@ def _degrees_now() -> tuple[int, ...]:
     )
 
 
+@dataclass(frozen=True)
+class FSDPMeshes:
+    """FSDP2 shards parameters over ``shard`` (every rank); a Ulysses group is ``sp`` consecutive ranks
+    (the ``sp`` dimension of ``dp_sp``), and rows of the batch are split over ``dp``."""
+
+    shard: object  # DeviceMesh (1-D, all ranks)
+    dp_sp: object  # DeviceMesh (dp, sp)
+
+    @property
+    def sp_group(self):
+        return self.dp_sp.get_group("sp")
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_sp.size(0)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_sp.get_local_rank("dp")
+
+
+_FSDP: FSDPMeshes | None = None
+
+
+def fsdp_meshes() -> FSDPMeshes:
+    if _FSDP is None:
+        raise RuntimeError("no FSDP layout's process groups: init_process_groups(layout with fsdp: true) first")
+    return _FSDP
+
+
+def _init_fsdp_meshes(layout: Layout) -> None:
+    global _FSDP
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if world % layout.ulysses:
+        raise ValueError(f"world size {world} is not a multiple of ulysses={layout.ulysses}")
+    _FSDP = FSDPMeshes(shard=init_device_mesh("cpu", (world,), mesh_dim_names=("shard",)),
+                       dp_sp=init_device_mesh("cpu", (world // layout.ulysses, layout.ulysses),
+                                              mesh_dim_names=("dp", "sp")))
+
+
 def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -> None:
     """Initialise gloo and megatron's model-parallel groups with the layout's degrees.
 
@@ -63,6 +106,8 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -
             f"torch.distributed already has world size {dist.get_world_size()}, "
             f"this layout asks for {world_size}"
         )
+    if layout.fsdp and (_FSDP is None or _FSDP.dp_sp.size(1) != layout.ulysses):
+        _init_fsdp_meshes(layout)
     if parallel_state.model_parallel_is_initialized():
         if _degrees_now() == _degrees(layout):
             return  # a second backend in the process (policy + reference) shares the groups
@@ -78,6 +123,8 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -
 
 def destroy_process_groups() -> None:
     """Undo ``init_process_groups`` so another layout (or test) can start in the same process."""
+    global _FSDP
+    _FSDP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

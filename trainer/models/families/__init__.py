@@ -25,7 +25,9 @@ _MODULES = {
 }
 _BUILT = ("qwen2", "qwen3", "deepseek_v3")
 
-BUILT_FAMILIES = {"megatron": _BUILT}
+# FSDP2 trains transformers' own model class, so it takes the families whose HF config the bundle writes and
+# whose transformers model it has been checked against (tests/trainer/backends/test_fsdp.py).
+BUILT_FAMILIES = {"megatron": _BUILT, "fsdp": ("qwen2", "qwen3")}
 
 
 def family(name: str) -> FamilyBundle:

@@ -1,0 +1,304 @@
+"""The FSDP2 training backend (seed stack E): transformers' own model for the family, sharded with torch's
+``fully_shard`` per decoder layer and at the root, over every rank of the job.
+
+For every call the backend takes its share of the episode batch and returns whole-batch results everywhere:
+
+    rows of this DP rank → packed micro-batches (``recipe.fsdp.max_token_in_packing`` tokens, per-row
+    position ids) → this rank's slice along the sequence (Ulysses, ``layout.ulysses`` ranks per micro-batch)
+    → log-probs / loss on the positions this rank scores → rows of all ranks.
+
+Every rank runs the same number of micro-batches (padding-only ones where it has fewer rows), since FSDP's
+all-gathers and reduce-scatters are collectives. The loss is already a global token mean, so gradients are
+summed over ranks (gradient divide factor 1), and the grad norm is taken over the shards.
+
+Weights enter and leave under Hugging Face names (the model's own parameter names), whole, per parameter.
+Checkpoints hold this rank's shards (``state_dict``); ``trainer.convert`` merges them offline (fsdp-to-hf).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from trainer.backends.base import MakeLossFn
+from trainer.backends.optim import build_optimizer, check_finite, clip_and_step
+from trainer.models.families import family
+from trainer.packing import Packed, budget_groups, empty, pack_rows
+from trainer.parallel import ulysses
+from trainer.parallel.process_groups import fsdp_meshes
+from trainer.parallel.tp import vocab_parallel_logprobs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PER_TOKEN = ("response_mask", "old_logprobs", "ref_logprobs")
+
+
+def build_hf_model(resolved, *, on_meta: bool, attention: str = "sdpa") -> torch.nn.Module:
+    """transformers' model class of the recipe's family, from the matrix shape (fp32 master weights)."""
+    from transformers import AutoModelForCausalLM
+
+    config = family(resolved.model.family).hf_config(resolved.model)
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
+
+
+def _reset_rotary(model: torch.nn.Module) -> None:
+    """Rotary inverse frequencies are non-persistent buffers: a meta-initialised model must recompute them."""
+    for module in model.modules():
+        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
+            inv_freq, module.attention_scaling = module.rope_init_fn(module.config, torch.device("cpu"))
+            module.inv_freq = inv_freq
+            module.original_inv_freq = inv_freq
+
+
+class FSDPBackend:
+    """Policy (or reference) model + optimizer on FSDP2, for a resolved matrix recipe."""
+
+    def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None):
+        self.resolved = resolved
+        self.shape = resolved.model.shape
+        self.meshes = fsdp_meshes()
+        self.sp = resolved.layout.ulysses
+        if self.sp > 1:
+            ulysses.register()
+        torch.manual_seed(seed)
+        # Without given weights every rank draws the same initialisation from the seed; with them, nothing is
+        # allocated before sharding (meta device) and each rank keeps only its shard of each tensor.
+        self.model = build_hf_model(resolved, on_meta=initial is not None,
+                                    attention=ulysses.ATTENTION if self.sp > 1 else "sdpa")
+        self._shard()
+        if initial is not None:
+            self.model.to_empty(device="cpu")
+            _reset_rotary(self.model)
+            self.load_hf(initial)
+        self.model.requires_grad_(trainable)
+        self.steps = 0
+        self.optimizer = self.scheduler = None
+        if trainable:
+            self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), resolved)
+
+    def _shard(self) -> None:
+        options = self.resolved.recipe.fsdp
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[options.param_dtype],
+                                      reduce_dtype=DTYPES[options.reduce_dtype])
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=self.meshes.shard, mp_policy=policy)
+        fully_shard(self.model, mesh=self.meshes.shard, mp_policy=policy)
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                # The loss is a global mean already: sum the gradients, never average. A plain SUM (not NCCL's
+                # PreMulSum, which gloo lacks) followed by a division by 1.
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
+
+    # ------------------------------------------------------------------ batches
+
+    def _rows(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This DP group's contiguous share of the rows (the first groups take one more when it does not divide)."""
+        n, r = self.meshes.dp_size, self.meshes.dp_rank
+        base, extra = divmod(next(iter(batch.values())).shape[0], n)
+        start = r * base + min(r, extra)
+        return {k: v[start: start + base + (r < extra)] for k, v in batch.items()}
+
+    def _micro_batches(self, rows: dict[str, Tensor]) -> list[tuple[dict[str, Tensor], Packed]]:
+        """Packed micro-batches of ``rows``, as many on every rank (padding-only ones where this rank has fewer)."""
+        columns = rows["input_ids"].shape[1] - 1
+        budget = self.resolved.recipe.fsdp.max_token_in_packing
+        lengths = rows["attention_mask"].sum(dim=1).tolist()
+        mbs = []
+        for group in budget_groups(lengths, budget):
+            mb = {k: v[group] for k, v in rows.items()}
+            mbs.append((mb, pack_rows(mb["input_ids"], mb["attention_mask"], multiple=self.sp)))
+        count = torch.tensor([len(mbs)])
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        while len(mbs) < int(count):
+            mbs.append((None, empty(self.sp, columns)))
+        return mbs
+
+    def _forward(self, packed: Packed) -> tuple[Packed, Tensor]:
+        """Logits (1, width/sp, V) of this rank's slice of a packed micro-batch, and that slice."""
+        group = self.meshes.sp_group
+        mine = packed.part(dist.get_rank(group), self.sp) if self.sp > 1 else packed
+        scope = ulysses.whole_sequence(packed.position_ids, group) if self.sp > 1 else contextlib.nullcontext()
+        with scope:
+            logits = self.model(input_ids=mine.input_ids, position_ids=mine.position_ids, use_cache=False).logits
+        return mine, logits
+
+    # ------------------------------------------------------------------ log-probs
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, Tensor], *, micro_batch_size: int) -> Tensor:
+        """Per-token log-probs (B, T-1) fp32 of the right-padded batch on every rank; 0 at padded positions.
+
+        ``micro_batch_size`` is unused: micro-batches are packed by ``recipe.fsdp.max_token_in_packing``.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        parts = []
+        for mb, packed in self._micro_batches(self._rows(batch)):
+            mine, logits = self._forward(packed)
+            logp, _ = vocab_parallel_logprobs(logits, mine.labels, self.shape.vocab, with_entropy=False)
+            if mb is not None:
+                whole = mine.unpack(logp)
+                if self.sp > 1:  # each position is scored by exactly one rank of the Ulysses group
+                    dist.all_reduce(whole, group=self.meshes.sp_group)
+                parts.append(whole)
+        self.model.train(was_training)
+        width = batch["input_ids"].shape[1] - 1
+        mine = torch.cat(parts) if parts else torch.zeros(0, width)
+        gathered: list = [None] * self.meshes.dp_size
+        dist.all_gather_object(gathered, mine, group=self.meshes.dp_sp.get_group("dp"))
+        return torch.cat(gathered)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int
+                   ) -> dict[str, float]:
+        """Accumulate gradients over this rank's packed micro-batches, clip over the shards, step once."""
+        if self.optimizer is None:
+            raise RuntimeError("train_step on a backend built with trainable=False")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        mbs = self._micro_batches(self._rows(batch))
+        scored = [(mb, packed.part(dist.get_rank(self.meshes.sp_group), self.sp) if self.sp > 1 else packed)
+                  for mb, packed in mbs]
+        local = sum(float((mb["response_mask"] * part.owned()).sum()) for mb, part in scored if mb is not None)
+        count = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(count)
+        loss_fn = make_loss(float(count))
+        totals: dict[str, float] = {}
+        for mb, packed in mbs:
+            mine, logits = self._forward(packed)
+            if mb is None:
+                (logits.sum() * 0.0).backward()  # FSDP's reduce-scatter runs in backward on every rank
+                continue
+            logp, entropy = vocab_parallel_logprobs(logits, mine.labels, self.shape.vocab, with_entropy=True)
+            inputs = {k: v for k, v in mb.items() if k not in PER_TOKEN}
+            inputs |= {k: mb[k] for k in PER_TOKEN if k in mb}
+            inputs["response_mask"] = mb["response_mask"] * mine.owned()
+            loss, metrics = loss_fn(mine.unpack(logp), mine.unpack(entropy), inputs)
+            loss.backward()
+            for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        totals = _sum_over_ranks(totals)
+        check_finite("loss", totals.get("loss", 0.0), self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = self._grad_norm(params)
+        lr = clip_and_step([p.grad for p in params], grad_norm, self.resolved.recipe.grpo.grad_clip,
+                           self.optimizer, self.scheduler)
+        self.steps += 1
+        return {"grad_norm": grad_norm, "lr": lr, **totals}
+
+    @staticmethod
+    def _grad_norm(params: list[Tensor]) -> float:
+        """Global L2 norm of the gradients: squares of each rank's shards, summed over ranks."""
+        square = torch.zeros(1, dtype=torch.float64)
+        for p in params:
+            square += p.grad.to_local().double().pow(2).sum()
+        dist.all_reduce(square)
+        return float(square.sqrt())
+
+    # ------------------------------------------------------------------ weights
+
+    def whole_weights(self) -> dict[str, Tensor]:
+        """Whole weights under HF names on the driver rank ({} elsewhere); collective, one parameter at a time."""
+        whole = {}
+        for name, p in self.model.named_parameters():
+            full = p.full_tensor().detach()
+            if dist.get_rank() == 0:
+                whole[name] = full
+        return whole
+
+    def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        return iter(self.whole_weights().items())
+
+    def load_hf(self, tensors: dict[str, Tensor]) -> None:
+        """Take this rank's shard of each whole HF-named tensor (a tied ``lm_head.weight`` may be absent)."""
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            raise KeyError(f"weights lack {len(missing)} parameter(s) of the model, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                whole = tensors[name]
+                if tuple(whole.shape) != tuple(p.shape):
+                    raise ValueError(f"{name}: weights have shape {tuple(whole.shape)}, the model {tuple(p.shape)}")
+                p.copy_(distribute_tensor(whole.to(p.dtype), p.device_mesh, p.placements))
+
+    def copy_weights_from(self, other: FSDPBackend) -> None:
+        with torch.no_grad():
+            for p, q in zip(self.model.parameters(), other.model.parameters(), strict=True):
+                p.to_local().copy_(q.to_local())
+
+    def weights_finite(self) -> bool:
+        ok = torch.tensor([float(all(bool(torch.isfinite(p.to_local()).all()) for p in self.model.parameters()))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """This rank's shards of the model and the optimizer state, the LR schedule, step and RNG (a copy).
+
+        ``shapes`` records each parameter's whole shape: the shards are FSDP2's dim-0 chunks in rank order,
+        which is how ``fsdp-to-hf`` puts them back together.
+        """
+        params = dict(self.model.named_parameters())
+        optimizer = None
+        if self.optimizer is not None:
+            optimizer = self.optimizer.state_dict()
+            optimizer["state"] = {i: {k: _local(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+        return copy.deepcopy({
+            "model": {name: p.to_local().detach() for name, p in params.items()},
+            "shapes": {name: tuple(p.shape) for name, p in params.items()},
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "steps": self.steps,
+            "rng": {"torch": torch.get_rng_state()},
+        })
+
+    def load_state_dict(self, sd: dict) -> None:
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(params) - set(sd["model"]))
+        if missing:
+            raise KeyError(f"state dict lacks model parameters: {missing[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.to_local().copy_(sd["model"][name])
+        if self.optimizer is not None and sd["optimizer"] is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(sd["optimizer"]))
+            ordered = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for p in ordered:  # load_state_dict gives plain tensors: shard them like their parameter again
+                state = self.optimizer.state.get(p, {})
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.ndim:
+                        state[key] = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
+                                                        shape=p.shape, stride=p.stride())
+            self.scheduler.load_state_dict(sd["scheduler"])
+        self.steps = sd["steps"]
+        torch.set_rng_state(sd["rng"]["torch"])
+
+
+def _local(value):
+    return value.to_local().detach() if isinstance(value, DTensor) else value
+
+
+def _sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Metrics summed over every rank (each token is scored by exactly one rank). Keys agree on all ranks."""
+    keys = sorted(values)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    keys = sorted(set().union(*gathered))
+    vector = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
+    dist.all_reduce(vector)
+    return dict(zip(keys, vector.tolist(), strict=True))
