@@ -97,6 +97,14 @@ class FSDPBackend:
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
 
+    def _resharded(self):
+        """The model with every parameter sharded again: a forward without backward leaves the root's parameters
+        (embeddings, final norm, head) gathered, as plain tensors, until the next reshard."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        return self.model
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
@@ -153,7 +161,7 @@ class FSDPBackend:
                 if self.sp > 1:  # each position is scored by exactly one rank of the Ulysses group
                     dist.all_reduce(whole, group=self.meshes.sp_group)
                 parts.append(whole)
-        self.model.train(was_training)
+        self._resharded().train(was_training)
         width = batch["input_ids"].shape[1] - 1
         mine = torch.cat(parts) if parts else torch.zeros(0, width)
         gathered: list = [None] * self.meshes.dp_size
@@ -213,7 +221,7 @@ class FSDPBackend:
     def whole_weights(self) -> dict[str, Tensor]:
         """Whole weights under HF names on the driver rank ({} elsewhere); collective, one parameter at a time."""
         whole = {}
-        for name, p in self.model.named_parameters():
+        for name, p in self._resharded().named_parameters():
             full = p.full_tensor().detach()
             if dist.get_rank() == 0:
                 whole[name] = full
@@ -224,7 +232,7 @@ class FSDPBackend:
 
     def load_hf(self, tensors: dict[str, Tensor]) -> None:
         """Take this rank's shard of each whole HF-named tensor (a tied ``lm_head.weight`` may be absent)."""
-        params = dict(self.model.named_parameters())
+        params = dict(self._resharded().named_parameters())
         missing = sorted(set(params) - set(tensors))
         if missing:
             raise KeyError(f"weights lack {len(missing)} parameter(s) of the model, e.g. {missing[:3]}")
@@ -237,11 +245,11 @@ class FSDPBackend:
 
     def copy_weights_from(self, other: FSDPBackend) -> None:
         with torch.no_grad():
-            for p, q in zip(self.model.parameters(), other.model.parameters(), strict=True):
+            for p, q in zip(self._resharded().parameters(), other._resharded().parameters(), strict=True):
                 p.to_local().copy_(q.to_local())
 
     def weights_finite(self) -> bool:
-        ok = torch.tensor([float(all(bool(torch.isfinite(p.to_local()).all()) for p in self.model.parameters()))])
+        ok = torch.tensor([float(all(bool(torch.isfinite(p.to_local()).all()) for p in self._resharded().parameters()))])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
@@ -253,7 +261,7 @@ class FSDPBackend:
         ``shapes`` records each parameter's whole shape: the shards are FSDP2's dim-0 chunks in rank order,
         which is how ``fsdp-to-hf`` puts them back together.
         """
-        params = dict(self.model.named_parameters())
+        params = dict(self._resharded().named_parameters())
         optimizer = None
         if self.optimizer is not None:
             optimizer = self.optimizer.state_dict()
@@ -268,7 +276,7 @@ class FSDPBackend:
         })
 
     def load_state_dict(self, sd: dict) -> None:
-        params = dict(self.model.named_parameters())
+        params = dict(self._resharded().named_parameters())
         missing = sorted(set(params) - set(sd["model"]))
         if missing:
             raise KeyError(f"state dict lacks model parameters: {missing[:5]}")

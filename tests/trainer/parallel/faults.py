@@ -79,4 +79,25 @@ def dp_token_count_not_all_reduced():
     dp.global_token_count = lambda local_mask: float(local_mask.sum())
 
 
+def ulysses_sequence_slices_out_of_order():
+    """Ulysses reassembles the whole sequence from its ranks' slices in the wrong (reversed) order."""
+    from trainer.parallel import ulysses
+
+    original = ulysses._exchange
+
+    def reversed_exchange(x, group, *, split, gather):
+        out = original(x, group, split=split, gather=gather)
+        return torch.cat(out.chunk(dist.get_world_size(group), dim=gather)[::-1], dim=gather)
+
+    ulysses._exchange = reversed_exchange
+
+
+def fsdp_gradients_averaged_over_ranks():
+    """FSDP left at its default gradient reduction (average over ranks) while the loss is a global mean."""
+    from torch.distributed.fsdp import FSDPModule
+
+    FSDPModule.set_gradient_divide_factor = lambda self, factor: None
+    FSDPModule.set_force_sum_reduction_for_comms = lambda self, enable: None
+
+
 __all__ = ["torch"]

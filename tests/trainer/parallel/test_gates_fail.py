@@ -20,6 +20,8 @@ CASES = [  # (fault, gate, the quantity that must fail)
     ("loss_scaled_by_cp", "cp-equivalence", "loss rel"),
     ("tp_logprobs_reduced_with_max", "tp-equivalence", "logprobs max abs"),
     ("dp_token_count_not_all_reduced", "dp-equivalence", "loss rel"),
+    ("ulysses_sequence_slices_out_of_order", "fsdp-equivalence", "logprobs max abs"),
+    ("fsdp_gradients_averaged_over_ranks", "fsdp-equivalence", "grad norm rel"),
 ]
 
 

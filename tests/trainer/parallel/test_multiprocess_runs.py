@@ -80,8 +80,10 @@ def test_killing_one_rank_stops_every_rank_with_the_first_error(repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact_with_two_processes(repo, tmp_path):
-    args = ["tiny-qwen2.5", "run.episodes=4", "run.checkpoint_every=2", "run.seed=5", "layout=tp2", "gpus=2"]
+@pytest.mark.parametrize("recipe", [["tiny-qwen2.5", "layout=tp2", "gpus=2"], ["tiny-qwen3-fsdp"]],
+                         ids=["megatron-tp2", "fsdp2"])
+def test_resume_after_sigkill_is_exact_with_two_processes(repo, tmp_path, recipe):
+    args = [*recipe, "run.episodes=4", "run.checkpoint_every=2", "run.seed=5"]
     straight = tmp_path / "straight"
     assert trainer(repo, *args, "--run-dir", str(straight)).returncode == 0
     killed = tmp_path / "killed"
