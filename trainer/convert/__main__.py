@@ -2,6 +2,8 @@
 
     hf-to-mcore HF_DIR OUT_DIR [--layout single]   HF safetensors → megatron-core directory
     mcore-to-hf MCORE_DIR OUT_DIR --like HF_DIR    back to HF, with HF_DIR's shard layout and files
+    fsdp-to-hf CKPT_DIR OUT_DIR --like HF_DIR [--groupgemm]
+                                                   an FSDP run's per-rank checkpoint → HF safetensors
     verify HF_DIR MCORE_DIR [--tolerance T]        max |logit difference| on fixed tokens; exit 1 above T
     fp8-to-bf16 IN_DIR OUT_DIR [--block 128]       DeepSeek-V3 fp8 release → bf16 (resumable)
     prepare MODEL IN_DIR OUT_DIR                   the matrix model's prepare steps (OUT/hf, OUT/mcore)
@@ -38,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("mcore_dir", type=Path)
     a.add_argument("out_dir", type=Path)
     a.add_argument("--like", type=Path, required=True, help="the HF checkpoint whose shard layout and files to use")
+    a = sub.add_parser("fsdp-to-hf", help="FSDP training checkpoint (per-rank shards) → HF safetensors")
+    a.add_argument("ckpt_dir", type=Path, help="RUN/checkpoints/episode-N, or a run directory (its latest)")
+    a.add_argument("out_dir", type=Path)
+    a.add_argument("--like", type=Path, required=True, help="the HF checkpoint whose shard layout and files to use")
+    a.add_argument("--groupgemm", action="store_true",
+                   help="split grouped-GEMM expert tensors (mlp.experts.gate_up_proj / down_proj) per expert")
     a = sub.add_parser("verify", help="transformers vs megatron-core logits on fixed tokens")
     a.add_argument("hf_dir", type=Path)
     a.add_argument("mcore_dir", type=Path)
@@ -84,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         from trainer.convert.hf_mcore import mcore_to_hf
 
         print(f"wrote {mcore_to_hf(args.mcore_dir, args.out_dir, args.like)}")
+    elif args.command == "fsdp-to-hf":
+        from trainer.convert.fsdp_hf import fsdp_to_hf
+
+        print(f"wrote {fsdp_to_hf(args.ckpt_dir, args.out_dir, args.like, groupgemm=args.groupgemm)}")
     elif args.command == "verify":
         from trainer.convert.verify import DEFAULT_TOLERANCE, max_logit_difference
 
