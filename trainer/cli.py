@@ -15,6 +15,7 @@ from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH, load_matrix
 from trainer.config import TrainerInputError, parse_overrides, resolve
+from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 resolved, substitutions = rehearsal(load_matrix(args.matrix), resolved)
             except NoStandIn as exc:
                 raise TrainerInputError(f"--rehearse {args.recipe}: {exc}") from None
-            print(f"rehearsal of {args.recipe} on CPU, layout {args.recipe} degrees kept "
-                  f"(tp={resolved.layout.tp} pp={resolved.layout.pp} cp={resolved.layout.cp} ep={resolved.layout.ep} "
-                  f"etp={resolved.layout.expert_tp}); substitutions:")
+            degrees = ParallelLayout.of(resolved.layout, resolved.recipe.gpus).describe()
+            print(f"rehearsal of {args.recipe} on CPU, layout {args.recipe} degrees kept ({degrees}); substitutions:")
             for line in substitutions:
                 print(f"  - {line}")
         lacking = missing(resolved, root=ROOT)

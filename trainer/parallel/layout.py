@@ -72,6 +72,12 @@ class ParallelLayout:
     def degrees(self) -> tuple[int, int, int, int, int]:
         return (self.tp, self.pp, self.cp, self.ep, self.etp)
 
+    def describe(self) -> str:
+        """The degrees as a user writes them, e.g. ``tp=2 pp=1 cp=2 ep=1 etp=2`` or ``fsdp=8 ulysses=2``."""
+        if self.fsdp:
+            return f"fsdp={self.world_size} ulysses={self.ulysses}"
+        return f"tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} etp={self.etp}"
+
     def coords(self, rank: int) -> dict[str, int]:
         """(tp, cp, dp, pp) coordinates of a global rank in megatron's ``tp-cp-ep-dp-pp`` order."""
         if not 0 <= rank < self.world_size:

@@ -35,3 +35,12 @@ def test_qwen25_7b_rehearses_with_tp4(repo, tmp_path):
     assert config["rehearse"] and config["world_size"] == 4
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     assert len(list((tmp_path / "checkpoints" / "episode-000002").glob("rank-*.pt"))) == 4
+
+
+@pytest.mark.slow
+def test_qwen3_8b_fsdp_rehearses_on_its_fsdp_layout(repo, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "trainer", "qwen3-8b-fsdp", "--rehearse", "--run-dir", str(tmp_path)],
+                         cwd=repo, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "degrees kept (fsdp=8 ulysses=1)" in out.stdout
+    assert len(list((tmp_path / "checkpoints" / "episode-000002").glob("rank-*.pt"))) == 8
