@@ -46,7 +46,7 @@ def train(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def convert(session: nox.Session) -> None:
-    """Convert checkpoints: `nox -s convert -- hf-to-mcore|mcore-to-hf|verify|fp8-to-bf16 ...`."""
+    """Convert checkpoints: `nox -s convert -- hf-to-mcore|mcore-to-hf|fsdp-to-hf|verify|fp8-to-bf16 ...`."""
     session.install("-e", ".")
     session.run("python", "-m", "trainer.convert", *(session.posargs or ["--help"]))
 
