@@ -186,6 +186,23 @@ def _patch_cp_rope() -> None:
         module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
 
 
+def _patch_mla_without_te() -> None:
+    """Without Transformer Engine, megatron's TE extension module exports MagicMock stand-ins, so MLA's
+    ``HAVE_TE`` is still True and its ``isinstance(linear_proj, TELinear)`` check raises: set the flag to what it
+    means. MLA also recognises a duplicated (whole-weight) down projection only as ``TELinear``; the torch twin
+    (``trainer.models.specs.DuplicatedLinear``) takes that name, so the CPU model runs the MLA branch a TE build
+    runs (DuplicatedLinear says why the column-parallel branch gets the rope-key gradient wrong under TP)."""
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention
+
+    from trainer.models.specs import DuplicatedLinear
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        multi_latent_attention.HAVE_TE = False
+        multi_latent_attention.TELinear = DuplicatedLinear
+
+
 def install() -> bool:
     """Apply the CPU patches once. Returns True if the patches are (now) active, False on a CUDA machine."""
     global _INSTALLED
@@ -198,6 +215,7 @@ def install() -> bool:
         _patch_moe_utils()
         _patch_schedules()
         _patch_cp_rope()
+        _patch_mla_without_te()
         _INSTALLED = True
     return True
 

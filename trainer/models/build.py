@@ -56,4 +56,19 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
         )
     finally:
         torch.set_rng_state(rng)
+    _mark_expert_parameters(gpt)
     return gpt
+
+
+def _mark_expert_parameters(model: torch.nn.Module) -> None:
+    """Mark every expert weight as megatron marks them under EP (``allreduce = False``), whatever the layout.
+
+    megatron-core 0.16.1 sets ``allreduce = False`` only when EP > 1, but with ETP < TP (say TP 2, ETP 1, EP 1)
+    the TP ranks are also expert-data-parallel replicas that saw different tokens: expert gradients must be
+    summed over the expert-data-parallel group, not the dense one, and counted once in the grad norm over the
+    expert grid. Every consumer (``parallel.dp``, ``parallel.gather``, the grad norm) reads this one flag.
+    """
+    for module in model.modules():
+        if getattr(module, "is_expert", False):
+            for p in module.parameters(recurse=False):
+                p.allreduce = False

@@ -36,8 +36,40 @@ class TorchNorm:
         return norm
 
 
+class DuplicatedLinear(torch.nn.Module):
+    """A linear layer whose whole weight every TP rank holds: TE's ``TELinear(parallel_mode="duplicated")``
+    in torch, for MLA's q/kv down projections.
+
+    megatron-core's MLA takes its duplicated-projection path only for ``TELinear`` (``cpu_compat`` points that
+    name here when TE is absent). It is the path whose gradients are right under TP: the rope key leaves
+    through ``gather_from_sequence_parallel_region``, whose backward sums the heads' partial gradients over TP,
+    while the column-parallel path hands each TP rank its own heads' part only. With sequence parallelism each
+    rank sees a part of the sequence, so the weight is marked ``sequence_parallel`` and its gradient is summed
+    over TP (``trainer.parallel.dp.sum_tp_partial_grads``). Without sequence parallelism a TP rank's rope-key
+    gradient would still be its heads' part only; MLA comes with MoE here, and MoE with TP > 1 requires sequence
+    parallelism (``ParallelLayout.model_problems``).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig, init_method, bias: bool,
+                 skip_bias_add: bool, parallel_mode: str | None = None, **_unused):
+        super().__init__()
+        if bias:
+            raise ValueError("MLA's down projections have no bias")
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.weight.sequence_parallel = config.sequence_parallel
+        self.weight.tensor_model_parallel = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.nn.functional.linear(x, self.weight), None
+
+
 class CpuSpecProvider(LocalSpecProvider):
     """Megatron-core local modules, with the project's core attention and torch norms."""
+
+    def linear(self) -> type:
+        return DuplicatedLinear
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         # TorchNorm reads config.normalization (RMSNorm here); megatron's LNImpl global is never touched.

@@ -100,4 +100,21 @@ def fsdp_gradients_averaged_over_ranks():
     FSDPModule.set_force_sum_reduction_for_comms = lambda self, enable: None
 
 
+def expert_weights_reduced_as_dense():
+    """Expert weights left as megatron 0.16.1 marks them with EP 1 (allreduce = True): with ETP < TP their
+    gradients are reduced over the dense DP group, missing the TP ranks that saw the other tokens."""
+    from trainer.models import build
+
+    build._mark_expert_parameters = lambda model: None
+
+
+def mla_down_projections_column_parallel():
+    """MLA's q/kv down projections split over TP (megatron's local spec): the rope key's gradient stays partial."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from trainer.models.specs import CpuSpecProvider
+
+    CpuSpecProvider.linear = lambda self: ColumnParallelLinear
+
+
 __all__ = ["torch"]

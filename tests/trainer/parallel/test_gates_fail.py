@@ -22,6 +22,8 @@ CASES = [  # (fault, gate, the quantity that must fail)
     ("dp_token_count_not_all_reduced", "dp-equivalence", "loss rel"),
     ("ulysses_sequence_slices_out_of_order", "fsdp-equivalence", "logprobs max abs"),
     ("fsdp_gradients_averaged_over_ranks", "fsdp-equivalence", "grad norm rel"),
+    ("expert_weights_reduced_as_dense", "mla-tp-equivalence", "grad norm rel"),
+    ("mla_down_projections_column_parallel", "mla-tp-equivalence", "grad norm rel"),
 ]
 
 

@@ -146,9 +146,9 @@ def _mla_spec(backend: CpuSpecProvider) -> ModuleSpec:
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASelfAttentionSubmodules(
             linear_q_proj=backend.column_parallel_linear(),
-            linear_q_down_proj=backend.column_parallel_linear(),
+            linear_q_down_proj=backend.linear(),  # whole weight on every TP rank: specs.DuplicatedLinear
             linear_q_up_proj=backend.column_parallel_linear(),
-            linear_kv_down_proj=backend.column_parallel_linear(),
+            linear_kv_down_proj=backend.linear(),
             linear_kv_up_proj=backend.column_parallel_linear(),
             core_attention=backend.core_attention(),
             linear_proj=backend.row_parallel_linear(),
@@ -158,21 +158,8 @@ def _mla_spec(backend: CpuSpecProvider) -> ModuleSpec:
     )
 
 
-def _mla_without_te_stand_ins() -> None:
-    """Without Transformer Engine, megatron's TE extension module exports MagicMock stand-ins and MLA's
-    ``HAVE_TE`` flag is still True, so its ``isinstance(linear_proj, TELinear)`` check raises. The flag
-    means "TE classes exist"; set it to what it means. (Belongs with ``trainer.backends.cpu_compat``.)"""
-    import importlib.util
-
-    from megatron.core.transformer import multi_latent_attention
-
-    if importlib.util.find_spec("transformer_engine") is None:
-        multi_latent_attention.HAVE_TE = False
-
-
 def layer_specs(model: Model, config: MLATransformerConfig) -> TransformerBlockSubmodules:
     """Dense-MLP layers first, MoE layers after; sliced to this pipeline stage's layers."""
-    _mla_without_te_stand_ins()
     backend = CpuSpecProvider()
     attention = _mla_spec(backend)
     dense = pre_norm_layer(backend, attention, get_mlp_module_spec_for_backend(backend=backend))
