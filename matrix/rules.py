@@ -53,7 +53,8 @@ def check_references(data: dict) -> Iterator[Finding]:
 def check_model(name: str, model: Model) -> Iterator[Finding]:
     """The family decides which blocks a shape must have."""
     s, at = model.shape, ("models", name, "shape")
-    needs = {"deepseek_v3": {"mla", "moe"}, "qwen3_next": {"moe", "linear_attention"}}.get(model.family, set())
+    needs = {"deepseek_v3": {"mla", "moe"}, "qwen3_next": {"moe", "linear_attention"},
+             "qwen3_moe": {"moe"}}.get(model.family, set())
     for block in ("mla", "moe", "linear_attention"):
         present = getattr(s, block) is not None
         if block in needs and not present:
@@ -64,6 +65,11 @@ def check_model(name: str, model: Model) -> Iterator[Finding]:
             yield at + ("linear_attention",), f"family {model.family} has no linear attention; use family qwen3_next"
     if s.heads % s.query_groups:
         yield at + ("query_groups",), f"{s.query_groups} does not divide heads={s.heads}"
+    if s.moe is not None and model.family == "qwen3_moe":
+        plain = {"shared_experts": 0, "first_dense_layers": 0, "groups": 1, "group_topk": 1, "routed_scaling": 1.0}
+        for key, value in plain.items():
+            if getattr(s.moe, key) != value:
+                yield at + ("moe", key), f"Qwen3-MoE has no {key.replace('_', ' ')}: leave it at {value}"
     if s.moe is not None:
         if s.moe.topk > s.moe.experts:
             yield at + ("moe", "topk"), f"{s.moe.topk} > experts={s.moe.experts}; topk must be ≤ experts"

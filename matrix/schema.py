@@ -216,7 +216,7 @@ class Shape(Strict):
     linear_attention: LinearAttention | None = None
 
 
-Family = Literal["qwen2", "qwen3", "deepseek_v3", "qwen3_next"]
+Family = Literal["qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "qwen3_next"]
 
 
 class PrepareStep(Strict):

@@ -72,6 +72,7 @@ class FSDPBackend:
         # allocated before sharding (meta device) and each rank keeps only its shard of each tensor.
         self.model = build_hf_model(resolved, on_meta=initial is not None,
                                     attention=ulysses.ATTENTION if self.sp > 1 else "sdpa")
+        self._every_expert_in_backward()
         self._shard()
         if initial is not None:
             self.model.to_empty(device="cpu")
@@ -82,6 +83,22 @@ class FSDPBackend:
         self.optimizer = self.scheduler = None
         if trainable:
             self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), resolved)
+
+    def _every_expert_in_backward(self) -> None:
+        """transformers' MoE blocks run only the experts some token chose, so ranks would reduce-scatter gradients
+        of different sets of experts and FSDP's collectives would not match. Each block's output gets
+        ``0 · Σ expert(no tokens)``: the same values, and a (zero) gradient for every expert on every rank."""
+
+        def touch(block, _args, output):
+            rest = output[1:] if isinstance(output, tuple) else ()
+            hidden = output[0] if isinstance(output, tuple) else output
+            empty = hidden.new_zeros((0, hidden.shape[-1]))
+            zero = sum(expert(empty).sum() for expert in block.experts)
+            return (hidden + zero, *rest) if rest else hidden + zero
+
+        for module in self.model.modules():
+            if isinstance(getattr(module, "experts", None), torch.nn.ModuleList):
+                module.register_forward_hook(touch)
 
     def _shard(self) -> None:
         options = self.resolved.recipe.fsdp

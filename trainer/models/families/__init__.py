@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _MODULES = {
     "qwen2": "trainer.models.families.qwen2",
     "qwen3": "trainer.models.families.qwen3",
+    "qwen3_moe": "trainer.models.families.qwen3_moe",  # transformers' model on FSDP2 only
     "deepseek_v3": "trainer.models.families.deepseek_v3",
     "qwen3_next": "trainer.models.families.qwen3_next",  # FLOPs only; its builders refuse
 }
@@ -27,7 +28,7 @@ _BUILT = ("qwen2", "qwen3", "deepseek_v3")
 
 # FSDP2 trains transformers' own model class, so it takes the families whose HF config the bundle writes and
 # whose transformers model it has been checked against (tests/trainer/backends/test_fsdp.py).
-BUILT_FAMILIES = {"megatron": _BUILT, "fsdp": ("qwen2", "qwen3")}
+BUILT_FAMILIES = {"megatron": _BUILT, "fsdp": ("qwen2", "qwen3", "qwen3_moe")}
 
 
 def family(name: str) -> FamilyBundle:
