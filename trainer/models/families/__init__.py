@@ -21,9 +21,9 @@ _MODULES = {
     "qwen2": "trainer.models.families.qwen2",
     "qwen3": "trainer.models.families.qwen3",
     "deepseek_v3": "trainer.models.families.deepseek_v3",
-    "qwen3_next": "trainer.models.families.qwen3_next",  # FLOPs only; its builders refuse
+    "qwen3_next": "trainer.models.families.qwen3_next",
 }
-_BUILT = ("qwen2", "qwen3", "deepseek_v3")
+_BUILT = ("qwen2", "qwen3", "deepseek_v3", "qwen3_next")
 
 BUILT_FAMILIES = {"megatron": _BUILT}
 
