@@ -35,3 +35,13 @@ def test_qwen25_7b_rehearses_with_tp4(repo, tmp_path):
     assert config["rehearse"] and config["world_size"] == 4
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     assert len(list((tmp_path / "checkpoints" / "episode-000002").glob("rank-*.pt"))) == 4
+
+
+def test_qwen3_next_rehearsal_keeps_its_hybrid_layout(matrix):
+    """qwen3-next (TP2·PP8, ETP2·EP2) rehearses with tiny-qwen3-next on 32 processes, one layer per stage."""
+    rehearsed, changes = rehearsal(matrix, matrix.resolve("qwen3-next"))
+    layout = rehearsed.layout
+    assert (layout.tp, layout.pp, layout.ep, layout.expert_tp, layout.sequence_parallel) == (2, 8, 2, 2, True)
+    assert rehearsed.recipe.gpus == 32 and rehearsed.dp == 2
+    assert rehearsed.model.family == "qwen3_next" and rehearsed.model.shape.layers == 8
+    assert "model qwen3-next-80b-a3b → tiny-qwen3-next" in "\n".join(changes)
