@@ -136,3 +136,16 @@ def test_backward_reaches_every_parameter(matrix, groups):
     gpt(ids, torch.arange(SEQ).expand(3, SEQ), None).float().logsumexp(-1).mean().backward()
     for name, p in gpt.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_the_80b_config_reads_back(matrix):
+    """qwen3-next-80b-a3b's config.json (as transformers writes it, plus keys the hub's file carries) gives the
+    matrix shape back; the router dtype is a training setting config.json does not hold."""
+    from trainer.models.families import family_of_hf
+
+    model = matrix.models["qwen3-next-80b-a3b"]
+    config = hf_config(model).to_dict() | {"use_sliding_window": False, "sliding_window": None,
+                                           "router_aux_loss_coef": 0.001, "output_router_logits": False}
+    shape = family_of_hf("qwen3_next").shape_from_hf(config)
+    assert shape == model.shape.model_copy(update={"moe": model.shape.moe.model_copy(update={"router_dtype": "fp32"})})
+    assert shape.partial_rotary_factor == 0.25 and shape.linear_attention.value_heads == 32

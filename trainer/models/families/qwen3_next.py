@@ -191,6 +191,8 @@ def shape_from_hf(config: Mapping) -> Shape:
     fields = reader.common_shape()
     reader.expect("attention_bias", [False], "the projections have no bias")
     reader.expect("rope_scaling", [None], "rope scaling is not built for qwen3_next")
+    reader.expect("use_sliding_window", [False], "sliding-window attention is not built")
+    reader.get("sliding_window")
     reader.expect("norm_topk_prob", [True], "megatron's softmax-after-top-k router renormalises the top-k")
     reader.expect("decoder_sparse_step", [1], "every layer is MoE")
     reader.expect("mlp_only_layers", [[]], "every layer is MoE")
