@@ -63,6 +63,8 @@ def check_model(name: str, model: Model) -> Iterator[Finding]:
             yield at + ("mla",), f"family {model.family} has no MLA; remove the block or use family deepseek_v3"
         if block == "linear_attention" and present and model.family != "qwen3_next":
             yield at + ("linear_attention",), f"family {model.family} has no linear attention; use family qwen3_next"
+    if s.partial_rotary_factor != 1.0 and model.family != "qwen3_next":
+        yield at + ("partial_rotary_factor",), f"family {model.family} rotates whole heads; remove it (1.0)"
     if s.heads % s.query_groups:
         yield at + ("query_groups",), f"{s.query_groups} does not divide heads={s.heads}"
     if s.moe is not None and model.family == "qwen3_moe":

@@ -206,6 +206,8 @@ class Shape(Strict):
     head_dim: PositiveInt | None = None
     """None → hidden / heads."""
     rope_theta: PositiveFloat = 10000.0
+    partial_rotary_factor: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Share of each attention head's dims that rope rotates (the first ones); Qwen3-Next: 0.25."""
     norm_eps: PositiveFloat = 1e-6
     qkv_bias: bool = False
     qk_norm: bool = False

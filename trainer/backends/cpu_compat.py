@@ -203,6 +203,34 @@ def _patch_mla_without_te() -> None:
         multi_latent_attention.TELinear = DuplicatedLinear
 
 
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """flash-linear-attention's ``l2norm`` in torch: x / sqrt(sum(x²) + eps) over ``dim``."""
+    return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
+
+
+def _patch_gated_delta_net() -> None:
+    from megatron.core.ssm import gated_delta_net
+
+    # The layer refuses to build without flash-linear-attention (Triton, GPU only). Its two FLA entry points
+    # get torch twins: the l2 norm, and the chunked gated delta rule megatron itself ships for
+    # deterministic mode (same signature). The causal conv already falls back to torch's conv1d.
+    if not gated_delta_net.HAVE_FLA:
+        gated_delta_net.l2norm = l2norm
+        gated_delta_net.chunk_gated_delta_rule = gated_delta_net.torch_chunk_gated_delta_rule
+        gated_delta_net.HAVE_FLA = True
+
+
+def _patch_output_gates() -> None:
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+    from megatron.core.transformer.attention import Attention
+
+    # Output gates (gated attention, the delta net's gated norm) are wrapped in torch.compile (megatron's
+    # jit_fuser): on CPU that is an inductor C++ build per shape for a few elementwise ops; eager is the same math.
+    for cls, name in ((GatedDeltaNet, "_apply_gated_norm"), (Attention, "_apply_output_gate")):
+        fn = cls.__dict__[name]
+        setattr(cls, name, getattr(fn, "_torchdynamo_orig_callable", fn))
+
+
 def install() -> bool:
     """Apply the CPU patches once. Returns True if the patches are (now) active, False on a CUDA machine."""
     global _INSTALLED
@@ -216,6 +244,8 @@ def install() -> bool:
         _patch_schedules()
         _patch_cp_rope()
         _patch_mla_without_te()
+        _patch_gated_delta_net()
+        _patch_output_gates()
         _INSTALLED = True
     return True
 

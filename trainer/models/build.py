@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from matrix.schema import Layout, Model
@@ -40,6 +40,10 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     shape = model.shape
+    if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+        # Some modules (the gated delta net) initialise under megatron's TP RNG tracker; the backend seeds it,
+        # a bare build (tests, conversion checks) gets it seeded from the same seed.
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
     try:

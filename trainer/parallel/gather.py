@@ -4,7 +4,9 @@ Weight sync and HF checkpoints speak whole tensors (``weight_map`` turns them in
 engine receives exactly what a one-process run would send. What a shard is comes from megatron's own
 parameter attributes, never from a family table:
 - TP: ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` (stride 2: fused [gate; up] of a
-  SwiGLU fc1, where each rank holds [gate_r; up_r]); expert weights shard over the expert-TP group.
+  SwiGLU fc1, where each rank holds [gate_r; up_r]); expert weights shard over the expert-TP group. A module
+  whose fused tensor has unequal sections (a family's own marking) sets ``partition_sections``, the whole
+  sizes along ``partition_dim``: each rank holds its slice of every section, in order.
 - PP: each stage numbers its layers from 0; the global index adds megatron's layer offset.
 - EP: each EP rank numbers its local experts from 0; the global index adds ep_rank · local experts.
 - The vocabulary is padded to a multiple of TP (``tp.padded_vocab``); whole tensors carry the real rows.
@@ -66,9 +68,18 @@ def _unshard_tp(p: Tensor) -> Tensor:
         return p.detach()
     parts = [torch.empty_like(p) for _ in range(n)]
     dist.all_gather(parts, p.detach().contiguous(), group=group)
-    dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
-    pieces = [part.chunk(stride, dim=dim) for part in parts]  # each rank: [piece_0 slice; piece_1 slice; ...]
-    return torch.cat([torch.cat([pc[s] for pc in pieces], dim=dim) for s in range(stride)], dim=dim)
+    dim, local = p.partition_dim, _local_sections(p, n)
+    pieces = [part.split(local, dim=dim) for part in parts]  # each rank: [section_0 slice; section_1 slice; ...]
+    return torch.cat([torch.cat([pc[s] for pc in pieces], dim=dim) for s in range(len(local))], dim=dim)
+
+
+def _local_sections(p: Tensor, n: int) -> list[int]:
+    """Sizes of this rank's slices of each section of ``p`` along its partition dim (equal ones for a stride)."""
+    sections = getattr(p, "partition_sections", None)
+    if sections is not None:
+        return [size // n for size in sections]
+    stride = getattr(p, "partition_stride", 1)
+    return [p.shape[p.partition_dim] // stride] * stride
 
 
 def shard_tp(full: Tensor, p: Tensor) -> Tensor:
@@ -77,8 +88,9 @@ def shard_tp(full: Tensor, p: Tensor) -> Tensor:
     n = dist.get_world_size(group)
     if n == 1 or not getattr(p, "tensor_model_parallel", False):
         return full
-    r, dim, stride = dist.get_rank(group), p.partition_dim, getattr(p, "partition_stride", 1)
-    return torch.cat([piece.chunk(n, dim=dim)[r] for piece in full.chunk(stride, dim=dim)], dim=dim)
+    r, dim, local = dist.get_rank(group), p.partition_dim, _local_sections(p, n)
+    whole = full.split([size * n for size in local], dim=dim)
+    return torch.cat([piece.chunk(n, dim=dim)[r] for piece in whole], dim=dim)
 
 
 def _owns(p: Tensor) -> bool:

@@ -136,6 +136,10 @@ class ParallelLayout:
         if shape.heads % self.ulysses:
             yield "ulysses", (f"{self.ulysses} does not divide heads={shape.heads} of model {model_name}: Ulysses "
                               f"gives each rank heads / ulysses heads")
+        if shape.linear_attention is not None and self.cp > 1:
+            yield "cp", (f"{self.cp}: model {model_name} has gated delta-net (linear attention) layers, which "
+                         f"megatron-core 0.16.1 cannot split over context-parallel ranks (GatedDeltaNet has no "
+                         f"CP); use cp: 1")
         if shape.moe is None:
             if self.ep > 1 or self.etp_declared > 1:
                 yield "ep", (f"model {model_name} is dense: expert parallelism (ep={self.ep}, etp={self.etp}) "

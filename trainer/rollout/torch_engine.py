@@ -1,9 +1,10 @@
 """The CPU rollout engine: a transformers model with a KV cache, batched sampling of left-padded prompts.
 
-The model is ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` built from the matrix shape's HF config, so the
-weights the trainer pushes under HF names (``weight_map``) load by name, as they will into vLLM / SGLang.
-Decoding: one prefill of the left-padded batch, then one token per step for every live sequence, with a
-``DynamicCache``; a sequence stops at EOS / a stop token ("stop") or after ``max_tokens`` ("length").
+The model is the transformers causal LM of the matrix shape's HF config (Qwen2, Qwen3, DeepseekV3, Qwen3Next),
+so the weights the trainer pushes under HF names (``weight_map``) load by name, as they will into vLLM / SGLang.
+Decoding: one prefill of the left-padded batch, then one token per step for every live sequence, with the cache
+the model creates for itself (a ``DynamicCache``; Qwen3-Next's also holds conv and recurrent states); a sequence
+stops at EOS / a stop token ("stop") or after ``max_tokens`` ("length").
 Sampling draws from one ``torch.Generator`` seeded by ``SamplingParams.seed``, so runs are repeatable.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from matrix.schema import Model
 from trainer.models.config import hf_config as hf_config_of
@@ -127,7 +128,7 @@ class TorchEngine:
         ids, mask = self._left_pad(prompts)
         batch = ids.shape[0]
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = None  # the model makes its own on the prefill (hybrid models need their cache class)
         tokens = torch.zeros((batch, params.max_tokens), dtype=torch.long)
         logprobs = torch.zeros((batch, params.max_tokens), dtype=torch.float32)
         lengths = torch.full((batch,), params.max_tokens, dtype=torch.long)
@@ -142,6 +143,7 @@ class TorchEngine:
                 past_key_values=cache,
                 use_cache=True,
             )
+            cache = out.past_key_values
             logits = out.logits[:, -1].float()  # (B, V)
             next_ids = sample(logits, params, generator)
             tokens[:, step] = next_ids

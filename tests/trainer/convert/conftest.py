@@ -22,7 +22,7 @@ def save_tiny_hf(model, directory, randomize, *, seed=0, shard="40KB"):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, matrix, randomize):
     root = tmp_path_factory.mktemp("hf")
-    names = ("tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight")
+    names = ("tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight", "tiny-qwen3-next")
     return {name: save_tiny_hf(matrix.models[name], root / name, randomize) for name in names}
 
 

@@ -78,3 +78,9 @@ def test_gated_delta_net_hybrid_hand_count(matrix):
     assert 2 * macs == 330368
     # only the one full-attention layer grows with context
     assert flops_per_token(model, 65) - flops_per_token(model, 64) == pytest.approx(2 * 4 * 32 / 2)
+
+
+def test_qwen3_next_is_about_3b_active(matrix):
+    """Qwen3-Next-80B-A3B activates ~3B parameters per token (10 of 512 experts + the shared one), plus the
+    0.3B output head: forward ≈ 2 × 3.6e9 FLOPs at short context."""
+    assert 2 * 3.0e9 < flops_per_token(matrix.models["qwen3-next-80b-a3b"], 1) < 2 * 4.0e9

@@ -52,3 +52,10 @@ def test_derived_sizes_of_matrix_layouts():
     assert derived_sizes(Layout(tp=2, pp=2, cp=2, ep=2), 8) == (8, 1)
     assert derived_sizes(Layout(dp=2), 2) == (2, 2)
     assert derived_sizes(Layout(fsdp=True, dp=8), 8) == (8, 8)
+
+
+def test_context_parallelism_is_refused_for_linear_attention(matrix):
+    shape = matrix.models["tiny-qwen3-next"].shape
+    problems = dict(ParallelLayout(cp=2, world_size=2).model_problems(shape, "tiny-qwen3-next"))
+    assert "gated delta-net" in problems["cp"] and "use cp: 1" in problems["cp"]
+    assert "cp" not in dict(ParallelLayout(ep=2, world_size=2).model_problems(shape, "tiny-qwen3-next"))

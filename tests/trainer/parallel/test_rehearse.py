@@ -44,3 +44,13 @@ def test_qwen3_8b_fsdp_rehearses_on_its_fsdp_layout(repo, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "degrees kept (fsdp=8 ulysses=1)" in out.stdout
     assert len(list((tmp_path / "checkpoints" / "episode-000002").glob("rank-*.pt"))) == 8
+
+
+def test_qwen3_next_rehearsal_keeps_its_hybrid_layout(matrix):
+    """qwen3-next (TP2·PP8, ETP2·EP2) rehearses with tiny-qwen3-next on 32 processes, one layer per stage."""
+    rehearsed, changes = rehearsal(matrix, matrix.resolve("qwen3-next"))
+    layout = rehearsed.layout
+    assert (layout.tp, layout.pp, layout.ep, layout.expert_tp, layout.sequence_parallel) == (2, 8, 2, 2, True)
+    assert rehearsed.recipe.gpus == 32 and rehearsed.dp == 2
+    assert rehearsed.model.family == "qwen3_next" and rehearsed.model.shape.layers == 8
+    assert "model qwen3-next-80b-a3b → tiny-qwen3-next" in "\n".join(changes)

@@ -33,7 +33,7 @@ def max_logprob_gap(backend, engine, prompts):
 
 
 def test_engine_logprobs_match_backend_after_sync(matrix, groups):
-    for name in ("tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight"):
+    for name in ("tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight", "tiny-qwen3-next"):
         resolved = matrix.resolve(name)
         backend = MegatronBackend(resolved, seed=1)
         engine = TorchEngine(resolved.model, decode=str, seed=2)

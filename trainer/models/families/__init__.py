@@ -22,9 +22,9 @@ _MODULES = {
     "qwen3": "trainer.models.families.qwen3",
     "qwen3_moe": "trainer.models.families.qwen3_moe",  # transformers' model on FSDP2 only
     "deepseek_v3": "trainer.models.families.deepseek_v3",
-    "qwen3_next": "trainer.models.families.qwen3_next",  # FLOPs only; its builders refuse
+    "qwen3_next": "trainer.models.families.qwen3_next",
 }
-_BUILT = ("qwen2", "qwen3", "deepseek_v3")
+_BUILT = ("qwen2", "qwen3", "deepseek_v3", "qwen3_next")
 
 # FSDP2 trains transformers' own model class, so it takes the families whose HF config the bundle writes and
 # whose transformers model it has been checked against (tests/trainer/backends/test_fsdp.py).
