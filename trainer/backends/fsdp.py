@@ -28,7 +28,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.backends.base import MakeLossFn
-from trainer.backends.optim import build_optimizer, check_finite, clip_and_step
+from trainer.backends.optim import check_finite, clip_and_step, for_training
 from trainer.models.families import family
 from trainer.packing import Packed, budget_groups, empty, pack_rows
 from trainer.parallel import ulysses
@@ -78,11 +78,8 @@ class FSDPBackend:
             self.model.to_empty(device="cpu")
             _reset_rotary(self.model)
             self.load_hf(initial)
-        self.model.requires_grad_(trainable)
+        self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable)
         self.steps = 0
-        self.optimizer = self.scheduler = None
-        if trainable:
-            self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), resolved)
 
     def _every_expert_in_backward(self) -> None:
         """transformers' MoE blocks run only the experts some token chose, so ranks would reduce-scatter gradients

@@ -30,7 +30,7 @@ from megatron.core.tensor_parallel import random as mcore_random
 from torch import Tensor
 
 from trainer.backends.base import MakeLossFn
-from trainer.backends.optim import build_optimizer, check_finite, clip_and_step
+from trainer.backends.optim import check_finite, clip_and_step, for_training
 from trainer.batching import micro_batches
 from trainer.models.build import build_gpt_model
 from trainer.models.weight_map import hf_to_mcore, iter_hf
@@ -54,11 +54,8 @@ class MegatronBackend:
                                      full_recompute=resolved.recipe.run.full_recompute)
         if initial is not None:
             self.load_hf(initial)
-        self.model.requires_grad_(trainable)
+        self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable)
         self.steps = 0
-        self.optimizer = self.scheduler = None
-        if trainable:
-            self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), resolved)
 
     # ------------------------------------------------------------------ optimizer
 

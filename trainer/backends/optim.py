@@ -38,6 +38,13 @@ def build_optimizer(parameters: Iterable[Tensor], resolved: ResolvedRecipe
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def for_training(model: torch.nn.Module, resolved: ResolvedRecipe, *, trainable: bool
+                 ) -> tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]:
+    """Freeze a reference model, or give a policy its optimizer and LR schedule."""
+    model.requires_grad_(trainable)
+    return build_optimizer(model.parameters(), resolved) if trainable else (None, None)
+
+
 def check_finite(what: str, value: float, optimizer: torch.optim.Optimizer) -> None:
     """Drop the step's gradients and raise ``NonFiniteLossError`` when ``value`` is not finite."""
     if not math.isfinite(value):

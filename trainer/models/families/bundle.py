@@ -102,6 +102,23 @@ def cpu_config_kwargs(model: Model, layout: Layout | None) -> dict:
     )
 
 
+def moe_config_kwargs(moe) -> dict:
+    """megatron MoE fields every MoE family sets the same way: sizes, top-k, shared experts, the RL router settings
+    of the matrix, and the CPU path (allgather dispatcher, no grouped GEMM or fused permute)."""
+    return dict(
+        num_moe_experts=moe.experts,
+        moe_ffn_hidden_size=moe.ffn_hidden,
+        moe_router_topk=moe.topk,
+        moe_shared_expert_intermediate_size=moe.ffn_hidden * moe.shared_experts or None,
+        moe_router_load_balancing_type=moe.router_load_balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_router_dtype=moe.router_dtype,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+    )
+
+
 def hf_common_kwargs(model: Model) -> dict:
     """transformers config fields every family shares."""
     shape = model.shape

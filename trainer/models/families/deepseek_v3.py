@@ -54,6 +54,7 @@ from trainer.models.families.bundle import (
     UnsupportedConfig,
     cpu_config_kwargs,
     hf_common_kwargs,
+    moe_config_kwargs,
 )
 from trainer.models.families.dense import layer_norm_rules, pre_norm_layer
 from trainer.models.specs import CpuSpecProvider
@@ -108,6 +109,7 @@ def transformer_config(model: Model, layout: Layout | None = None) -> MLATransfo
     grouped = moe.groups > 1
     return MLATransformerConfig(
         **cpu_config_kwargs(model, layout),
+        **moe_config_kwargs(moe),
         multi_latent_attention=True,
         q_lora_rank=mla.q_lora_rank,
         kv_lora_rank=mla.kv_lora_rank,
@@ -118,10 +120,6 @@ def transformer_config(model: Model, layout: Layout | None = None) -> MLATransfo
         rotary_base=shape.rope_theta,
         # the softmax scale's YaRN factor only applies with YaRN (rope_type "rope" ignores the fields)
         **({"mscale_all_dim": 0.0} | rope),
-        num_moe_experts=moe.experts,
-        moe_ffn_hidden_size=moe.ffn_hidden,
-        moe_router_topk=moe.topk,
-        moe_shared_expert_intermediate_size=moe.ffn_hidden * moe.shared_experts or None,
         moe_layer_freq=_moe_layer_pattern(shape),
         moe_router_score_function="sigmoid",
         # the checkpoint's bias routes (as in transformers); it is updated only when expert_bias is on
@@ -130,12 +128,6 @@ def transformer_config(model: Model, layout: Layout | None = None) -> MLATransfo
         moe_router_num_groups=moe.groups if grouped else None,
         moe_router_group_topk=moe.group_topk if grouped else None,
         moe_router_topk_scaling_factor=moe.routed_scaling,
-        moe_router_load_balancing_type=moe.router_load_balancing,
-        moe_aux_loss_coeff=moe.aux_loss_coeff,
-        moe_router_dtype=moe.router_dtype,
-        moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
-        moe_permute_fusion=False,
     )
 
 

@@ -56,6 +56,7 @@ from trainer.models.families.bundle import (
     cpu_config_kwargs,
     head_dim,
     hf_common_kwargs,
+    moe_config_kwargs,
 )
 from trainer.models.families.deepseek_v3 import RouterSettingWarning, router_warnings
 from trainer.models.families.dense import gqa_attention_spec, layer_norm_rules, pre_norm_layer
@@ -80,6 +81,7 @@ def transformer_config(model: Model, layout: Layout | None = None) -> Transforme
         warnings.warn(message, RouterSettingWarning, stacklevel=2)
     return TransformerConfig(
         **cpu_config_kwargs(model, layout),
+        **moe_config_kwargs(moe),
         kv_channels=head_dim(shape),
         qk_layernorm=True,
         layernorm_zero_centered_gamma=True,
@@ -91,20 +93,10 @@ def transformer_config(model: Model, layout: Layout | None = None) -> Transforme
         linear_value_head_dim=la.value_head_dim,
         linear_num_key_heads=la.key_heads,
         linear_num_value_heads=la.value_heads,
-        num_moe_experts=moe.experts,
-        moe_ffn_hidden_size=moe.ffn_hidden,
-        moe_router_topk=moe.topk,
         # softmax over the top-k logits = transformers' softmax over all experts, top-k, renormalised
         moe_router_score_function="softmax",
         moe_router_pre_softmax=False,
-        moe_shared_expert_intermediate_size=moe.ffn_hidden * moe.shared_experts or None,
         moe_shared_expert_gate=True,
-        moe_router_load_balancing_type=moe.router_load_balancing,
-        moe_aux_loss_coeff=moe.aux_loss_coeff,
-        moe_router_dtype=moe.router_dtype,
-        moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
-        moe_permute_fusion=False,
     )
 
 
