@@ -165,3 +165,45 @@ def test_a_stale_old_logprob_would_change_the_gradient(matrix, groups):
         make_loss = lambda t: make_loss_fn(r.recipe.grpo, t, Passes(reference=False))  # noqa: E731
         norms.append(be.train_step(batch, make_loss, micro_batch_size=2)["grad_norm"])
     assert norms[1] != pytest.approx(norms[0], rel=1e-3)
+
+
+def reward_curve(r, task, initial, need, episodes):
+    """Rewards per episode of ``episodes`` GRPO episodes from ``initial`` weights, running the passes ``need``."""
+    from trainer.backends.base import build_backend
+    from trainer.loop import collect, learn
+    from trainer.rollout.factory import build_engine
+
+    policy = build_backend(r, seed=r.recipe.run.seed, initial=initial)
+    ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=initial) if need.reference else None
+    engine = build_engine(r, task)
+    curve = []
+    for episode in range(1, episodes + 1):
+        engine.update_weights(policy.hf_named_tensors())
+        collected = collect(episode, r, task, engine)
+        learn(collected.batch, r, policy, ref, StageTimer(), need)
+        curve.append(collected.rewards.mean().item())
+    return curve
+
+
+@pytest.mark.slow  # a 60-step warm start and 2 × 6 demo episodes: ~40 s on 2 idle cores
+def test_same_seed_gives_the_same_reward_curve_without_the_skipped_passes(matrix, groups):
+    """MUST SHOW (issue 9.4b): the demo's learning with both passes and with neither, from the same warm start."""
+    from pathlib import Path
+
+    from trainer.backends.base import build_backend
+    from trainer.tasks import build_task
+    from trainer.warmstart import warm_start
+
+    r = matrix.resolve("demo")
+    r = r.model_copy(update={"recipe": r.recipe.model_copy(update={
+        "run": r.recipe.run.model_copy(update={"warm_start_steps": 60})})})
+    torch.manual_seed(r.recipe.run.seed)
+    task = build_task(r, root=Path("."))
+    policy = build_backend(r, seed=r.recipe.run.seed)
+    warm_start(policy, task, r, show=False)
+    initial = policy.whole_weights()
+    assert passes(r) == Passes(old_logprobs=False, reference=False)
+    both = reward_curve(r, task, initial, Passes(old_logprobs=True, reference=True), 6)
+    skipped = reward_curve(r, task, initial, passes(r), 6)
+    assert 0 < sum(both) / len(both) < 1  # rewards vary, so the curve can tell two policies apart
+    assert skipped == pytest.approx(both, abs=3 / 128)  # at most 3 of 128 samples apart per episode
