@@ -322,11 +322,25 @@ class GRPO(Strict):
     """Bound -A·c on the loss where A < 0; None → off for vanilla, 3.0 (verl) for dual_clip."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_coef: Annotated[float, Field(ge=0)] = 0.0
-    """0 → KL is logged only, not in the loss (ChatLearn)."""
+    """0 → KL is not in the loss (ChatLearn); it is logged only if `log_reference_kl` asks."""
+    log_reference_kl: bool | None = None
+    """Build the reference model and run its log-prob pass every episode. None → only when `kl_coef` > 0 (the
+    loss needs it); true → also with `kl_coef` 0, to log `loss/kl` (a reference forward per episode and a
+    second copy of the weights); false with `kl_coef` > 0 is refused."""
     entropy_coef: Annotated[float, Field(ge=0)] = 0.0
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     """token-mean: ChatLearn, over the global batch; seq-mean-token-mean: verl's option."""
     grader: Literal["hendrycks", "math-verify"] = "hendrycks"
+
+    @field_validator("log_reference_kl")
+    @classmethod
+    def _kl_in_loss_needs_reference(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        kl_coef = info.data.get("kl_coef")
+        if value is False and kl_coef:
+            raise PydanticCustomError(
+                "reference_needed", "log_reference_kl false, but kl_coef {kl_coef} puts the KL in the loss, which "
+                "needs the reference log-probs; set kl_coef 0 or drop log_reference_kl", {"kl_coef": kl_coef})
+        return value
 
     @field_validator("loss_cap")
     @classmethod

@@ -1,10 +1,14 @@
 """The GRPO loop: one episode per iteration, phases in order, every phase timed.
 
-episode = rollout → old log-probs (recomputed by the trainer) → reference log-probs → reward →
-advantages → train step(s) → weight sync → periodic eval → checkpoint → metrics.
+episode = rollout → reward → advantages → old log-probs (recomputed by the trainer) → reference log-probs →
+train step(s) → weight sync → periodic eval → checkpoint → metrics.
+
+Two of those passes are skipped where they change no number (``trainer.passes``): with one optimizer step
+per episode and a deterministic forward, the old log-probs are the detached log-probs of the training
+forward; with ``kl_coef`` 0 the reference model exists only if ``grpo.log_reference_kl`` asks for its KL.
 
 This is ChatLearn's GRPO (REFERENCE §4), the parity target: population-std group advantages, PPO clip
-with a constant loss cap of 3.0, k3 KL in the loss (coefficient 0 by default, always logged), token mean
+with a constant loss cap of 3.0, k3 KL in the loss (coefficient 0 by default, then logged on request), token mean
 over the global batch. It departs from textbook GRPO in the usual ways: no KL in the reward, one optimizer
 step per episode by default (fully on-policy, ratio ≈ 1), groups with equal rewards contribute zero
 advantage but still count in the token denominator.
@@ -40,6 +44,7 @@ from trainer.memory import peak_memory_metrics
 from trainer.metrics import MetricsLog, StageTimer, length_stats
 from trainer.objective import advantages, make_loss_fn
 from trainer.parallel.job import Job
+from trainer.passes import Passes, passes
 from trainer.reward.grader import score
 from trainer.rollout.base import NonFiniteLogitsError, RolloutEngine, SamplingParams
 from trainer.tasks import Prompt, Task
@@ -104,31 +109,41 @@ def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) 
                      [list(o.logprobs) for o in outs])
 
 
-def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend,
-          timer: StageTimer) -> dict[str, float]:
-    """Old and reference log-probs, then the recipe's train steps on ``batch``; every rank calls it."""
-    grpo = r.recipe.grpo
-    with timer("old_logprob"):
-        batch["old_logprobs"] = policy.logprobs(batch, micro_batch_size=grpo.micro_batch_size)
-    with timer("ref_logprob"):
-        batch["ref_logprobs"] = ref.logprobs(batch, micro_batch_size=grpo.micro_batch_size)
+def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend | None,
+          timer: StageTimer, need: Passes | None = None) -> dict[str, float]:
+    """Old and reference log-probs where ``need`` (default: ``passes(r)``) says so, then the recipe's train
+    steps on ``batch``; every rank calls it. ``batch["old_logprobs"]`` holds the old log-probs afterwards either
+    way (from the separate pass, or from the training forward). ``ref`` is None when no reference is needed."""
+    grpo, need = r.recipe.grpo, need or passes(r)
+    mbs = grpo.micro_batch_size
+    if need.old_logprobs:
+        with timer("old_logprob"):
+            batch["old_logprobs"] = policy.logprobs(batch, micro_batch_size=mbs)
+    if need.reference:
+        with timer("ref_logprob"):
+            batch["ref_logprobs"] = ref.logprobs(batch, micro_batch_size=mbs)
+    make_loss = lambda tokens: make_loss_fn(grpo, tokens, need)  # noqa: E731
     with timer("train"):
-        for _ in range(grpo.steps_per_episode):
-            stats = policy.train_step(batch, lambda tokens: make_loss_fn(grpo, tokens),
-                                      micro_batch_size=grpo.micro_batch_size)
+        if need.old_logprobs:
+            for _ in range(grpo.steps_per_episode):
+                stats = policy.train_step(batch, make_loss, micro_batch_size=mbs)
+        else:  # the one step of the episode (trainer.passes): its forward gives the old log-probs
+            stats, batch["old_logprobs"] = policy.train_step(batch, make_loss, micro_batch_size=mbs,
+                                                             return_logprobs=True)
     return stats
 
 
-def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBackend, ref: TrainingBackend,
-                engine: RolloutEngine | None, timer: StageTimer, job: Job) -> dict[str, float]:
+def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBackend, ref: TrainingBackend | None,
+                engine: RolloutEngine | None, timer: StageTimer, job: Job, need: Passes) -> dict[str, float]:
     """collect on the driver → the batch to every rank → learn → weight sync to the driver's engine."""
     grpo = r.recipe.grpo
     collected: Collected = job.broadcast(job.on_driver(lambda: collect(episode, r, task, engine)))
     for stage, seconds in collected.seconds.items():
         timer.seconds[stage] += seconds
-    stats = learn(collected.batch, r, policy, ref, timer)
+    stats = learn(collected.batch, r, policy, ref, timer, need)
     # The engine's raw sampling log-probs against the trainer's old log-probs of the same tokens (both before
-    # temperature / top-k / top-p): how far the engine's weights and kernels are from the trainer's.
+    # temperature / top-k / top-p; from the separate pass or the training forward, the same weights either
+    # way): how far the engine's weights and kernels are from the trainer's.
     mismatch = rollout_mismatch(collected.batch["old_logprobs"], collected.engine_logprobs,
                                 collected.batch["response_mask"])
     with timer("sync"):
@@ -151,23 +166,29 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     }
 
 
-def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBackend, ref: TrainingBackend,
+def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBackend, ref: TrainingBackend | None,
           engine: RolloutEngine | None, log: MetricsLog, job: Job, resume: bool = False) -> dict:
     """Run (or resume) recipe ``r`` in ``run_dir``; returns the summary. Raises RunStopped on a non-finite loss.
 
-    Collective: every rank of ``job`` calls it; ``engine`` and ``log`` matter on the driver only.
+    Collective: every rank of ``job`` calls it; ``engine`` and ``log`` matter on the driver only. ``ref`` is
+    None when the recipe needs no reference model (``trainer.passes``).
     """
-    run = r.recipe.run
+    run, need = r.recipe.run, passes(r)
     start = 0
     saved = checkpoint.latest(run_dir, job.rank) if resume else None
     if saved is not None:
         start, state = saved
         policy.load_state_dict(state["policy"])
-        ref.load_state_dict(state["reference"])
+        if ref is not None:
+            if state.get("reference") is None:
+                raise RunStopped(f"the checkpoint of episode {start} holds no reference model (its run had "
+                                 "none: kl_coef 0 without log_reference_kl), but this recipe needs one")
+            ref.load_state_dict(state["reference"])
         log.truncate_after(start)
     elif run.warm_start_steps:
         warm_start(policy, task, r, show=job.is_driver)
-        ref.copy_weights_from(policy)
+        if ref is not None:
+            ref.copy_weights_from(policy)
     tensors = policy.hf_named_tensors()
     job.on_driver(lambda: engine.update_weights(tensors))
 
@@ -176,7 +197,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             raise RunStopped(f"episode {episode}: the policy's weights are no longer finite, so they were "
                              f"not checkpointed ({_kept(run_dir)})")
         state = {"episode": episode, "world_size": job.world_size, "policy": policy.state_dict(),
-                 "reference": ref.state_dict()}
+                 "reference": ref.state_dict() if ref is not None else None}
         checkpoint.save(run_dir, episode, state, job)
 
     bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
@@ -184,7 +205,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
     for episode in bar:
         timer, started = StageTimer(), time.perf_counter()
         try:
-            row = run_episode(episode, r, task, policy, ref, engine, timer, job)
+            row = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
         except (NonFiniteLossError, NonFiniteLogitsError) as exc:
             raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
         if r.recipe.eval.every and episode % r.recipe.eval.every == 0:

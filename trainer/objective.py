@@ -25,6 +25,7 @@ from trainer.algo import (
     get_policy_loss,
     global_denominator,
 )
+from trainer.passes import ALL_PASSES, Passes
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -42,8 +43,13 @@ def _policy_loss_options(fn: Callable, grpo: GRPO) -> dict[str, object]:
     return {k: v for k, v in options.items() if k in accepted}
 
 
-def make_loss_fn(grpo: GRPO, global_tokens: float) -> LossFn:
-    """`global_tokens`: response tokens in the whole step (all micro-batches, all DP ranks)."""
+def make_loss_fn(grpo: GRPO, global_tokens: float, passes: Passes = ALL_PASSES) -> LossFn:
+    """`global_tokens`: response tokens in the whole step (all micro-batches, all DP ranks).
+
+    `passes` (`trainer.passes`): which inputs the micro-batches carry. Without the old-log-prob pass the old
+    log-probs are the detached `logp` of this forward (ratio exactly 1); without the reference pass there is
+    no KL term and no `loss/kl` metric (the recipe check refuses kl_coef > 0 without it).
+    """
     policy_loss = get_policy_loss(grpo.policy_loss)
     options = _policy_loss_options(policy_loss, grpo)
     kl_estimator = get_kl_estimator(grpo.kl_estimator)
@@ -58,12 +64,14 @@ def make_loss_fn(grpo: GRPO, global_tokens: float) -> LossFn:
 
     def loss_fn(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, torch.Tensor]):
         mask = mb["response_mask"]
-        pg, pg_metrics = policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, **options)
+        old = mb["old_logprobs"] if passes.old_logprobs else logp.detach()
+        pg, pg_metrics = policy_loss(logp, old, mb["advantages"], mask, **options)
         per_token = pg
+        kl = None
         if grpo.kl_coef:
             kl = kl_estimator(logp, mb["ref_logprobs"])
             per_token = per_token + grpo.kl_coef * kl
-        else:
+        elif passes.reference:
             with torch.no_grad():
                 kl = kl_estimator(logp, mb["ref_logprobs"])
         if grpo.entropy_coef:
@@ -72,8 +80,9 @@ def make_loss_fn(grpo: GRPO, global_tokens: float) -> LossFn:
         share = float(agg_denominator(mask, grpo.loss_agg)) / denominator
         metrics = {"loss/total": loss.item(),
                    "loss/pg": mean(pg.detach(), mask).item(),
-                   "loss/kl": mean(kl.detach(), mask).item(),
                    "loss/entropy": mean(entropy.detach(), mask).item()}
+        if kl is not None:
+            metrics["loss/kl"] = mean(kl.detach(), mask).item()
         metrics |= {k: v.item() * share for k, v in pg_metrics.items()}
         return loss, metrics
 

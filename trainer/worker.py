@@ -89,6 +89,7 @@ def run_rank(request: RunRequest) -> dict:
     from trainer.parallel.job import Job
     from trainer.parallel.layout import ParallelLayout
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+    from trainer.passes import passes
     from trainer.rollout.factory import build_engine
     from trainer.tasks import build_task
 
@@ -101,7 +102,9 @@ def run_rank(request: RunRequest) -> dict:
         torch.manual_seed(r.recipe.run.seed)
         task = build_task(r, root=ROOT)
         policy = build_backend(r, seed=r.recipe.run.seed, initial=request.initial)
-        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=request.initial)
+        # no reference model when nothing reads it (kl_coef 0, no log_reference_kl): its weights' memory saved
+        ref = (build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=request.initial)
+               if passes(r).reference else None)
         engine = job.on_driver(lambda: build_engine(r, task))
         try:
             summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,

@@ -28,10 +28,16 @@ class TrainingBackend(Protocol):
         """Per-token log-probs (B, T-1) fp32 of the right-padded batch (``input_ids`` (B, T)), no grad."""
         ...
 
-    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int
-                   ) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int,
+                   return_logprobs: bool = False) -> dict[str, float] | tuple[dict[str, float], Tensor]:
         """One optimizer step on the whole batch; ``make_loss(global_response_tokens)`` builds the loss.
-        Returns grad_norm, lr, loss and the loss function's metrics, summed over the global batch."""
+        Returns grad_norm, lr, loss and the loss function's metrics, summed over the global batch.
+
+        ``return_logprobs=True`` returns ``(stats, logprobs)`` instead: ``logprobs`` are the per-token
+        log-probs (B, T-1) fp32 of this step's training forward, detached, i.e. of the weights *before* the
+        update, whole batch on every rank, laid out exactly as ``logprobs()`` returns them. The loop takes
+        them as the old log-probs when it skips the separate pass (``trainer.passes``); the loss function
+        then reads no ``old_logprobs`` from the batch."""
         ...
 
     def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:

@@ -171,22 +171,25 @@ class FSDPBackend:
             mine, logits = self._forward(packed)
             logp, _ = vocab_parallel_logprobs(logits, mine.labels, self.shape.vocab, with_entropy=False)
             if mb is not None:
-                whole = mine.unpack(logp)
-                if self.sp > 1:  # each position is scored by exactly one rank of the Ulysses group
-                    dist.all_reduce(whole, group=self.meshes.sp_group)
-                parts.append(whole)
+                parts.append(mine.unpack(logp))
         self._resharded().train(was_training)
-        width = batch["input_ids"].shape[1] - 1
+        return self._whole_batch(parts, batch["input_ids"].shape[1] - 1)
+
+    def _whole_batch(self, parts: list[Tensor], width: int) -> Tensor:
+        """This rank's micro-batch log-probs (the positions it scores) → the whole batch's (B, T-1). Collective."""
         mine = torch.cat(parts) if parts else torch.zeros(0, width)
+        if self.sp > 1:  # each position is scored by exactly one rank of the Ulysses group
+            dist.all_reduce(mine, group=self.meshes.sp_group)
         gathered: list = [None] * self.meshes.dp_size
         dist.all_gather_object(gathered, mine, group=self.meshes.dp_sp.get_group("dp"))
         return torch.cat(gathered)
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int
-                   ) -> dict[str, float]:
-        """Accumulate gradients over this rank's packed micro-batches, clip over the shards, step once."""
+    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int,
+                   return_logprobs: bool = False) -> dict[str, float] | tuple[dict[str, float], Tensor]:
+        """Accumulate gradients over this rank's packed micro-batches, clip over the shards, step once.
+        ``return_logprobs``: also the detached log-probs of this forward (before the update), as ``logprobs``."""
         if self.optimizer is None:
             raise RuntimeError("train_step on a backend built with trainable=False")
         self.model.train()
@@ -199,6 +202,7 @@ class FSDPBackend:
         dist.all_reduce(count)
         loss_fn = make_loss(float(count))
         totals: dict[str, float] = {}
+        forward_logprobs = []
         for mb, packed in mbs:
             mine, logits = self._forward(packed)
             if mb is None:
@@ -210,6 +214,7 @@ class FSDPBackend:
             inputs["response_mask"] = mb["response_mask"] * mine.owned()
             loss, metrics = loss_fn(mine.unpack(logp), mine.unpack(entropy), inputs)
             loss.backward()
+            forward_logprobs.append(mine.unpack(logp.detach()))
             for key, value in {"loss": float(loss.detach()), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         totals = _sum_over_ranks(totals)
@@ -219,7 +224,10 @@ class FSDPBackend:
         lr = clip_and_step([p.grad for p in params], grad_norm, self.resolved.recipe.grpo.grad_clip,
                            self.optimizer, self.scheduler)
         self.steps += 1
-        return {"grad_norm": grad_norm, "lr": lr, **totals}
+        stats = {"grad_norm": grad_norm, "lr": lr, **totals}
+        if return_logprobs:
+            return stats, self._whole_batch(forward_logprobs, batch["input_ids"].shape[1] - 1)
+        return stats
 
     @staticmethod
     def _grad_norm(params: list[Tensor]) -> float:

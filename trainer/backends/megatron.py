@@ -112,23 +112,22 @@ class MegatronBackend:
 
         def finish(logits, mb):
             logp, _ = vocab_parallel_logprobs(logits, mb["labels"], vocab, with_entropy=False)
-            return logp.new_zeros(()), {"logp": cp.unshard(logp)[: mb["rows"], : mb["width"] - 1]}
+            return logp.new_zeros(()), {"logp": _rows_in_order(logp, mb)}
 
         results = self._run(self._micro_batches(dp.rows_of_rank(batch), micro_batch_size), finish, forward_only=True)
         self.model.train(was_training)
-        mine = torch.cat([r["logp"] for r in results]) if results else None
-        mine = pp.from_last_stage(mine)
-        return _rows_of_all_dp_ranks(mine, batch["input_ids"])
+        return _whole_batch([r["logp"] for r in results], batch["input_ids"])
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int
-                   ) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Tensor], make_loss: MakeLossFn, *, micro_batch_size: int,
+                   return_logprobs: bool = False) -> dict[str, float] | tuple[dict[str, float], Tensor]:
         """Accumulate gradients over this rank's micro-batches, sum them over DP×CP, clip, step once.
 
         ``make_loss(global_tokens)`` builds the per-micro-batch loss, normalised by the response tokens of
         the whole batch (``dp.global_token_count``). Raises ``NonFiniteLossError`` before the optimizer
-        step if the loss or the grad norm is not finite.
+        step if the loss or the grad norm is not finite. ``return_logprobs``: also return the detached
+        log-probs of this forward (before the update), assembled as ``logprobs`` assembles its own.
         """
         if self.optimizer is None:
             raise RuntimeError("train_step on a backend built with trainable=False")
@@ -142,9 +141,11 @@ class MegatronBackend:
         def finish(logits, mb):
             logp, entropy = vocab_parallel_logprobs(logits, mb["labels"], vocab, with_entropy=True)
             loss, metrics = loss_fn(logp, entropy, mb)
-            return loss, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+            result = {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+            return loss, result | ({"logp": _rows_in_order(logp.detach(), mb)} if return_logprobs else {})
 
         results = self._run(mbs, finish, forward_only=False)
+        logprobs = _whole_batch([r.pop("logp") for r in results], batch["input_ids"]) if return_logprobs else None
         partial: dict[str, float] = {}
         for result in results:
             for key, value in result.items():
@@ -160,7 +161,8 @@ class MegatronBackend:
         lr = clip_and_step([p.grad for p in params], grad_norm, self.resolved.recipe.grpo.grad_clip,
                            self.optimizer, self.scheduler)
         self.steps += 1
-        return {"grad_norm": grad_norm, "lr": lr, **totals}
+        stats = {"grad_norm": grad_norm, "lr": lr, **totals}
+        return (stats, logprobs) if return_logprobs else stats
 
     # ------------------------------------------------------------------ weights
 
@@ -218,6 +220,17 @@ class MegatronBackend:
         self.steps = sd["steps"]
         torch.set_rng_state(sd["rng"]["torch"])
         mcore_random.get_cuda_rng_tracker().set_states(copy.deepcopy(sd["rng"]["tracker"]))
+
+
+def _rows_in_order(per_token: Tensor, mb: dict) -> Tensor:
+    """A micro-batch's per-token values of this rank's CP chunks, in sequence order, without padding (rows, T-1)."""
+    return cp.unshard(per_token)[: mb["rows"], : mb["width"] - 1]
+
+
+def _whole_batch(parts: list[Tensor], input_ids: Tensor) -> Tensor:
+    """This rank's micro-batch results (last PP stage) → the whole batch's (B, T-1) on every rank. Collective."""
+    mine = pp.from_last_stage(torch.cat(parts) if parts else None)
+    return _rows_of_all_dp_ranks(mine, input_ids)
 
 
 def _rows_of_all_dp_ranks(mine: Tensor | None, input_ids: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 ``prepare`` builds the recipe's model at its seed (after its warm start, so rewards and advantages vary),
 collects one episode with the torch engine and keeps the whole initial weights: every layout starts from
 exactly these weights and this batch. ``replay_rank`` is what each rank of a layout runs: the loop's own
-``learn`` for ``steps`` steps, recording per step the old log-probs ``learn`` computed, the loss and the grad
+``learn`` for ``steps`` steps, recording per step the old log-probs ``learn`` computed (by the separate pass
+or from the training forward, as ``trainer.passes`` decides for the recipe), the loss and the grad
 norm, then the whole weights under HF names; the driver returns the record.
 """
 
@@ -58,12 +59,14 @@ def replay_rank(replay: Replay) -> dict:
     from trainer.loop import learn
     from trainer.metrics import StageTimer
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+    from trainer.passes import passes
 
     r = replay.resolved
     init_process_groups(r.layout, rank=rank, world_size=world)
     try:
         policy = build_backend(r, seed=r.recipe.run.seed, initial=replay.initial)
-        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=replay.initial)
+        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=replay.initial) if (
+            passes(r).reference) else None
         steps = []
         for _ in range(replay.steps):
             batch = {k: v.clone() for k, v in replay.batch.items()}

@@ -42,9 +42,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         raise NonFiniteLogitsError("the rollout model produced non-finite logits (weights synced from a diverged policy?)")
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(
-        filter_logits(logits / params.temperature, top_k=params.top_k, top_p=params.top_p), dim=-1
-    )
+    if params.temperature != 1:  # x / 1 is x exactly: no copy of the logits per token at the usual T = 1
+        logits = logits / params.temperature
+    probs = torch.softmax(filter_logits(logits, top_k=params.top_k, top_p=params.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -125,9 +125,12 @@ class TorchEngine:
         )
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
 
-        ids, mask = self._left_pad(prompts)
-        batch = ids.shape[0]
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        ids, prompt_mask = self._left_pad(prompts)
+        batch, width = ids.shape
+        positions = (prompt_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        # every step's attention mask, allocated once (not one concatenation per token): step s sees its
+        # first width + s columns
+        mask = torch.cat([prompt_mask, torch.ones((batch, params.max_tokens), dtype=prompt_mask.dtype)], dim=-1)
         cache = None  # the model makes its own on the prefill (hybrid models need their cache class)
         tokens = torch.zeros((batch, params.max_tokens), dtype=torch.long)
         logprobs = torch.zeros((batch, params.max_tokens), dtype=torch.float32)
@@ -138,7 +141,7 @@ class TorchEngine:
         for step in range(params.max_tokens):
             out = self.model(
                 input_ids=step_ids,
-                attention_mask=mask,
+                attention_mask=mask[:, : width + step],
                 position_ids=step_pos,
                 past_key_values=cache,
                 use_cache=True,
@@ -155,7 +158,6 @@ class TorchEngine:
                 break
             step_ids = next_ids[:, None]
             step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=-1)
 
         outputs = []
         for row, prompt in enumerate(prompts):

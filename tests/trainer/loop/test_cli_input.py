@@ -11,6 +11,8 @@ CASES = [
     (["demo", "grpo.lr=-1"], "grpo.lr: -1: Input should be greater than 0"),
     (["demo", "layout=tp3"], "layout 'tp3' is not defined"),
     (["demo", "lr"], "argument 'lr': expected key=value"),
+    (["demo", "grpo.kl_coef=0.01", "grpo.log_reference_kl=false"], "kl_coef 0.01 puts the KL in the loss"),
+    (["demo", "grpo.log_reference_kl=maybe"], "grpo.log_reference_kl"),
     (["demo", "layout=cp2", "gpus=2", "grpo.max_response_len=15"], "is not a multiple of 2·CP=4"),
     (["tiny-qwen3-next", "layout=cp2", "gpus=2"], "has gated delta-net (linear attention) layers"),
     (["qwen3-next"], "32 GPUs (layout qwen3-next-32, min 32), this machine has 0"),

@@ -46,8 +46,8 @@ def loss_scaled_by_cp():
 
     original = loop.make_loss_fn
 
-    def scaled(grpo, tokens):
-        inner = original(grpo, tokens)
+    def scaled(grpo, tokens, *passes):
+        inner = original(grpo, tokens, *passes)
 
         def loss_fn(logp, entropy, mb):
             loss, metrics = inner(logp, entropy, mb)

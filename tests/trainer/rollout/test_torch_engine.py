@@ -80,3 +80,15 @@ def test_sampling_params_are_validated():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_cached_decoding_scores_tokens_as_a_full_forward_does(engine):
+    """Left padding, the per-step attention mask and the KV cache: each sampled token's log-prob equals the one a
+    plain forward of the whole unpadded sequence gives (a wrong mask width or position would move it)."""
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=6, seed=3))
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        full = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(out.logprobs), full, rtol=0, atol=1e-5)
