@@ -30,17 +30,11 @@ ALL_PASSES = Passes()  # textbook GRPO: a separate old-log-prob pass and a refer
 
 
 def stochastic_forward(r: ResolvedRecipe) -> bool:
-    """Whether two training-mode forwards of the same weights can differ (dropout, MoE input jitter).
+    """Whether two training-mode forwards of the same weights can differ (dropout, MoE input jitter): the
+    recipe's training backend says, from the model it would build (the matrix has no dropout field)."""
+    from trainer.backends.base import backend_class
 
-    The matrix has no dropout field: the megatron family config sets it (0, as RL trainers do), so it is read
-    from the config the backend builds. Other trainers count as stochastic until their backend says otherwise.
-    """
-    if r.recipe.trainer != "megatron":
-        return True
-    from trainer.models.families import family
-
-    config = family(r.model.family).transformer_config(r.model, r.layout)
-    return bool(config.hidden_dropout or config.attention_dropout or getattr(config, "moe_input_jitter_eps", None))
+    return backend_class(r.recipe.trainer).stochastic_forward(r)
 
 
 def passes(r: ResolvedRecipe) -> Passes:

@@ -39,9 +39,26 @@ def test_dropout_keeps_the_old_logprob_pass(matrix, monkeypatch):
     assert passes(recipe(matrix)).old_logprobs
 
 
-def test_fsdp_trainer_keeps_the_old_logprob_pass(matrix):
+def test_fsdp_trainer_asks_its_own_model_whether_the_forward_is_stochastic(matrix, monkeypatch):
+    """The FSDP2 backend reads transformers' config: no dropout → the pass is skipped; attention dropout → kept."""
+    import dataclasses
+
+    from trainer.models import families
+
     r = recipe(matrix)
-    assert passes(r.model_copy(update={"recipe": r.recipe.model_copy(update={"trainer": "fsdp"})})).old_logprobs
+    fsdp = r.model_copy(update={"recipe": r.recipe.model_copy(update={"trainer": "fsdp"})})
+    assert not passes(fsdp).old_logprobs
+    real = families.family("qwen2")
+
+    def with_dropout(model):
+        config = real.hf_config(model)
+        config.attention_dropout = 0.1
+        return config
+
+    from trainer.backends import fsdp as fsdp_backend
+
+    monkeypatch.setattr(fsdp_backend, "family", lambda name: dataclasses.replace(real, hf_config=with_dropout))
+    assert passes(fsdp).old_logprobs
 
 
 def test_log_reference_kl_false_with_kl_in_the_loss_is_refused():

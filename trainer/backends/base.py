@@ -60,6 +60,12 @@ class TrainingBackend(Protocol):
         """All ranks' weights are finite. Collective."""
         ...
 
+    @staticmethod
+    def stochastic_forward(resolved: ResolvedRecipe) -> bool:
+        """Whether two training-mode forwards of the same weights can differ (dropout, MoE jitter), from the
+        model this backend would build for ``resolved`` (``trainer.passes``)."""
+        ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, sd: dict) -> None: ...
@@ -69,6 +75,14 @@ class TrainingBackend(Protocol):
 BACKENDS = {"megatron": "trainer.backends.megatron:MegatronBackend", "fsdp": "trainer.backends.fsdp:FSDPBackend"}
 
 
+def backend_class(trainer: str) -> type:
+    """The class ``recipe.trainer`` names, imported on first use."""
+    import importlib
+
+    module, _, cls = BACKENDS[trainer].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_backend(resolved: ResolvedRecipe, *, seed: int, trainable: bool = True,
                   initial: dict[str, Tensor] | None = None) -> TrainingBackend:
     """The backend ``recipe.trainer`` names (the preflight has refused the ones not built).
@@ -76,7 +90,4 @@ def build_backend(resolved: ResolvedRecipe, *, seed: int, trainable: bool = True
     ``initial``: whole HF-named weights to start from instead of the seed's initialisation (the names every
     backend reads and writes, so one backend's weights can start another).
     """
-    import importlib
-
-    module, _, cls = BACKENDS[resolved.recipe.trainer].partition(":")
-    return getattr(importlib.import_module(module), cls)(resolved, seed=seed, trainable=trainable, initial=initial)
+    return backend_class(resolved.recipe.trainer)(resolved, seed=seed, trainable=trainable, initial=initial)

@@ -81,6 +81,11 @@ class FSDPBackend:
         self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable)
         self.steps = 0
 
+    @staticmethod
+    def stochastic_forward(resolved) -> bool:
+        config = family(resolved.model.family).hf_config(resolved.model)
+        return bool(getattr(config, "attention_dropout", 0.0) or getattr(config, "hidden_dropout", 0.0))
+
     def _every_expert_in_backward(self) -> None:
         """transformers' MoE blocks run only the experts some token chose, so ranks would reduce-scatter gradients
         of different sets of experts and FSDP's collectives would not match. Each block's output gets

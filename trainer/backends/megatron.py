@@ -57,6 +57,13 @@ class MegatronBackend:
         self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable)
         self.steps = 0
 
+    @staticmethod
+    def stochastic_forward(resolved) -> bool:
+        from trainer.models.families import family
+
+        config = family(resolved.model.family).transformer_config(resolved.model, resolved.layout)
+        return bool(config.hidden_dropout or config.attention_dropout or getattr(config, "moe_input_jitter_eps", None))
+
     # ------------------------------------------------------------------ optimizer
 
     @property
