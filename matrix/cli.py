@@ -30,7 +30,7 @@ def table(m: Matrix) -> Table:
     for name in m.recipes:
         r = m.resolve(name)
         lay = r.layout
-        degrees = "fsdp" if lay.fsdp else " ".join(
+        degrees = ("fsdp" + (f" Ulysses{lay.ulysses}" if lay.ulysses > 1 else "")) if lay.fsdp else " ".join(
             f"{k.upper()}{v}" for k, v in (("tp", lay.tp), ("pp", lay.pp), ("cp", lay.cp), ("ep", lay.ep),
                                            ("etp", lay.etp or 1)) if v > 1) or "-"
         t.add_row(name, r.recipe.model, r.recipe.image, r.recipe.trainer, r.recipe.rollout.engine,
