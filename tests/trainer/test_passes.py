@@ -218,7 +218,7 @@ def test_same_seed_gives_the_same_reward_curve_without_the_skipped_passes(matrix
     task = build_task(r, root=Path("."))
     policy = build_backend(r, seed=r.recipe.run.seed)
     warm_start(policy, task, r, show=False)
-    initial = policy.whole_weights()
+    initial = dict(policy.hf_named_tensors())
     assert passes(r) == Passes(old_logprobs=False, reference=False)
     both = reward_curve(r, task, initial, Passes(old_logprobs=True, reference=True), 6)
     skipped = reward_curve(r, task, initial, passes(r), 6)

@@ -208,7 +208,16 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
 
 
+def _has_gated_delta_net() -> bool:
+    """megatron-core ships the gated delta net from 0.16 on; with an older release its patches are no-ops."""
+    import importlib.util
+
+    return importlib.util.find_spec("megatron.core.ssm.gated_delta_net") is not None
+
+
 def _patch_gated_delta_net() -> None:
+    if not _has_gated_delta_net():
+        return
     from megatron.core.ssm import gated_delta_net
 
     # The layer refuses to build without flash-linear-attention (Triton, GPU only). Its two FLA entry points
@@ -221,6 +230,8 @@ def _patch_gated_delta_net() -> None:
 
 
 def _patch_output_gates() -> None:
+    if not _has_gated_delta_net():
+        return
     from megatron.core.ssm.gated_delta_net import GatedDeltaNet
     from megatron.core.transformer.attention import Attention
 
