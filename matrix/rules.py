@@ -129,15 +129,13 @@ def check_gate(name: str, g: Gate, m: Matrix) -> Iterator[Finding]:
     base = m.layouts[recipe.layout]
     for i, patch in enumerate([g.reference, *g.candidates]):
         at = ("gates", name, "reference") if i == 0 else ("gates", name, "candidates", i - 1)
-        changes = patch.model_dump(exclude_none=True)
-        gpus = changes.pop("gpus", recipe.gpus)
-        trainer = changes.pop("trainer", recipe.trainer)
         try:
-            layout = Layout.model_validate(base.model_dump() | changes)
+            variant, layout = patch.applied_to(recipe, base)
         except ValueError as exc:  # an impossible combination of degrees
             yield at, str(exc).splitlines()[0]
             continue
-        variant = recipe.model_copy(update={"gpus": gpus, "trainer": trainer, "layout": f"{recipe.layout}+{changes}"})
+        degrees = patch.model_dump(exclude_none=True, exclude={"gpus", "trainer"})
+        variant = variant.model_copy(update={"layout": f"{recipe.layout}+{degrees}"})
         for _, msg in check_layout_fits(g.recipe, variant, layout, m.models[recipe.model], at):
             yield at, msg
 

@@ -416,6 +416,14 @@ class LayoutPatch(Strict):
     """The recipe's trainer for this layout: a gate can compare the FSDP2 and megatron-core backends."""
     gpus: PositiveInt | None = None
 
+    def applied_to(self, recipe: Recipe, layout: Layout) -> tuple[Recipe, Layout]:
+        """``recipe`` with this patch's GPU count and trainer, and ``layout`` with its degrees (a ValueError when
+        the degrees cannot go together)."""
+        changes = self.model_dump(exclude_none=True)
+        recipe = recipe.model_copy(update={"gpus": changes.pop("gpus", recipe.gpus),
+                                           "trainer": changes.pop("trainer", recipe.trainer)})
+        return recipe, Layout.model_validate(layout.model_dump() | changes)
+
 
 class Tolerances(Strict):
     """What a layout may change, in fp32 on CPU. Sharding changes only the order of float sums (matmuls split

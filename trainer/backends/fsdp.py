@@ -31,12 +31,11 @@ from trainer.backends.base import MakeLossFn
 from trainer.backends.optim import check_finite, clip_and_step, for_training
 from trainer.models.families import family
 from trainer.packing import Packed, budget_groups, empty, pack_rows
-from trainer.parallel import ulysses
+from trainer.parallel import dp, ulysses
 from trainer.parallel.process_groups import fsdp_meshes
 from trainer.parallel.tp import vocab_parallel_logprobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PER_TOKEN = ("response_mask", "old_logprobs", "ref_logprobs")
 
 
 def build_hf_model(resolved, *, on_meta: bool, attention: str = "sdpa") -> torch.nn.Module:
@@ -57,6 +56,23 @@ def _reset_rotary(model: torch.nn.Module) -> None:
             module.original_inv_freq = inv_freq
 
 
+def every_expert_in_backward(model: torch.nn.Module) -> None:
+    """transformers' MoE blocks run only the experts some token chose, so ranks would reduce-scatter gradients
+    of different sets of experts and FSDP's collectives would not match. Each block's output gets
+    ``0 · Σ expert(no tokens)``: the same values, and a (zero) gradient for every expert on every rank."""
+
+    def touch(block, _args, output):
+        rest = output[1:] if isinstance(output, tuple) else ()
+        hidden = output[0] if isinstance(output, tuple) else output
+        empty = hidden.new_zeros((0, hidden.shape[-1]))
+        zero = sum(expert(empty).sum() for expert in block.experts)
+        return (hidden + zero, *rest) if rest else hidden + zero
+
+    for module in model.modules():
+        if isinstance(getattr(module, "experts", None), torch.nn.ModuleList):
+            module.register_forward_hook(touch)
+
+
 class FSDPBackend:
     """Policy (or reference) model + optimizer on FSDP2, for a resolved matrix recipe."""
 
@@ -72,7 +88,7 @@ class FSDPBackend:
         # allocated before sharding (meta device) and each rank keeps only its shard of each tensor.
         self.model = build_hf_model(resolved, on_meta=initial is not None,
                                     attention=ulysses.ATTENTION if self.sp > 1 else "sdpa")
-        self._every_expert_in_backward()
+        every_expert_in_backward(self.model)
         self._shard()
         if initial is not None:
             self.model.to_empty(device="cpu")
@@ -85,22 +101,6 @@ class FSDPBackend:
     def stochastic_forward(resolved) -> bool:
         config = family(resolved.model.family).hf_config(resolved.model)
         return bool(getattr(config, "attention_dropout", 0.0) or getattr(config, "hidden_dropout", 0.0))
-
-    def _every_expert_in_backward(self) -> None:
-        """transformers' MoE blocks run only the experts some token chose, so ranks would reduce-scatter gradients
-        of different sets of experts and FSDP's collectives would not match. Each block's output gets
-        ``0 · Σ expert(no tokens)``: the same values, and a (zero) gradient for every expert on every rank."""
-
-        def touch(block, _args, output):
-            rest = output[1:] if isinstance(output, tuple) else ()
-            hidden = output[0] if isinstance(output, tuple) else output
-            empty = hidden.new_zeros((0, hidden.shape[-1]))
-            zero = sum(expert(empty).sum() for expert in block.experts)
-            return (hidden + zero, *rest) if rest else hidden + zero
-
-        for module in self.model.modules():
-            if isinstance(getattr(module, "experts", None), torch.nn.ModuleList):
-                module.register_forward_hook(touch)
 
     def _shard(self) -> None:
         options = self.resolved.recipe.fsdp
@@ -131,11 +131,12 @@ class FSDPBackend:
     # ------------------------------------------------------------------ batches
 
     def _rows(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """This DP group's contiguous share of the rows (the first groups take one more when it does not divide)."""
-        n, r = self.meshes.dp_size, self.meshes.dp_rank
-        base, extra = divmod(next(iter(batch.values())).shape[0], n)
-        start = r * base + min(r, extra)
-        return {k: v[start: start + base + (r < extra)] for k, v in batch.items()}
+        """This DP group's share of the rows (a Ulysses group shares its rows)."""
+        return dp.rows_of_rank(batch, self.meshes.dp_size, self.meshes.dp_rank)
+
+    def _slice(self, packed: Packed) -> Packed:
+        """This rank's slice of a packed micro-batch along the sequence (the whole of it without Ulysses)."""
+        return packed.part(dist.get_rank(self.meshes.sp_group), self.sp)
 
     def _micro_batches(self, rows: dict[str, Tensor]) -> list[tuple[dict[str, Tensor], Packed]]:
         """Packed micro-batches of ``rows``, as many on every rank (padding-only ones where this rank has fewer)."""
@@ -154,9 +155,9 @@ class FSDPBackend:
 
     def _forward(self, packed: Packed) -> tuple[Packed, Tensor]:
         """Logits (1, width/sp, V) of this rank's slice of a packed micro-batch, and that slice."""
-        group = self.meshes.sp_group
-        mine = packed.part(dist.get_rank(group), self.sp) if self.sp > 1 else packed
-        scope = ulysses.whole_sequence(packed.position_ids, group) if self.sp > 1 else contextlib.nullcontext()
+        mine = self._slice(packed)
+        scope = (ulysses.whole_sequence(packed.position_ids, self.meshes.sp_group) if self.sp > 1
+                 else contextlib.nullcontext())
         with scope:
             logits = self.model(input_ids=mine.input_ids, position_ids=mine.position_ids, use_cache=False).logits
         return mine, logits
@@ -200,9 +201,8 @@ class FSDPBackend:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         mbs = self._micro_batches(self._rows(batch))
-        scored = [(mb, packed.part(dist.get_rank(self.meshes.sp_group), self.sp) if self.sp > 1 else packed)
-                  for mb, packed in mbs]
-        local = sum(float((mb["response_mask"] * part.owned()).sum()) for mb, part in scored if mb is not None)
+        local = sum(float((mb["response_mask"] * self._slice(packed).owned()).sum())
+                    for mb, packed in mbs if mb is not None)
         count = torch.tensor([local], dtype=torch.float64)
         dist.all_reduce(count)
         loss_fn = make_loss(float(count))
@@ -214,9 +214,7 @@ class FSDPBackend:
                 (logits.sum() * 0.0).backward()  # FSDP's reduce-scatter runs in backward on every rank
                 continue
             logp, entropy = vocab_parallel_logprobs(logits, mine.labels, self.shape.vocab, with_entropy=True)
-            inputs = {k: v for k, v in mb.items() if k not in PER_TOKEN}
-            inputs |= {k: mb[k] for k in PER_TOKEN if k in mb}
-            inputs["response_mask"] = mb["response_mask"] * mine.owned()
+            inputs = mb | {"response_mask": mb["response_mask"] * mine.owned()}  # the positions this slice scores
             loss, metrics = loss_fn(mine.unpack(logp), mine.unpack(entropy), inputs)
             loss.backward()
             forward_logprobs.append(mine.unpack(logp.detach()))

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, ResolvedRecipe, load_matrix
-from matrix.schema import Gate, Layout, LayoutPatch
+from matrix.schema import Gate, LayoutPatch
 from trainer.atomic import write_bytes, write_json
 from trainer.equivalence.compare import compare
 from trainer.parallel.layout import ParallelLayout
@@ -36,12 +36,8 @@ class GateInputError(Exception):
 def variant(m: Matrix, recipe_name: str, patch: LayoutPatch) -> ResolvedRecipe:
     """The recipe with ``patch``'s degrees, GPU count and trainer."""
     base = m.resolve(recipe_name)
-    changes = patch.model_dump(exclude_none=True)
-    gpus = changes.pop("gpus", base.recipe.gpus)
-    trainer = changes.pop("trainer", base.recipe.trainer)
-    layout = Layout.model_validate(base.layout.model_dump() | changes)
-    dims = ParallelLayout.of(layout, gpus)
-    recipe = base.recipe.model_copy(update={"gpus": gpus, "trainer": trainer})
+    recipe, layout = patch.applied_to(base.recipe, base.layout)
+    dims = ParallelLayout.of(layout, recipe.gpus)
     return base.model_copy(update={"layout": layout, "recipe": recipe, "min_gpus": dims.min_world, "dp": dims.dp})
 
 

@@ -13,16 +13,19 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 
-def row_slice(rows: int) -> slice:
-    """This DP rank's contiguous share of ``rows`` (the first ranks take one more when it does not divide)."""
-    n, r = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    base, extra = divmod(rows, n)
-    start = r * base + min(r, extra)
-    return slice(start, start + base + (r < extra))
+def row_slice(rows: int, ranks: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``rows`` over ``ranks`` (the first ranks take one more when it does
+    not divide)."""
+    base, extra = divmod(rows, ranks)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
-def rows_of_rank(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    rows = row_slice(next(iter(batch.values())).shape[0])
+def rows_of_rank(batch: dict[str, Tensor], ranks: int | None = None, rank: int | None = None) -> dict[str, Tensor]:
+    """This DP rank's rows of every (B, ...) tensor; by default of megatron's data-parallel group."""
+    if ranks is None:
+        ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    rows = row_slice(next(iter(batch.values())).shape[0], ranks, rank)
     return {k: v[rows] for k, v in batch.items()}
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from matrix.rules import check_model
-from trainer.backends.fsdp import build_hf_model
+from trainer.backends.fsdp import build_hf_model, every_expert_in_backward
 from trainer.models.families import BUILT_FAMILIES, family
 from trainer.models.families.bundle import UnsupportedConfig
 from trainer.worker import one_process
@@ -41,14 +41,12 @@ def test_matrix_refuses_deepseek_routing_fields(matrix):
 
 
 def test_every_expert_gets_a_gradient_and_values_are_unchanged(matrix):
-    from trainer.backends.fsdp import FSDPBackend
-
     resolved = one_process(matrix.resolve("tiny-qwen3-moe-fsdp"))
     torch.manual_seed(0)
     plain = build_hf_model(resolved, on_meta=False)
     hooked = build_hf_model(resolved, on_meta=False)
     hooked.load_state_dict(plain.state_dict())
-    FSDPBackend._every_expert_in_backward(type("B", (), {"model": hooked})())
+    every_expert_in_backward(hooked)
     ids = torch.tensor([[5, 6, 7]])  # 3 tokens, top-2 of 4 experts: some expert of some layer goes unused
     torch.testing.assert_close(hooked(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
     plain(input_ids=ids).logits.sum().backward()
