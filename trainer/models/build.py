@@ -40,10 +40,12 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     shape = model.shape
-    if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
-        # Some modules (the gated delta net) initialise under megatron's TP RNG tracker; the backend seeds it,
-        # a bare build (tests, conversion checks) gets it seeded from the same seed.
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # Some modules (the gated delta net) initialise under megatron's TP RNG tracker: it is seeded from the same
+    # seed for the build and given back its earlier states afterwards, so a build never depends on what an
+    # earlier build (or dropout) drew from it.
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker_states = tracker.get_states() if tracker.is_initialized() else None
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -60,6 +62,8 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
         )
     finally:
         torch.set_rng_state(rng)
+        if tracker_states is not None:
+            tracker.set_states(tracker_states)
     _mark_expert_parameters(gpt)
     return gpt
 
