@@ -8,7 +8,9 @@ each candidate layout (every layout a real multi-process launch), compare, and w
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -47,21 +49,39 @@ def describe(patch: LayoutPatch) -> str:
 
 
 CACHE_FORMAT = 2  # bump when what prepare / replay_rank return changes (2: weights under HF names)
+SOURCES = ("trainer", "matrix")  # the code whose output the cache holds
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The trainer's source and the libraries that compute with it: a cached record made by other code is stale
+    (a reference record from yesterday's trainer would hide today's regression)."""
+    digest = hashlib.sha256(str(CACHE_FORMAT).encode())
+    for package in ("torch", "megatron-core", "transformers"):
+        digest.update(f"{package}=={importlib.metadata.version(package)}".encode())
+    for source in sorted(p for folder in SOURCES for p in (ROOT / folder).rglob("*.py")):
+        digest.update(str(source.relative_to(ROOT)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps([CACHE_FORMAT, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Runner:
-    """Runs layouts of gates; prepared rollouts and reference records are cached on disk by content."""
+    """Runs layouts of gates; prepared rollouts and reference records are cached on disk by content and by
+    `code_fingerprint` (entries made by other code are deleted when a runner starts)."""
 
     def __init__(self, m: Matrix, cache: Path, plant: str | None = None):
         self.m, self.cache, self.plant = m, cache, plant
         cache.mkdir(parents=True, exist_ok=True)
+        self.code = code_fingerprint()
+        for stale in cache.glob("*.pt"):
+            if not stale.name.startswith(f"{self.code}-"):
+                stale.unlink(missing_ok=True)
 
     def _cached(self, key: str, make):
-        path = self.cache / f"{key}.pt"
+        path = self.cache / f"{self.code}-{key}.pt"
         if path.exists():
             return torch.load(path, weights_only=False)
         value = make()

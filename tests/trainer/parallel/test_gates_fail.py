@@ -33,8 +33,10 @@ def gate(repo, cache, out, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("gate-cache")
+def cache(repo):
+    """The cache `nox -s equivalence` uses too (keyed by the code, so never stale): CI's gate session then
+    reuses the rollouts and reference records prepared here instead of warm-starting them again."""
+    return repo / "runs" / "gates" / ".cache"
 
 
 @pytest.mark.slow
