@@ -113,13 +113,15 @@ class Runner:
         return self._cached(key, lambda: launch(replay_rank, resolved.recipe.gpus, job))
 
 
-def run_gate(runner: Runner, name: str, gate: Gate, out: Path, console: Console) -> bool:
+def run_gate(runner: Runner, name: str, gate: Gate, out: Path, console: Console,
+             only: list[int] | None = None) -> bool:
+    """Replay the reference and the candidates (``only``: these 0-based indices) and write the verdict."""
     started = time.perf_counter()
     m = runner.m
     _, batch = runner.inputs(gate.recipe)
     reference = runner.replay(variant(m, gate.recipe, gate.reference), gate.steps, candidate=False)
     rows = []
-    for patch in gate.candidates:
+    for patch in gate.candidates if only is None else [gate.candidates[i] for i in only]:
         resolved = variant(m, gate.recipe, patch)
         record = runner.replay(resolved, gate.steps, candidate=True)
         measured = compare(reference, record, batch["response_mask"], gate.tolerances, cp=resolved.layout.cp,
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matrix", default=str(DEFAULT_MATRIX_PATH))
     p.add_argument("--out", default=str(ROOT / "runs" / "gates"), help="verdicts go to OUT/<gate>/")
     p.add_argument("--cache", help="where prepared rollouts and reference records are kept (default: OUT/.cache)")
+    p.add_argument("--candidate", type=int, action="append", metavar="N",
+                   help="run only candidate N (0-based, repeatable) of each named gate; default: all")
     p.add_argument("--plant", metavar="FILE:FUNCTION", help=argparse.SUPPRESS)  # tests: a fault in the candidates
     args = p.parse_args(argv)
     console = Console()
@@ -166,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [g for g in args.gates if g not in m.gates]
         if unknown:
             raise GateInputError(f"unknown gate {unknown[0]!r}; gates: {', '.join(m.gates) or '(none)'}")
+        for name in args.gates or list(m.gates):
+            count = len(m.gates[name].candidates)
+            wrong = [i for i in args.candidate or [] if not 0 <= i < count]
+            if wrong:
+                raise GateInputError(f"--candidate {wrong[0]}: gate {name} has candidates 0..{count - 1}")
     except GateInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]gate {name}[/]: {len(m.gates[name].candidates)} candidate(s) against "
                       f"{describe(m.gates[name].reference)}")
         try:
-            if not run_gate(runner, name, m.gates[name], out / name, console):
+            if not run_gate(runner, name, m.gates[name], out / name, console, only=args.candidate):
                 failed.append(name)
         except RankFailed as exc:
             print(f"error: gate {name}: {exc}", file=sys.stderr)

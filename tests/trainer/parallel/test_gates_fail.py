@@ -13,17 +13,17 @@ import pytest
 
 FAULTS = Path(__file__).with_name("faults.py")
 
-CASES = [  # (fault, gate, the quantity that must fail)
-    ("label_shift_at_chunk_boundaries", "cp-equivalence", "logprobs at CP chunk boundaries, max abs"),
-    ("wrong_causal_offset_second_chunk", "cp-equivalence", "logprobs max abs"),
-    ("tokens_counted_twice_across_cp", "cp-equivalence", "loss rel"),
-    ("loss_scaled_by_cp", "cp-equivalence", "loss rel"),
-    ("tp_logprobs_reduced_with_max", "tp-equivalence", "logprobs max abs"),
-    ("dp_token_count_not_all_reduced", "dp-equivalence", "loss rel"),
-    ("ulysses_sequence_slices_out_of_order", "fsdp-equivalence", "logprobs max abs"),
-    ("fsdp_gradients_averaged_over_ranks", "fsdp-equivalence", "grad norm rel"),
-    ("expert_weights_reduced_as_dense", "mla-tp-equivalence", "grad norm rel"),
-    ("mla_down_projections_column_parallel", "mla-tp-equivalence", "grad norm rel"),
+CASES = [  # (fault, gate, its candidate that the fault reaches, the quantity that must fail)
+    ("label_shift_at_chunk_boundaries", "cp-equivalence", 0, "logprobs at CP chunk boundaries, max abs"),
+    ("wrong_causal_offset_second_chunk", "cp-equivalence", 0, "logprobs max abs"),
+    ("tokens_counted_twice_across_cp", "cp-equivalence", 0, "loss rel"),
+    ("loss_scaled_by_cp", "cp-equivalence", 0, "loss rel"),
+    ("tp_logprobs_reduced_with_max", "tp-equivalence", 0, "logprobs max abs"),
+    ("dp_token_count_not_all_reduced", "dp-equivalence", 0, "loss rel"),
+    ("ulysses_sequence_slices_out_of_order", "fsdp-equivalence", 2, "logprobs max abs"),
+    ("fsdp_gradients_averaged_over_ranks", "fsdp-equivalence", 1, "grad norm rel"),
+    ("expert_weights_reduced_as_dense", "mla-tp-equivalence", 1, "grad norm rel"),
+    ("mla_down_projections_column_parallel", "mla-tp-equivalence", 0, "grad norm rel"),
 ]
 
 
@@ -51,9 +51,9 @@ def test_cp_gate_passes_on_the_real_code(repo, cache, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("fault", "name", "quantity"), CASES, ids=[c[0] for c in CASES])
-def test_gate_fails_on_planted_fault(repo, cache, tmp_path, fault, name, quantity):
-    result = gate(repo, cache, tmp_path, name, "--plant", f"{FAULTS}:{fault}")
+@pytest.mark.parametrize(("fault", "name", "candidate", "quantity"), CASES, ids=[c[0] for c in CASES])
+def test_gate_fails_on_planted_fault(repo, cache, tmp_path, fault, name, candidate, quantity):
+    result = gate(repo, cache, tmp_path, name, "--candidate", str(candidate), "--plant", f"{FAULTS}:{fault}")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     verdict = json.loads((tmp_path / name / "verdict.json").read_text())
     failed = {r["quantity"] for r in verdict["rows"] if not r["passed"]}

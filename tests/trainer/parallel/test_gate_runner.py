@@ -1,6 +1,8 @@
-"""The gates' disk cache (prepared rollouts, reference records) is keyed by the trainer's code: an entry made by
-other code is never read, and is deleted when a runner starts."""
+"""The gate runner without running a gate: its disk cache (prepared rollouts, reference records) is keyed by the
+trainer's code, so an entry made by other code is never read and is deleted when a runner starts; bad arguments
+get one line and exit 2."""
 
+import pytest
 import torch
 
 from matrix import load_matrix
@@ -29,3 +31,14 @@ def test_the_fingerprint_follows_the_source(tmp_path, monkeypatch):
     before = run.code_fingerprint.__wrapped__()
     (tmp_path / "trainer" / "code.py").write_text("x = 2\n")
     assert run.code_fingerprint.__wrapped__() != before
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["no-such-gate"], "unknown gate 'no-such-gate'; gates: cp-equivalence"),
+    (["tp-equivalence", "--candidate", "2"], "--candidate 2: gate tp-equivalence has candidates 0..1"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert run.main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
