@@ -32,7 +32,7 @@ def gate(repo, cache, out, name, *extra):
                            *extra], cwd=repo, capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cache(repo):
     """The cache `nox -s equivalence` uses too (keyed by the code, so never stale): CI's gate session then
     reuses the rollouts and reference records prepared here instead of warm-starting them again."""
