@@ -60,8 +60,9 @@ def plan(m: Matrix, suite: Benchmark, matrix_path: Path) -> list[Plan]:
     """The suite's cells with their exact overrides, each checked by the trainer's own resolver."""
     plans = []
     for item in suite.recipes:
-        name, recipe, own = (item, item, {}) if isinstance(item, str) else (item.name, item.recipe, item.overrides)
-        for layout in suite.layouts or [m.recipes[recipe].layout]:
+        name, recipe, own, layouts = ((item, item, {}, None) if isinstance(item, str)
+                                      else (item.label, item.recipe, item.overrides, item.layouts))
+        for layout in layouts or suite.layouts or [m.recipes[recipe].layout]:
             gpus, _ = derived_sizes(m.layouts[layout], 1)
             overrides = {**suite.overrides, **own, "layout": layout, "gpus": gpus,
                          "run.episodes": suite.episodes}

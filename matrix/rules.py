@@ -45,9 +45,13 @@ def check_references(data: dict) -> Iterator[Finding]:
             if isinstance(recipe, str) and recipe not in recipes:
                 yield ("benchmarks", name, "recipes", i, *at), f"'{recipe}' is not a recipe; recipes: {_names(recipes)}"
         layouts = section("layouts")
-        for i, layout in enumerate(b.get("layouts") or []):
-            if isinstance(layout, str) and layout not in layouts:
-                yield ("benchmarks", name, "layouts", i), f"'{layout}' is not a layout; layouts: {_names(layouts)}"
+        lists = [((), b.get("layouts"))] + [(("recipes", i), item.get("layouts"))
+                                            for i, item in enumerate(b.get("recipes") or []) if isinstance(item, dict)]
+        for at, names in lists:
+            for i, layout in enumerate(names if isinstance(names, list) else []):
+                if isinstance(layout, str) and layout not in layouts:
+                    yield (("benchmarks", name, *at, "layouts", i),
+                           f"'{layout}' is not a layout; layouts: {_names(layouts)}")
 
 
 def check_model(name: str, model: Model) -> Iterator[Finding]:
@@ -148,7 +152,7 @@ def check_benchmark(name: str, b: Benchmark) -> Iterator[Finding]:
                                           f"use at most {b.episodes - 1}")
     seen: set[str] = set()
     for i, item in enumerate(b.recipes):
-        label = item if isinstance(item, str) else item.name
+        label = item if isinstance(item, str) else item.label
         if label in seen:
             yield at + ("recipes", i), f"'{label}' appears twice; give each entry its own name"
         seen.add(label)

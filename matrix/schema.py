@@ -459,9 +459,15 @@ class BenchRecipe(Strict):
     """A recipe run under other settings in a suite: `overrides` are the trainer's `key=value` overrides."""
 
     recipe: NonEmptyStr
-    name: NonEmptyStr
-    """How results and reports call it (unique in the suite)."""
+    name: NonEmptyStr | None = None
+    """How results and reports call it (unique in the suite); default: the recipe's name."""
     overrides: dict[NonEmptyStr, OverrideValue] = {}
+    layouts: list[NonEmptyStr] | None = None
+    """This entry's layouts instead of the suite's (a family that refuses one of them, say CP for Qwen3-Next)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.recipe
 
 
 class Benchmark(Strict):

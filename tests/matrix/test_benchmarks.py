@@ -11,8 +11,12 @@ def test_committed_cpu_suite_expands_to_entries_and_layouts(matrix_text, tmp_pat
     m = load_matrix()
     cpu = m.benchmarks["cpu"]
     assert cpu.layouts == ["single", "dp2", "tp2", "pp2", "cp2"]
-    dense = [r for r in cpu.recipes if not isinstance(r, str)]
-    assert [(d.recipe, d.name, d.overrides) for d in dense] == [("tiny-qwen2.5", "dense-512", {"model": "bench-dense-512"})]
+    entries = {(r if isinstance(r, str) else r.label): r for r in cpu.recipes}
+    assert list(entries) == ["tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight", "tiny-qwen3-next", "dense-512",
+                             "tiny-qwen3-fsdp"]
+    dense = entries["dense-512"]
+    assert (dense.recipe, dense.overrides, dense.layouts) == ("tiny-qwen2.5", {"model": "bench-dense-512"}, None)
+    assert entries["tiny-qwen3-next"].layouts == ["single", "ep2", "tp2-sp"]
     assert m.models["bench-dense-512"].shape.hidden >= 512
 
 
@@ -21,11 +25,13 @@ def test_committed_cpu_suite_expands_to_entries_and_layouts(matrix_text, tmp_pat
      "'dp3' is not a layout"),
     ("      - {recipe: tiny-qwen2.5, name: dense-512,", "      - {recipe: tiny-qwen9, name: dense-512,",
      "benchmarks.cpu.recipes[4].recipe", "'tiny-qwen9' is not a recipe"),
+    ("{recipe: tiny-qwen3-next, layouts: [single, ep2, tp2-sp]}", "{recipe: tiny-qwen3-next, layouts: [single, ep4]}",
+     "benchmarks.cpu.recipes[3].layouts[1]", "'ep4' is not a layout"),
     ("    repeats: 2\n", "    repeats: 2\n    repeat: 3\n", "benchmarks.cpu.repeat", "unknown key 'repeat'"),
     ("    warmup_episodes: 1\n    repeats: 2\n", "    warmup_episodes: 4\n    repeats: 2\n",
      "benchmarks.cpu.warmup_episodes", "4 leaves no steady episode of episodes=4; use at most 3"),
-    ("      - tiny-qwen3\n      - tiny-moonlight\n", "      - tiny-qwen3\n      - tiny-qwen3\n",
-     "benchmarks.cpu.recipes[2]", "'tiny-qwen3' appears twice"),
+    ("      - tiny-qwen2.5\n      - tiny-qwen3\n", "      - tiny-qwen3\n      - tiny-qwen3\n",
+     "benchmarks.cpu.recipes[1]", "'tiny-qwen3' appears twice"),
 ])
 def test_bad_suite_is_reported_at_its_path(tmp_path, matrix_text, old, new, path, words):
     assert SUITE in matrix_text and old in matrix_text
