@@ -46,7 +46,8 @@ def describe(patch: LayoutPatch) -> str:
     return shown or "one process"
 
 
-CACHE_FORMAT = 2  # bump when what prepare / replay_rank return changes (2: weights under HF names)
+CACHE_FORMAT = 3  # bump when what prepare / replay_rank return changes (2: weights under HF names; 3: the
+# batch carries engine_logprobs)
 
 
 def _key(*parts) -> str:
