@@ -88,6 +88,6 @@ def truncated_is_metrics(old_logprobs: Tensor, engine_logprobs: Tensor, mask: Te
     """Over the tokens where ``mask`` is 1: ``tis/weight_mean``, the mean weight of :func:`truncated_is_weights`,
     and ``tis/clipped_fraction``, the share of tokens whose ratio exceeds ``cap`` (a ratio of exactly the cap,
     e.g. 1 with cap 1 where both sides agree, changes nothing and is not counted)."""
-    ratio = torch.exp(old_logprobs.detach() - engine_logprobs.detach())
+    ratio = torch.exp(old_logprobs.detach().double() - engine_logprobs.detach().double())  # 1e-7 shows
     return {"tis/weight_mean": masked_mean(ratio.clamp(max=cap), mask),
             "tis/clipped_fraction": masked_mean((ratio > cap).float(), mask)}
