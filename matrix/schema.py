@@ -331,6 +331,21 @@ class GRPO(Strict):
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     """token-mean: ChatLearn, over the global batch; seq-mean-token-mean: verl's option."""
     grader: Literal["hendrycks", "math-verify"] = "hendrycks"
+    tis_cap: PositiveFloat | None = None
+    """Truncated importance sampling (Yao et al. 2025; verl's `tis_imp_ratio_cap`): each token's policy loss is
+    multiplied by min(p_trainer_old / p_engine, tis_cap), detached, correcting for the engine sampling from
+    slightly different weights or kernels than the trainer's. None → off (the default; the loss is unchanged).
+    At least 1: a token on which the two agree (ratio 1) must keep its whole loss. Needs the engine's raw
+    log-probs (`trainer.algo.mismatch`: SGLang's are temperature-scaled unless the temperature is 1)."""
+
+    @field_validator("tis_cap")
+    @classmethod
+    def _tis_cap_keeps_agreeing_tokens(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise PydanticCustomError(
+                "tis_cap_below_one", "tis_cap {cap} < 1 would scale down the loss of every token on which engine "
+                "and trainer agree (ratio 1); use a cap ≥ 1 (2 is usual) or null for off", {"cap": value})
+        return value
 
     @field_validator("log_reference_kl")
     @classmethod

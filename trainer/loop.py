@@ -36,7 +36,7 @@ from matrix import ResolvedRecipe
 from matrix.schema import Sampling
 from trainer import checkpoint
 from trainer.algo import group_outcome_ratios
-from trainer.algo.mismatch import rollout_mismatch
+from trainer.algo.mismatch import mismatch_metrics, scatter_responses
 from trainer.backends.base import TrainingBackend
 from trainer.backends.errors import NonFiniteLossError
 from trainer.batching import pack
@@ -84,12 +84,12 @@ def evaluate(engine: RolloutEngine, task: Task, r: ResolvedRecipe, seed: int) ->
 class Collected:
     """One episode's rollout, scored: what ``learn`` needs (``batch``) and what the metrics report."""
 
-    batch: dict[str, torch.Tensor]  # input_ids, attention_mask (B, T); response_mask (B, T-1); advantages (B,)
+    # input_ids, attention_mask (B, T); response_mask, engine_logprobs (B, T-1); advantages (B,)
+    batch: dict[str, torch.Tensor]
     rewards: torch.Tensor  # (B,)
     lengths: torch.Tensor  # (B,) response tokens
     prompt_tokens: int
     seconds: dict[str, float]  # rollout, reward
-    engine_logprobs: list[list[float]]  # per sequence, the engine's raw sampling log-probs of its tokens
 
 
 def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) -> Collected:
@@ -101,12 +101,13 @@ def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) 
     with timer("rollout"):
         outs = engine.generate([p.ids for p in group], _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1)))
         batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], task.pad_id)
+        # the engine's raw sampling log-probs, under the response mask: mismatch metrics, `grpo.tis_cap`
+        batch["engine_logprobs"] = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])
     with timer("reward"):
         rewards = torch.tensor([score(o.text, p.ground_truth, grpo.grader) for o, p in zip(outs, group, strict=True)])
         batch["advantages"] = advantages(grpo, rewards).float()
     return Collected(batch, rewards, torch.tensor([len(o.token_ids) for o in outs]),
-                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")},
-                     [list(o.logprobs) for o in outs])
+                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")})
 
 
 def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend | None,
@@ -144,8 +145,8 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     # The engine's raw sampling log-probs against the trainer's old log-probs of the same tokens (both before
     # temperature / top-k / top-p; from the separate pass or the training forward, the same weights either
     # way): how far the engine's weights and kernels are from the trainer's.
-    mismatch = rollout_mismatch(collected.batch["old_logprobs"], collected.engine_logprobs,
-                                collected.batch["response_mask"])
+    batch = collected.batch
+    mismatch = mismatch_metrics(batch["old_logprobs"], batch["engine_logprobs"], batch["response_mask"])
     with timer("sync"):
         tensors = list(policy.hf_named_tensors())  # collective: whole tensors on the driver
         job.on_driver(lambda: engine.update_weights(tensors))

@@ -3,7 +3,9 @@
 loss = agg over the GLOBAL batch of [pg + kl_coef·kl − entropy_coef·entropy], so the loss and its gradient
 do not depend on how the batch is split into micro-batches or data-parallel ranks (REFERENCE §4). Each
 variant (advantage estimator, policy loss, KL estimator, aggregation) is the one the recipe's `grpo` section
-names, looked up in `trainer.algo`'s registries. A term whose coefficient is 0 is logged but kept out of the
+names, looked up in `trainer.algo`'s registries. With `grpo.tis_cap` set, each token's policy loss is first
+multiplied by its truncated importance weight min(p_old / p_engine, cap) (`trainer.algo.mismatch`); off (None),
+that step does not run at all. A term whose coefficient is 0 is logged but kept out of the
 graph, so nothing it computes (say an inf far from the reference) can reach the gradient.
 Metrics are returned pre-weighted by the micro-batch's share of the denominator, so the backend's sum over
 micro-batches is the global mean.
@@ -25,6 +27,7 @@ from trainer.algo import (
     get_policy_loss,
     global_denominator,
 )
+from trainer.algo.mismatch import truncated_is_metrics, truncated_is_weights
 from trainer.passes import ALL_PASSES, Passes
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -49,6 +52,9 @@ def make_loss_fn(grpo: GRPO, global_tokens: float, passes: Passes = ALL_PASSES) 
     `passes` (`trainer.passes`): which inputs the micro-batches carry. Without the old-log-prob pass the old
     log-probs are the detached `logp` of this forward (ratio exactly 1); without the reference pass there is
     no KL term and no `loss/kl` metric (the recipe check refuses kl_coef > 0 without it).
+    With `grpo.tis_cap`, the micro-batches carry `engine_logprobs` (B, T), and the truncated importance weights
+    compare them with those same old log-probs: this forward's are the weights the engine sampled with (the
+    pass is skipped only for one deterministic step per episode), so the weights equal the separate pass's.
     """
     policy_loss = get_policy_loss(grpo.policy_loss)
     options = _policy_loss_options(policy_loss, grpo)
@@ -66,6 +72,9 @@ def make_loss_fn(grpo: GRPO, global_tokens: float, passes: Passes = ALL_PASSES) 
         mask = mb["response_mask"]
         old = mb["old_logprobs"] if passes.old_logprobs else logp.detach()
         pg, pg_metrics = policy_loss(logp, old, mb["advantages"], mask, **options)
+        if grpo.tis_cap is not None:
+            pg = pg * truncated_is_weights(old, mb["engine_logprobs"], grpo.tis_cap)
+            pg_metrics |= truncated_is_metrics(old, mb["engine_logprobs"], mask, grpo.tis_cap)
         per_token = pg
         kl = None
         if grpo.kl_coef:

@@ -5,8 +5,10 @@
   training forward runs, on the same tokens: the detached log-probs of the training forward are the old
   log-probs, the ratio is exactly 1, and the loss and gradient are those of the separate pass (to float
   rounding; ``tests/trainer/test_passes.py``). The backend returns them from ``train_step`` so the rollout–
-  trainer mismatch metrics and the equivalence gates still see them. More steps per episode (the policy moves
-  between steps) or a stochastic forward (two forwards differ) keep the separate no-grad pass.
+  trainer mismatch metrics and the equivalence gates still see them, and ``grpo.tis_cap``'s weights
+  p_old / p_engine use them too: they are the log-probs of the weights the engine sampled with, as the
+  separate pass's would be. More steps per episode (the policy moves between steps) or a stochastic forward
+  (two forwards differ) keep the separate no-grad pass.
 * **Reference log-probs.** The loss needs them when ``kl_coef`` > 0; with ``kl_coef`` 0 they only feed the
   logged ``loss/kl``, so the reference model is built and run only when ``grpo.log_reference_kl`` asks.
 """

@@ -52,6 +52,8 @@ EDITS = [
      "images.vllm-te27.base.digest", "'sha256:' followed by 64 hex digits"),
     ("unknown-policy-loss", "micro_batch_size: 32}", "micro_batch_size: 32, policy_loss: ppo}",
      "recipes.demo.grpo.policy_loss", "Input should be 'vanilla' or 'dual_clip'"),
+    ("tis-cap-below-one", "micro_batch_size: 32}", "micro_batch_size: 32, tis_cap: 0.5}",
+     "recipes.demo.grpo.tis_cap", "tis_cap 0.5 < 1 would scale down the loss of every token"),
     ("top-k-zero", "max_response_len: 16, lr: 1.0e-3,\n", "max_response_len: 16, lr: 1.0e-3, sampling: {top_k: 0},\n",
      "recipes.tiny-qwen2.5.grpo.sampling.top_k", "top_k must be -1 (off) or a positive number"),
     ("missing-family-block", "      mla: {q_lora_rank: 1536,", "      mlx: {q_lora_rank: 1536,",

@@ -85,6 +85,14 @@ def _seq_token_mean_sum(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (_masked(loss, mask).sum(dim=-1) / tokens).sum()
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` over ``mask == 1`` (all entries when mask is None); 0 for an empty mask (a metric's mean)."""
+    if mask is None:
+        return x.float().mean()
+    keep = mask.bool()
+    return _masked(x, keep).sum() / keep.sum().clamp(min=1)
+
+
 def _masked(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``loss`` where ``mask`` is set, exactly 0 elsewhere (even where ``loss`` is inf or nan)."""
     return torch.where(mask.bool(), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from trainer.algo.aggregation import masked_mean
+
 
 def scatter_responses(response_mask: Tensor, per_sequence: Sequence[Sequence[float]]) -> Tensor:
     """Per-sequence values (the engine's log-probs of each response) laid out like ``response_mask`` (B, T).
@@ -63,7 +65,8 @@ def mismatch_metrics(trainer_logprobs: Tensor, engine_logprobs: Tensor, mask: Te
 def rollout_mismatch(
     trainer_logprobs: Tensor, engine_logprobs: Sequence[Sequence[float]], response_mask: Tensor
 ) -> dict[str, float]:
-    """One call for the loop: ``RolloutOutput.logprobs`` of each sequence against the trainer's (B, T)."""
+    """``RolloutOutput.logprobs`` of each sequence against the trainer's (B, T), for a caller without a batch
+    laid out by :func:`scatter_responses` (the loop's batch carries ``engine_logprobs`` already)."""
     return mismatch_metrics(trainer_logprobs, scatter_responses(response_mask, engine_logprobs), response_mask)
 
 
@@ -72,9 +75,19 @@ def truncated_is_weights(old_logprobs: Tensor, engine_logprobs: Tensor, cap: flo
 
     Multiplying the per-token policy loss by them corrects for sampling from the engine's distribution
     instead of the trainer's old policy (Yao et al., "Your efficient RL framework secretly brings you
-    off-policy RL training", 2025); the cap bounds the variance. For a future ``grpo.tis_cap`` (off by
-    default); masked positions are the caller's to ignore.
+    off-policy RL training", 2025; verl's ``tis_imp_ratio_cap``); the cap bounds the variance. The
+    objective applies them when ``grpo.tis_cap`` is set (off by default); masked positions are the caller's
+    to ignore.
     """
     if cap <= 0:
         raise ValueError(f"the truncation cap must be > 0, got {cap}")
     return torch.exp(old_logprobs.detach() - engine_logprobs.detach()).clamp(max=cap)
+
+
+def truncated_is_metrics(old_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float) -> dict[str, Tensor]:
+    """Over the tokens where ``mask`` is 1: ``tis/weight_mean``, the mean weight of :func:`truncated_is_weights`,
+    and ``tis/clipped_fraction``, the share of tokens whose ratio exceeds ``cap`` (a ratio of exactly the cap,
+    e.g. 1 with cap 1 where both sides agree, changes nothing and is not counted)."""
+    ratio = torch.exp(old_logprobs.detach().double() - engine_logprobs.detach().double())  # 1e-7 shows
+    return {"tis/weight_mean": masked_mean(ratio.clamp(max=cap), mask),
+            "tis/clipped_fraction": masked_mean((ratio > cap).float(), mask)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.algo.aggregation import masked_mean
 from trainer.algo.registry import Registry
 
 POLICY_LOSSES = Registry("policy loss")
@@ -27,14 +28,6 @@ get_policy_loss = POLICY_LOSSES.get
 
 DUAL_CLIP_C = 3.0  # verl's clip_ratio_c
 LOG_RATIO_MAX = 10.0  # exp(10) ~ 2.2e4: a stale or broken old_logp cannot overflow the ratio to inf
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``x`` over ``mask == 1`` (all entries when mask is None); 0 for an empty mask."""
-    if mask is None:
-        return x.float().mean()
-    keep = mask.bool()
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / keep.sum().clamp(min=1)
 
 
 @register_policy_loss("vanilla")
@@ -67,8 +60,8 @@ def ppo_clip_loss(
     loss = torch.maximum(loss_unclipped, loss_clipped)
 
     metrics = {
-        "actor/pg_clipfrac": _masked_mean((loss_clipped > loss_unclipped).float(), mask).detach(),
-        "actor/ppo_kl": _masked_mean(-log_ratio, mask).detach(),  # k1 estimate of KL(old || new)
+        "actor/pg_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask).detach(),
+        "actor/ppo_kl": masked_mean(-log_ratio, mask).detach(),  # k1 estimate of KL(old || new)
     }
     if dual_clip_c is not None:
         if dual_clip_c <= 1.0:
@@ -76,9 +69,9 @@ def ppo_clip_loss(
         bound = -advantages * dual_clip_c
         lower_hit = (advantages < 0) & (loss > bound)
         loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
-        metrics["actor/pg_clipfrac_lower"] = _masked_mean(lower_hit.float(), mask).detach()
+        metrics["actor/pg_clipfrac_lower"] = masked_mean(lower_hit.float(), mask).detach()
     if loss_cap is not None:
-        metrics["actor/pg_capfrac"] = _masked_mean((loss > loss_cap).float(), mask).detach()
+        metrics["actor/pg_capfrac"] = masked_mean((loss > loss_cap).float(), mask).detach()
         loss = torch.clamp(loss, max=loss_cap)
     return loss, metrics
 

@@ -38,7 +38,7 @@ from trainer.parallel import cp, dp, gather, pp
 from trainer.parallel.tp import vocab_parallel_logprobs
 
 # Per-token (B, T-1) inputs of the loss, sharded along T like the tokens.
-PER_TOKEN = ("response_mask", "old_logprobs", "ref_logprobs")
+PER_TOKEN = ("response_mask", "old_logprobs", "ref_logprobs", "engine_logprobs")
 
 
 class MegatronBackend:

@@ -13,6 +13,7 @@ CASES = [
     (["demo", "lr"], "argument 'lr': expected key=value"),
     (["demo", "grpo.kl_coef=0.01", "grpo.log_reference_kl=false"], "kl_coef 0.01 puts the KL in the loss"),
     (["demo", "grpo.log_reference_kl=maybe"], "grpo.log_reference_kl"),
+    (["demo", "grpo.tis_cap=0.5"], "grpo.tis_cap: 0.5: tis_cap 0.5 < 1 would scale down"),
     (["demo", "layout=cp2", "gpus=2", "grpo.max_response_len=15"], "is not a multiple of 2·CP=4"),
     (["tiny-qwen3-next", "layout=cp2", "gpus=2"], "has gated delta-net (linear attention) layers"),
     (["qwen3-next"], "32 GPUs (layout qwen3-next-32, min 32), this machine has 0"),

@@ -15,3 +15,15 @@ def test_episode_row_has_mismatch_sync_and_memory_and_mllog(repo, tmp_path):
     assert abs(row["mismatch/token_mult_prob_error"] - 1) < 1e-5
     assert row["sync/bytes"] > 0 and row["memory/peak_rss_mib"] > 0
     assert ":::MLLOG" in out.stdout and "run_stop" in (tmp_path / "mllog.txt").read_text()
+    assert not any(key.startswith("tis/") for key in row)  # grpo.tis_cap is off by default
+
+
+def test_tis_cap_override_logs_its_weights(repo, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "trainer", "tiny-qwen2.5", "run.episodes=2", "grpo.tis_cap=2",
+                          "--run-dir", str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "config.json").read_text())["resolved"]["recipe"]["grpo"]["tis_cap"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:  # engine and trainer agree to float rounding: every weight ~1, none reaches the cap
+        assert abs(row["tis/weight_mean"] - 1) < 1e-5 and row["tis/clipped_fraction"] == 0
