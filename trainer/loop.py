@@ -49,6 +49,7 @@ from trainer.reward.grader import score
 from trainer.rollout.base import NonFiniteLogitsError, RolloutEngine, SamplingParams
 from trainer.tasks import Prompt, Task
 from trainer.warmstart import warm_start
+from trainer.weight_sync import sync_weights
 
 
 class RunStopped(Exception):
@@ -148,8 +149,7 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     batch = collected.batch
     mismatch = mismatch_metrics(batch["old_logprobs"], batch["engine_logprobs"], batch["response_mask"])
     with timer("sync"):
-        tensors = list(policy.hf_named_tensors())  # collective: whole tensors on the driver
-        job.on_driver(lambda: engine.update_weights(tensors))
+        synced = sync_weights(policy, engine, job)
 
     lengths, rewards = collected.lengths, collected.rewards
     all_tokens = collected.prompt_tokens + int(lengths.sum())
@@ -159,7 +159,7 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
         **length_stats(lengths, grpo.max_response_len),
         **stats,
         **mismatch,
-        "sync/bytes": sum(t.numel() * t.element_size() for _, t in tensors),
+        "sync/bytes": synced,
         "throughput/generation_tokens_per_s": int(lengths.sum()) / max(timer.seconds["rollout"], 1e-9),
         "throughput/train_tokens_per_s": all_tokens * grpo.steps_per_episode / max(timer.seconds["train"], 1e-9),
         "tokens/prompt": collected.prompt_tokens,
@@ -176,30 +176,27 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
     """
     run, need = r.recipe.run, passes(r)
     start = 0
-    saved = checkpoint.latest(run_dir, job.rank) if resume else None
+    models = {"policy": policy, "reference": ref}
+    saved = checkpoint.latest_episode(run_dir) if resume else None
     if saved is not None:
-        start, state = saved
-        policy.load_state_dict(state["policy"])
-        if ref is not None:
-            if state.get("reference") is None:
-                raise RunStopped(f"the checkpoint of episode {start} holds no reference model (its run had "
-                                 "none: kl_coef 0 without log_reference_kl), but this recipe needs one")
-            ref.load_state_dict(state["reference"])
+        start, directory = saved
+        state = checkpoint.read(directory, job.rank)
+        if ref is not None and state.get("reference") is None:
+            raise RunStopped(f"the checkpoint of episode {start} holds no reference model (its run had "
+                             "none: kl_coef 0 without log_reference_kl), but this recipe needs one")
+        checkpoint.restore(directory, state, models)
         log.truncate_after(start)
     elif run.warm_start_steps:
         warm_start(policy, task, r, show=job.is_driver)
         if ref is not None:
             ref.copy_weights_from(policy)
-    tensors = policy.hf_named_tensors()
-    job.on_driver(lambda: engine.update_weights(tensors))
+    sync_weights(policy, engine, job)
 
     def save(episode: int) -> None:
         if not policy.weights_finite():
             raise RunStopped(f"episode {episode}: the policy's weights are no longer finite, so they were "
                              f"not checkpointed ({_kept(run_dir)})")
-        state = {"episode": episode, "world_size": job.world_size, "policy": policy.state_dict(),
-                 "reference": ref.state_dict() if ref is not None else None}
-        checkpoint.save(run_dir, episode, state, job)
+        checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size}, job, models)
 
     bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
                disable=not job.is_driver)

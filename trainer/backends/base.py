@@ -9,6 +9,7 @@ sees a shard, a process group or a rank.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 from torch import Tensor
@@ -41,7 +42,8 @@ class TrainingBackend(Protocol):
         ...
 
     def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Whole weights under HF names on the driver rank (nothing elsewhere). Collective."""
+        """Whole weights under HF names on the driver rank (nothing elsewhere). Collective: every rank exhausts
+        the iterator (a backend may gather lazily, one tensor per step; ``trainer.weight_sync`` does this)."""
         ...
 
     def load_hf(self, tensors: dict[str, Tensor]) -> None:
@@ -66,9 +68,14 @@ class TrainingBackend(Protocol):
         model this backend would build for ``resolved`` (``trainer.passes``)."""
         ...
 
-    def state_dict(self) -> dict: ...
+    def save(self, directory: Path) -> dict:
+        """Checkpoint: write what the backend keeps in its own format under ``directory`` (which may stay
+        unwritten) and return this rank's state for its rank file; the two together resume exactly. Collective."""
+        ...
 
-    def load_state_dict(self, sd: dict) -> None: ...
+    def load(self, directory: Path, own: dict) -> None:
+        """Restore what ``save`` wrote into ``directory`` and returned as ``own``. Collective."""
+        ...
 
 
 # recipe.trainer → "module:class", imported only when chosen (megatron-core is heavy).

@@ -11,21 +11,30 @@ Every rank runs the same number of micro-batches (padding-only ones where it has
 all-gathers and reduce-scatters are collectives. The loss is already a global token mean, so gradients are
 summed over ranks (gradient divide factor 1), and the grad norm is taken over the shards.
 
-Weights enter and leave under Hugging Face names (the model's own parameter names), whole, per parameter.
-Checkpoints hold this rank's shards (``state_dict``); ``trainer.convert`` merges them offline (fsdp-to-hf).
+Weights enter and leave under Hugging Face names (the model's own parameter names), whole, per parameter; the
+weight sync streams them, one gathered parameter at a time. Checkpoints are torch distributed checkpoints
+(DCP) of model and optimizer, each rank writing its shards; ``trainer.convert`` merges them offline
+(fsdp-to-hf).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import distribute_tensor
 
 from trainer.backends.base import MakeLossFn
 from trainer.backends.optim import check_finite, clip_and_step, for_training
@@ -244,16 +253,20 @@ class FSDPBackend:
     # ------------------------------------------------------------------ weights
 
     def whole_weights(self) -> dict[str, Tensor]:
-        """Whole weights under HF names on the driver rank ({} elsewhere); collective, one parameter at a time."""
-        whole = {}
-        for name, p in self._resharded().named_parameters():
-            full = p.full_tensor().detach()
-            if dist.get_rank() == 0:
-                whole[name] = full
-        return whole
+        """Whole weights under HF names on the driver rank ({} elsewhere). Collective."""
+        return dict(self.hf_named_tensors())
 
+    @torch.no_grad()
     def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        return iter(self.whole_weights().items())
+        """Whole weights under HF names, gathered one parameter per step of the iteration: the driver gets each
+        (and should drop it before taking the next), the other ranks get nothing. Every rank must exhaust the
+        iterator, since each gather is collective."""
+        driver = dist.get_rank() == 0
+        for name, p in self._resharded().named_parameters():
+            whole = p.full_tensor()
+            if driver:
+                yield name, whole
+            del whole  # before the next gather: one whole parameter at a time
 
     def load_hf(self, tensors: dict[str, Tensor]) -> None:
         """Take this rank's shard of each whole HF-named tensor (a tied ``lm_head.weight`` may be absent)."""
@@ -280,50 +293,33 @@ class FSDPBackend:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict:
-        """This rank's shards of the model and the optimizer state, the LR schedule, step and RNG (a copy).
+    def _sharded_state(self) -> dict:
+        """Model (and optimizer) state as DTensors under the model's FQNs: what DCP writes, each rank its shards."""
+        model = self._resharded()
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(model)}
+        weights, optimizer = get_state_dict(model, self.optimizer)
+        return {"model": weights, "optimizer": optimizer}
 
-        ``shapes`` records each parameter's whole shape: the shards are FSDP2's dim-0 chunks in rank order,
-        which is how ``fsdp-to-hf`` puts them back together.
-        """
-        params = dict(self._resharded().named_parameters())
-        optimizer = None
-        if self.optimizer is not None:
-            optimizer = self.optimizer.state_dict()
-            optimizer["state"] = {i: {k: _local(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
-        return copy.deepcopy({
-            "model": {name: p.to_local().detach() for name, p in params.items()},
-            "shapes": {name: tuple(p.shape) for name, p in params.items()},
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "steps": self.steps,
-            "rng": {"torch": torch.get_rng_state()},
-        })
+    def save(self, directory: Path) -> dict:
+        """Model and optimizer into ``directory`` as a torch distributed checkpoint (each rank writes its shards,
+        rank 0 the metadata); returns this rank's own state: LR schedule, step count and RNG. Collective."""
+        dcp.save(self._sharded_state(), checkpoint_id=directory)
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler else None, "steps": self.steps,
+                "rng": {"torch": torch.get_rng_state()}}
 
-    def load_state_dict(self, sd: dict) -> None:
-        params = dict(self._resharded().named_parameters())
-        missing = sorted(set(params) - set(sd["model"]))
-        if missing:
-            raise KeyError(f"state dict lacks model parameters: {missing[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.to_local().copy_(sd["model"][name])
-        if self.optimizer is not None and sd["optimizer"] is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(sd["optimizer"]))
-            ordered = [p for group in self.optimizer.param_groups for p in group["params"]]
-            for p in ordered:  # load_state_dict gives plain tensors: shard them like their parameter again
-                state = self.optimizer.state.get(p, {})
-                for key, value in state.items():
-                    if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.ndim:
-                        state[key] = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
-                                                        shape=p.shape, stride=p.stride())
-            self.scheduler.load_state_dict(sd["scheduler"])
-        self.steps = sd["steps"]
-        torch.set_rng_state(sd["rng"]["torch"])
-
-
-def _local(value):
-    return value.to_local().detach() if isinstance(value, DTensor) else value
+    def load(self, directory: Path, own: dict) -> None:
+        """Restore what ``save`` wrote into ``directory`` and returned as ``own``. Collective."""
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=directory)  # in place, into this rank's shards
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state["model"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+            self.scheduler.load_state_dict(own["scheduler"])
+        self.steps = own["steps"]
+        torch.set_rng_state(own["rng"]["torch"])
 
 
 def _sum_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -215,6 +216,13 @@ class MegatronBackend:
                 "rng": {"torch": torch.get_rng_state(), "tracker": tracker.get_states()},
             }
         )
+
+    def save(self, directory: Path) -> dict:
+        """All of this rank's state goes into its rank file (``directory`` stays unwritten)."""
+        return self.state_dict()
+
+    def load(self, directory: Path, own: dict) -> None:
+        self.load_state_dict(own)
 
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(copy.deepcopy(sd["model"]), strict=False)

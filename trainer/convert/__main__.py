@@ -3,7 +3,7 @@
     hf-to-mcore HF_DIR OUT_DIR [--layout single]   HF safetensors → megatron-core directory
     mcore-to-hf MCORE_DIR OUT_DIR --like HF_DIR    back to HF, with HF_DIR's shard layout and files
     fsdp-to-hf CKPT_DIR OUT_DIR --like HF_DIR [--groupgemm]
-                                                   an FSDP run's per-rank checkpoint → HF safetensors
+                                                   an FSDP run's DCP checkpoint → HF safetensors
     verify HF_DIR MCORE_DIR [--tolerance T]        max |logit difference| on fixed tokens; exit 1 above T
     fp8-to-bf16 IN_DIR OUT_DIR [--block 128]       DeepSeek-V3 fp8 release → bf16 (resumable)
     prepare MODEL IN_DIR OUT_DIR                   the matrix model's prepare steps (OUT/hf, OUT/mcore)
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("mcore_dir", type=Path)
     a.add_argument("out_dir", type=Path)
     a.add_argument("--like", type=Path, required=True, help="the HF checkpoint whose shard layout and files to use")
-    a = sub.add_parser("fsdp-to-hf", help="FSDP training checkpoint (per-rank shards) → HF safetensors")
+    a = sub.add_parser("fsdp-to-hf", help="FSDP training checkpoint (torch distributed checkpoint) → HF safetensors")
     a.add_argument("ckpt_dir", type=Path, help="RUN/checkpoints/episode-N, or a run directory (its latest)")
     a.add_argument("out_dir", type=Path)
     a.add_argument("--like", type=Path, required=True, help="the HF checkpoint whose shard layout and files to use")

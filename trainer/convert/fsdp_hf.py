@@ -1,9 +1,11 @@
-"""FSDP training checkpoint → Hugging Face safetensors (``fsdp-to-hf``), offline, one output shard at a time.
+"""FSDP training checkpoint → Hugging Face safetensors (``fsdp-to-hf``), offline, one tensor at a time.
 
-An FSDP2 checkpoint (``trainer: fsdp``) is one file per rank, each holding that rank's dim-0 chunk of every
-parameter under its HF name plus the whole shapes (``FSDPBackend.state_dict``). Concatenating the ranks'
-chunks in rank order gives the whole tensor. Rank files are memory-mapped, so only the tensors of the output
-shard being written are in memory; the output takes ``--like``'s shard layout, side files and dtypes.
+An FSDP2 checkpoint (``trainer: fsdp``) keeps the policy's model and optimizer as a torch distributed checkpoint
+(DCP) in ``episode-N/policy/`` (``FSDPBackend.save``): every rank's dim-0 shards in ``__R_0.distcp`` files and a
+``.metadata`` file with each tensor's whole shape and where its chunks lie. DCP's own reader assembles one whole
+model tensor at a time from the chunks of all ranks, on one process (the optimizer state is never read), so only
+the tensors of the output shard being written are in memory; the output takes ``--like``'s shard layout, side
+files and dtypes.
 
 ``--groupgemm``: grouped-GEMM expert tensors (transformers' fused MoE layout, experts stacked on dim 0:
 ``mlp.experts.gate_up_proj`` (E, 2·I, H) and ``mlp.experts.down_proj`` (E, H, I)) are split into the
@@ -13,12 +15,16 @@ per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` that the released chec
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import Tensor
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
 from trainer.convert import ConvertError
@@ -33,48 +39,52 @@ from trainer.convert.shards import (
 )
 
 GROUPED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+METADATA = ".metadata"  # DCP's index of a checkpoint directory
 
 
-def _episode_dir(path: Path) -> Path:
-    """An episode directory with rank files, or a run directory (its latest checkpoint)."""
-    if any(path.glob("rank-*.pt")):
-        return path
+def policy_dir(path: Path) -> Path:
+    """The policy's DCP directory of a run directory (its latest checkpoint), an episode directory, or itself."""
     latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        return path / "checkpoints" / latest.read_text().strip()
-    raise ConvertError(f"{path}: no rank-*.pt files and no checkpoints/latest; pass an episode directory "
-                       f"(RUN/checkpoints/episode-N) or a run directory")
+    episode = path / "checkpoints" / latest.read_text().strip() if latest.is_file() else path
+    for candidate in (episode / "policy", episode):
+        if (candidate / METADATA).is_file():
+            return candidate
+    if any(episode.glob("rank-*.pt")):
+        raise ConvertError(f"{episode}: not an FSDP checkpoint (no policy/{METADATA} of a torch distributed "
+                           f"checkpoint); megatron-core runs convert with mcore-to-hf")
+    raise ConvertError(f"{path}: no checkpoint here; pass a run directory, an episode directory "
+                       f"(RUN/checkpoints/episode-N) or its policy/ directory")
 
 
-def read_rank_states(ckpt: Path) -> list[dict]:
-    """Each rank's policy state (memory-mapped), checked to be an FSDP checkpoint of ranks 0..N-1."""
-    directory = _episode_dir(ckpt)
-    files = sorted(directory.glob("rank-*.pt"))
-    expected = [f"rank-{r:05d}.pt" for r in range(len(files))]
-    if [f.name for f in files] != expected:
-        raise ConvertError(f"{directory}: rank files {[f.name for f in files]} are not rank-00000.pt … in order")
-    states = []
-    for f in files:
+class PolicyCheckpoint:
+    """The model tensors of a policy's DCP directory: whole shapes from the metadata, each read on request."""
+
+    def __init__(self, ckpt: Path):
+        self.directory = policy_dir(ckpt)
         try:
-            policy = torch.load(f, map_location="cpu", mmap=True, weights_only=False)["policy"]
+            metadata = FileSystemReader(self.directory).read_metadata()
+            paths = metadata.planner_data  # flattened DCP key → its path in the saved state dict
+            self.shapes = {path[1]: (tuple(meta.size), meta.properties.dtype)
+                           for key, meta in metadata.state_dict_metadata.items()
+                           if isinstance(meta, TensorStorageMetadata) and (path := paths[key])[0] == "model"}
         except Exception as e:  # noqa: BLE001 (a torn or foreign file: one line, whatever torch raised)
-            raise ConvertError(f"{f}: not a readable trainer checkpoint ({type(e).__name__})") from None
-        if "shapes" not in policy:
-            raise ConvertError(f"{f}: not an FSDP checkpoint (no shard shapes); megatron-core runs convert with "
-                               f"mcore-to-hf")
-        states.append(policy)
-    return states
+            raise ConvertError(f"{self.directory / METADATA}: not a readable torch distributed checkpoint "
+                               f"({type(e).__name__})") from None
+        if not self.shapes:
+            raise ConvertError(f"{self.directory}: holds no model tensors (not a trainer FSDP checkpoint)")
 
-
-def merged(states: list[dict], name: str) -> Tensor:
-    """The whole tensor ``name`` from every rank's dim-0 chunk."""
-    chunks = [s["model"][name] for s in states]
-    whole = torch.cat(chunks, dim=0) if chunks[0].ndim else chunks[0]
-    shape = tuple(states[0]["shapes"][name])
-    if tuple(whole.shape) != shape:
-        raise ConvertError(f"{name}: rank chunks give shape {tuple(whole.shape)}, the checkpoint says {shape}; "
-                           f"a rank file is missing or from another run")
-    return whole
+    def tensor(self, name: str) -> Tensor:
+        """The whole tensor ``name``, assembled by DCP from every rank's chunks."""
+        shape, dtype = self.shapes[name]
+        whole = torch.empty(shape, dtype=dtype)
+        try:
+            with warnings.catch_warnings():  # DCP warns that there is no process group: offline is the point
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({"model": {name: whole}}, storage_reader=FileSystemReader(self.directory), no_dist=True)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (a missing or truncated shard file)
+            raise ConvertError(f"{self.directory}: cannot read {name} ({type(e).__name__}); a .distcp file is "
+                               f"missing or damaged") from None
+        return whole
 
 
 def _expert_names(prefix: str, kind: str, experts: int) -> list[str]:
@@ -109,12 +119,20 @@ def _dtypes(like: Path, mapping: dict[str, str]) -> dict[str, torch.dtype]:
     return out
 
 
+def _tied(like: Path) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(like), "tie_word_embeddings", False))
+
+
 def fsdp_to_hf(ckpt: Path, out_dir: Path, like: Path, *, groupgemm: bool = False) -> Path:
     """Merge an FSDP checkpoint into ``out_dir`` with ``like``'s shards, files and dtypes; returns ``out_dir``."""
-    states = read_rank_states(ckpt)
+    policy = PolicyCheckpoint(ckpt)
     like_map = weight_map(like)
-    shapes = states[0]["shapes"]
-    produces = {n: hf_names(n, tuple(shape), groupgemm=groupgemm) for n, shape in shapes.items()}
+    shapes = dict(policy.shapes)
+    if "lm_head.weight" not in like_map and _tied(like):
+        shapes.pop("lm_head.weight", None)  # the model's state dict names the tied head too; HF saves it once
+    produces = {n: hf_names(n, shape, groupgemm=groupgemm) for n, (shape, _) in shapes.items()}
     made = {hf for hfs in produces.values() for hf in hfs}
     tied = "lm_head.weight" in like_map and "lm_head.weight" not in made and "model.embed_tokens.weight" in made
     unknown = sorted(made - set(like_map))
@@ -132,10 +150,12 @@ def fsdp_to_hf(ckpt: Path, out_dir: Path, like: Path, *, groupgemm: bool = False
             wanted = {n for n, s in like_map.items() if s == shard}
             tensors: dict[str, Tensor] = {}
             for name in [n for n, hfs in produces.items() if wanted & set(hfs)]:
-                pieces = split_grouped(name, merged(states, name)) if groupgemm else [(name, merged(states, name))]
+                whole = policy.tensor(name)
+                pieces = split_grouped(name, whole) if groupgemm else [(name, whole)]
                 tensors |= {hf: t.to(dtypes[hf]) for hf, t in pieces if hf in wanted}
+                del whole, pieces
             if tied and "lm_head.weight" in wanted:
-                tensors["lm_head.weight"] = merged(states, "model.embed_tokens.weight").to(dtypes["lm_head.weight"])
+                tensors["lm_head.weight"] = policy.tensor("model.embed_tokens.weight").to(dtypes["lm_head.weight"])
             total += save_shard(tmp / shard, tensors)
         if (like / HF_INDEX).exists():
             write_index(tmp / HF_INDEX, like_map, total)

@@ -76,7 +76,9 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Load weights given under HF parameter names (what vLLM's / SGLang's ``load_weights`` take)."""
+        """Load weights given under HF parameter names (what vLLM's / SGLang's ``load_weights`` take), consuming
+        the iterable as it is produced (a streamed sync gathers the next tensor only when asked): keep no
+        reference to a tensor once it is loaded."""
         ...
 
     def sleep(self) -> None:

@@ -81,7 +81,8 @@ class TorchEngine:
     # ------------------------------------------------------------------ weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy tensors into the parameters of the same HF name; unknown names and shape mismatches raise."""
+        """Copy tensors into the parameters of the same HF name, one at a time as they come; unknown names and
+        shape mismatches raise."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
@@ -92,6 +93,7 @@ class TorchEngine:
                         f"{name}: got shape {tuple(tensor.shape)}, engine has {tuple(params[name].shape)}"
                     )
                 params[name].copy_(tensor)
+                del tensor  # a streamed sync gathers the next one while this loop waits: hold one at a time
 
     def sleep(self) -> None:
         """No-op: the KV cache lives only inside ``generate`` and the CPU shares no device with the trainer."""

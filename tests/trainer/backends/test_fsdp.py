@@ -1,6 +1,7 @@
 """FSDP2 backend pieces on one process: packing keeps rows apart, the Ulysses mask, the backend against a plain
-forward, a train step, and weights in and out under HF names. Multi-process FSDP (2 ranks, Ulysses) is
-checked against megatron-core by the fsdp-equivalence gate and by the resume test in test_multiprocess_runs.py.
+forward, a train step, weights in and out under HF names, and a DCP checkpoint that resumes exactly.
+Multi-process FSDP (2 ranks, Ulysses) is checked against megatron-core by the fsdp-equivalence gate, by the
+resume test in test_multiprocess_runs.py and by the streamed weight sync test in test_weight_sync.py.
 """
 
 import pytest
@@ -81,6 +82,12 @@ def test_packed_causal_mask_is_block_diagonal():
     assert mask[5].tolist() == [False] * 5 + [True]
 
 
+def nll(tokens):
+    def loss_fn(logp, entropy, mb):
+        return -torch.where(mb["response_mask"].bool(), logp, 0).sum() / tokens, {}
+    return loss_fn
+
+
 def test_backend_logprobs_and_train_step(resolved, fsdp_groups):
     be = FSDPBackend(resolved, seed=0)
     b = batch()
@@ -90,12 +97,6 @@ def test_backend_logprobs_and_train_step(resolved, fsdp_groups):
     expected = row_logprobs(plain.eval(), b["input_ids"], b["attention_mask"])
     logp = be.logprobs(b, micro_batch_size=8)
     torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)  # padded positions are 0 in both
-
-    def nll(tokens):
-        def loss_fn(logp, entropy, mb):
-            loss = -torch.where(mb["response_mask"].bool(), logp, 0).sum() / tokens
-            return loss, {}
-        return loss_fn
 
     before = -(logp * b["response_mask"]).sum()
     stats = be.train_step(b, nll, micro_batch_size=8)
@@ -117,3 +118,25 @@ def test_weights_round_trip_through_hf_names_and_meta_initialisation(resolved, f
                                rtol=0, atol=0)
     with pytest.raises(KeyError, match="lack 1 parameter"):
         FSDPBackend(resolved, seed=2, initial={k: v for k, v in whole.items() if k != "model.norm.weight"})
+
+
+def test_checkpoint_is_a_dcp_directory_and_resumes_exactly(resolved, fsdp_groups, tmp_path):
+    trained = FSDPBackend(resolved, seed=0)
+    trained.train_step(batch(0), nll, micro_batch_size=8)
+    own = trained.save(tmp_path / "policy")
+    assert (tmp_path / "policy" / ".metadata").is_file() and list((tmp_path / "policy").glob("*.distcp"))
+    assert own["steps"] == 1 and "model" not in own  # the rank file keeps only the per-rank state
+
+    resumed = FSDPBackend(resolved, seed=1)  # other weights, fresh optimizer: all must come from the checkpoint
+    resumed.load(tmp_path / "policy", own)
+    # the next step needs AdamW's moments and step count as well as the weights to agree bit for bit
+    assert resumed.train_step(batch(1), nll, micro_batch_size=8) == trained.train_step(batch(1), nll,
+                                                                                        micro_batch_size=8)
+    for (name, ours), (_, theirs) in zip(resumed.hf_named_tensors(), trained.hf_named_tensors(), strict=True):
+        assert torch.equal(ours, theirs), name
+    assert torch.equal(torch.get_rng_state(), own["rng"]["torch"])
+
+    reference, other = (FSDPBackend(resolved, seed=seed, trainable=False) for seed in (2, 3))  # model alone
+    other.load(tmp_path / "reference", reference.save(tmp_path / "reference"))
+    for (name, ours), (_, theirs) in zip(other.hf_named_tensors(), reference.hf_named_tensors(), strict=True):
+        assert torch.equal(ours, theirs), name

@@ -1,6 +1,8 @@
-"""fsdp-to-hf: an HF checkpoint trained by two FSDP2 ranks, checkpointed per rank, merged back to HF with the
-original shard layout, equals the trained model's weights; --groupgemm splits grouped expert tensors."""
+"""fsdp-to-hf: an HF checkpoint trained by two FSDP2 ranks, checkpointed as a torch distributed checkpoint, merged
+back to HF with the original shard layout, equals the trained model's weights; non-DCP and damaged checkpoints
+are refused in one line; --groupgemm splits grouped expert tensors."""
 
+import shutil
 import subprocess
 import sys
 
@@ -35,25 +37,39 @@ def train_and_checkpoint(resolved, hf_dir, run_dir):
 
         policy.train_step(batch, nll, micro_batch_size=4)
         job = Job(ParallelLayout.of(resolved.layout, world), rank)
-        checkpoint.save(run_dir, 1, {"episode": 1, "world_size": world, "policy": policy.state_dict()}, job)
+        checkpoint.save(run_dir, 1, {"episode": 1, "world_size": world}, job, {"policy": policy})
         return policy.whole_weights()
     finally:
         destroy_process_groups()
 
 
-@pytest.mark.slow
-def test_hf_to_fsdp_training_to_hf_round_trip(matrix, tmp_path, hf_dirs, read_checkpoint):
+@pytest.fixture(scope="module")
+def fsdp_run(matrix, hf_dirs, tmp_path_factory):
+    """A run directory with the checkpoint of two FSDP2 ranks that trained tiny-qwen3 for a step, and the
+    trained whole weights."""
     from trainer.parallel.launcher import launch
 
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    trained = launch(train_and_checkpoint, 2, matrix.resolve("tiny-qwen3-fsdp"), hf_dirs["tiny-qwen3"], run_dir)
+    return run_dir, trained
+
+
+def convert(ckpt, out, like):
+    return subprocess.run([sys.executable, "-m", "trainer.convert", "fsdp-to-hf", str(ckpt), str(out),
+                           "--like", str(like)], capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_hf_to_fsdp_training_to_hf_round_trip(fsdp_run, tmp_path, hf_dirs, read_checkpoint):
+    run_dir, trained = fsdp_run
     like = hf_dirs["tiny-qwen3"]
-    resolved = matrix.resolve("tiny-qwen3-fsdp")
-    trained = launch(train_and_checkpoint, 2, resolved, like, tmp_path / "run")
     original_map, original = read_checkpoint(like)
     assert any(not torch.equal(trained[n], original[n]) for n in trained)  # the step changed the weights
+    episode = run_dir / "checkpoints" / "episode-000001"
+    assert (episode / "policy" / ".metadata").is_file()  # a torch distributed checkpoint
 
     out = tmp_path / "hf"
-    done = subprocess.run([sys.executable, "-m", "trainer.convert", "fsdp-to-hf", str(tmp_path / "run"), str(out),
-                           "--like", str(like)], capture_output=True, text=True)
+    done = convert(run_dir, out, like)
     assert done.returncode == 0, done.stderr
     index, tensors = read_checkpoint(out)
     assert index == original_map  # the original shard layout
@@ -62,18 +78,36 @@ def test_hf_to_fsdp_training_to_hf_round_trip(matrix, tmp_path, hf_dirs, read_ch
         expected = trained.get(name, trained["model.embed_tokens.weight"])  # a tied head is the embedding
         assert torch.equal(tensor, expected), name
     assert (out / "config.json").read_text() == (like / "config.json").read_text()
+    assert convert(episode, tmp_path / "from-episode", like).returncode == 0
 
 
-def test_refuses_a_checkpoint_of_another_model_and_a_megatron_checkpoint(tmp_path, hf_dirs):
+@pytest.mark.slow
+def test_refuses_another_model_and_a_damaged_checkpoint_in_one_line(fsdp_run, tmp_path, hf_dirs):
+    run_dir, _ = fsdp_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir / "checkpoints" / "episode-000001", damaged)
+    cases = [(run_dir, hf_dirs["tiny-qwen2.5"], "not in"), (damaged, hf_dirs["tiny-qwen3"], "missing or damaged")]
+    next(iter((damaged / "policy").glob("__1_*.distcp"))).write_bytes(b"")  # rank 1's shards lost
+    for ckpt, like, says in cases:
+        done = convert(ckpt, tmp_path / "out", like)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert done.returncode == 2 and len(errors) == 1 and says in errors[0], done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
+    (damaged / "policy" / ".metadata").write_bytes(b"torn")
+    done = convert(damaged, tmp_path / "out", hf_dirs["tiny-qwen3"])
+    assert done.returncode == 2 and "not a readable torch distributed checkpoint" in done.stderr, done.stderr
+
+
+def test_refuses_a_megatron_checkpoint_and_a_directory_without_one(tmp_path, hf_dirs):
     from trainer.convert.__main__ import main
 
     episode = tmp_path / "episode-000001"
     episode.mkdir()
-    shard = {"policy": {"model": {"model.norm.weight": torch.ones(3)}, "shapes": {"model.norm.weight": (3,)}}}
-    torch.save(shard, episode / "rank-00000.pt")
-    assert main(["fsdp-to-hf", str(episode), str(tmp_path / "out"), "--like", str(hf_dirs["tiny-qwen2.5"])]) == 2
-    torch.save({"policy": {"model": {}}}, episode / "rank-00000.pt")
-    assert main(["fsdp-to-hf", str(episode), str(tmp_path / "out"), "--like", str(hf_dirs["tiny-qwen2.5"])]) == 2
+    torch.save({"policy": {"model": {"model.norm.weight": torch.ones(3)}}}, episode / "rank-00000.pt")
+    like = str(hf_dirs["tiny-qwen3"])
+    assert main(["fsdp-to-hf", str(episode), str(tmp_path / "out"), "--like", like]) == 2
+    assert main(["fsdp-to-hf", str(tmp_path), str(tmp_path / "out"), "--like", like]) == 2
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,10 @@
 """Weight sync: after update_weights(backend.hf_named_tensors()), the engine's log-probs of its own samples
-equal the trainer's recomputed log-probs; before the sync they do not."""
+equal the trainer's recomputed log-probs; before the sync they do not. FSDP2 streams: two ranks gather one
+parameter at a time and the driver never holds two whole parameters at once."""
 
+import weakref
+
+import pytest
 import torch
 
 from trainer.backends.megatron import MegatronBackend
@@ -45,3 +49,66 @@ def test_engine_logprobs_match_backend_after_sync(matrix, groups):
         assert max_logprob_gap(backend, engine, prompts) > 1e-2, name  # different weights: the test can fail
         engine.update_weights(backend.hf_named_tensors())
         assert max_logprob_gap(backend, engine, prompts) < 1e-5, name
+
+
+class LiveTensors:
+    """Wraps a stream of (name, tensor): how many of the tensors it handed out were alive at once, and bytes."""
+
+    def __init__(self):
+        self.live = self.live_bytes = self.peak = self.peak_bytes = self.seen = 0
+
+    def watch(self, stream):
+        for name, tensor in stream:
+            self.seen += 1
+            self._count(1, tensor.numel() * tensor.element_size())
+            weakref.finalize(tensor, self._count, -1, -tensor.numel() * tensor.element_size())
+            yield name, tensor
+            del tensor
+
+    def _count(self, tensors, nbytes):
+        self.live, self.live_bytes = self.live + tensors, self.live_bytes + nbytes
+        self.peak, self.peak_bytes = max(self.peak, self.live), max(self.peak_bytes, self.live_bytes)
+
+
+def stream_a_trained_fsdp_policy(resolved):
+    """One of two FSDP ranks: a train step, then the weight sync into the driver's engine through a watch on the
+    stream. The driver returns what the watch saw, the bytes sync reported, and the engine's and policy's weights."""
+    from trainer.backends.fsdp import FSDPBackend
+    from trainer.parallel.job import Job
+    from trainer.parallel.layout import ParallelLayout
+    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+    from trainer.weight_sync import sync_weights
+    from trainer.worker import start_rank
+
+    rank, world = start_rank()
+    init_process_groups(resolved.layout, rank=rank, world_size=world)
+    try:
+        policy = FSDPBackend(resolved, seed=0)
+        ids = torch.randint(1, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.ones(4, 11)}
+        policy.train_step(batch, lambda tokens: lambda logp, _, mb: (-logp.sum() / tokens, {}), micro_batch_size=4)
+        job = Job(ParallelLayout.of(resolved.layout, world), rank)
+        engine = TorchEngine(resolved.model, decode=str, seed=2) if job.is_driver else None
+        watch, stream = LiveTensors(), policy.hf_named_tensors
+        policy.hf_named_tensors = lambda: watch.watch(stream())
+        sent = sync_weights(policy, engine, job)
+        trained = dict(stream())
+        return job.on_driver(lambda: {"watch": vars(watch), "sent": sent, "trained": trained,
+                                      "engine": {k: v.clone() for k, v in engine.model.named_parameters()}})
+    finally:
+        destroy_process_groups()
+
+
+@pytest.mark.slow
+def test_fsdp_sync_streams_one_whole_parameter_at_a_time(matrix):
+    from trainer.parallel.launcher import launch
+
+    got = launch(stream_a_trained_fsdp_policy, 2, matrix.resolve("tiny-qwen3-fsdp"))
+    trained, watch = got["trained"], got["watch"]
+    assert watch["seen"] == len(trained) > 1
+    assert watch["peak"] == 1  # each whole parameter was dropped before the next was gathered
+    assert watch["peak_bytes"] == max(t.numel() * t.element_size() for t in trained.values())
+    assert got["sent"] == sum(t.numel() * t.element_size() for t in trained.values())
+    assert sorted(got["engine"]) == sorted(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(got["engine"][name], tensor), name

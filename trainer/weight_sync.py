@@ -1,0 +1,36 @@
+"""Weight sync: the policy's whole weights under HF names, streamed into the driver's rollout engine.
+
+The engine consumes the backend's iterator as it is produced, so a backend that gathers lazily (FSDP2: one
+parameter per step) never has more than one whole tensor alive on the driver; the other ranks drain the same
+iterator, taking part in every gather. A backend that gathers everything first (megatron-core) goes through
+the same path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from torch import Tensor
+
+from trainer.backends.base import TrainingBackend
+from trainer.parallel.job import Job
+from trainer.rollout.base import RolloutEngine
+
+
+def sync_weights(policy: TrainingBackend, engine: RolloutEngine | None, job: Job) -> int:
+    """Push ``policy``'s weights into ``engine`` (the driver's; None elsewhere); returns the bytes the driver
+    sent (0 elsewhere). Collective: every rank calls it."""
+    sent = 0
+
+    def counted(tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+        nonlocal sent
+        for name, tensor in tensors:
+            sent += tensor.numel() * tensor.element_size()
+            yield name, tensor
+            del tensor  # before the next one is gathered
+
+    stream = counted(policy.hf_named_tensors())
+    job.on_driver(lambda: engine.update_weights(stream))
+    for _ in stream:  # the other ranks take part in every gather (and the driver in any the engine left)
+        pass
+    return sent
