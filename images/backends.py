@@ -1,6 +1,7 @@
 """Build backends (buildah, podman, docker) behind one small interface: each method returns an argv.
 
-`--dry-run` prints these argvs, so what it shows is exactly what a real build runs.
+`--dry-run` prints these argvs, so what it shows is exactly what a real build runs. A real build first asks
+`check_usable()`, which refuses in one line a backend that cannot build here (no client, no engine answering).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from images.common import UsageError
@@ -22,15 +23,38 @@ class Backend:
     name: str
     storage_driver: str | None = None
     """buildah/podman storage driver; vfs works in any container (overlay needs kernel support)."""
+    client: str = "docker"
+    """The docker client every docker command runs (the fallback's pre-23 client builds, tags and inspects)."""
     docker_build: tuple[str, ...] = ("docker", "buildx", "build", "--load")
     """How docker builds: buildx, or without its plugin a pre-23 client with the engine's BuildKit."""
     note: str | None = None
     """Said once before building (the docker fallback)."""
+    unusable: str | None = None
+    """Why this backend cannot build here; `--dry-run` still prints its commands."""
 
     def _tool(self) -> list[str]:
         if self.name == "docker":
-            return ["docker"]
+            return [self.client]
         return [self.name] + (["--storage-driver", self.storage_driver] if self.storage_driver else [])
+
+    def check_usable(self) -> None:
+        """Refuse in one line a backend that cannot build: no client, or no Docker engine answering."""
+        if self.unusable:
+            raise UsageError(self.unusable)
+        tool = self._tool()[0]
+        if shutil.which(tool) is None:
+            raise UsageError(f"--backend {self.name}: `{tool}` is not installed "
+                             f"(e.g. `apt-get install {'docker.io' if self.name == 'docker' else self.name}`)")
+        if self.name == "docker":
+            try:
+                done = subprocess.run([tool, "version"], capture_output=True, text=True, timeout=30)
+                why = (done.stderr.strip().splitlines() or [""])[-1] if done.returncode else None
+            except subprocess.TimeoutExpired:
+                why = "no answer in 30 s"
+            if why is not None:
+                host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+                raise UsageError(f"--backend docker: no Docker engine answers at {host} ({why}); start dockerd "
+                                 "or point DOCKER_HOST at one")
 
     def build(self, dockerfile: Path, context: Path, tag: str, *, args: dict[str, str], secrets: dict[str, Path],
               volumes: dict[Path, str], epoch: int, iidfile: Path, cache: bool = True) -> list[str]:
@@ -88,19 +112,23 @@ def docker_backend() -> Backend:
     whose `build` uses the engine's BuildKit under DOCKER_BUILDKIT=1 (secret mounts included); newer clients
     need buildx for BuildKit."""
     buildx = Backend("docker")
-    if shutil.which("docker") is None:
-        return buildx
-    if subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0:
+    if shutil.which("docker") is not None and \
+            subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0:
         return buildx
     folders = [*os.environ.get("PATH", "").split(":"), "/usr/bin"]
     clients = [str(Path(f) / "docker") for f in folders if f and (Path(f) / "docker").is_file()]
     for client in dict.fromkeys(clients):
         major = _client_major(client)
         if 0 < major < 23:
-            return Backend("docker", docker_build=("env", "DOCKER_BUILDKIT=1", client, "build"),
+            return Backend("docker", client=client, docker_build=("env", "DOCKER_BUILDKIT=1", client, "build"),
                            note=f"docker buildx is not installed: building with {client} (client {major}.x) and "
                                 "the engine's BuildKit (DOCKER_BUILDKIT=1)")
-    return buildx
+    if not clients:
+        return replace(buildx, unusable="--backend docker: no `docker` client is installed "
+                                        "(e.g. `apt-get install docker.io`)")
+    return replace(buildx, unusable="--backend docker: `docker buildx` is not installed and no docker client older "
+                                    "than 23 is on PATH (newer ones build only through buildx); install the buildx "
+                                    "plugin or Debian's docker.io")
 
 
 def pick(name: str | None, storage_driver: str | None) -> Backend:

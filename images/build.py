@@ -98,6 +98,8 @@ class Builder:
     def __init__(self, matrix, args: argparse.Namespace, console):
         self.matrix, self.args, self.console = matrix, args, console
         self.backend: Backend = pick(args.backend, args.storage_driver)
+        if not args.dry_run:
+            self.backend.check_usable()
         if self.backend.note:
             console.print(f"[yellow]note:[/yellow] {self.backend.note}")
         self.user_secrets = _secrets(args.secret)

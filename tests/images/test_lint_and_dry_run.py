@@ -64,6 +64,12 @@ def test_docker_takes_the_wheelhouse_through_the_context(cli, tmp_path):
     assert " -v " not in build and "--secret id=pip.conf,src=" in build
 
 
+def test_docker_without_an_engine_is_one_line_exit_2(cli, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    code, _, err = cli("build", "cpu", "--backend", "docker")
+    assert code == 2 and err.startswith("build: --backend docker: ") and err.strip().count("\n") == 0, err
+
+
 def test_wheelhouse_staging_takes_only_locked_wheels(tmp_path):
     from images.build import stage_wheelhouses
 
