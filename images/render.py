@@ -37,6 +37,9 @@ from matrix.schema import Image
 TEMPLATES = Path(__file__).parent / "templates"
 HARNESS_PACKAGES = ("matrix", "images", "trainer", "bench")
 CA_TARGET = "/etc/ssl/certs/build-ca.pem"
+PIP_CACHE = "/root/.cache/pip"
+CCACHE_DIR = "/root/.ccache"
+WHEELS = "/wheels"
 LABEL_PREFIX = "io.grpo-stack"
 
 
@@ -94,7 +97,8 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         Stage("environment", "remove the base's stale packages, clear its pip constraint, image env",
               bool(image.env or image.base_cleanup), f"{where}.env and .base_cleanup are empty"),
         Stage("locked-set", "engine + locked set, hash-checked", True),
-        Stage("source-builds", "source builds against the final torch", bool(image.source_builds),
+        Stage("source-builds", "builder stage: source builds as wheels; runtime stage: installs them by hash",
+              bool(image.source_builds),
               f"{where}.source_builds is empty"),
         Stage("overrides-last", "forced overrides, reinstalled last", bool(last),
               f"no override in {where}.overrides has reinstall_last"),
@@ -124,10 +128,16 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         f"{LABEL_PREFIX}.lock-hash": sha256_text(lock_text),
     }
     base = image.base
+    # Images that compile (source builds) get the builder stage, pip and ccache cache mounts and bind mounts of
+    # only what each step reads. The others (cpu) keep their steps as the two-build digest test ran them.
+    builder = bool(image.source_builds)
     return {
         "image": name, "description": image.description, "regenerate": f"nox -s render -- {name}",
         "stages": stages, "epoch": epoch, "apt": sorted(image.apt), "venv": venv, "python": python,
-        "pip": f"{python} -m pip", "ca_target": CA_TARGET, "env": sorted(image.env.items()),
+        "pip": f"{python} -m pip", "ca_target": CA_TARGET, "builder": builder,
+        "pip_cache": PIP_CACHE if builder else None,
+        "pip_cache_option": f"--cache-dir {PIP_CACHE}" if builder else "--no-cache-dir",
+        "ccache_dir": CCACHE_DIR, "wheel_list": f"{WHEELS}/source-builds.txt", "env": sorted(image.env.items()),
         "extra_index_url": " ".join(image.pip.extra_index_urls), "patches": real, "overrides": last,
         "base": {"ref": base.ref, "pinned": base.digest is not None,
                  "default": f"{base.ref}@{base.digest}" if base.digest else base.ref,
@@ -137,8 +147,8 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         "source_builds": [{"name": n, "ref": s.ref, "commit": s.commit, "pinned": s.commit is not None,
                            "why": s.why, "cudnn_from_wheel": s.cudnn_from_wheel,
                            "command": " ".join([*(f"{k}={v}" for k, v in sorted(s.env.items())), f"{python} -m pip",
-                                                "install --no-cache-dir --no-compile --no-deps --no-build-isolation",
-                                                f'"git+{s.git}@{s.commit or s.ref}"'])}
+                                                "wheel --no-cache-dir --no-deps --no-build-isolation",
+                                                f"--wheel-dir {WHEELS}/{n}", f'"git+{s.git}@{s.commit or s.ref}"'])}
                           for n, s in image.source_builds.items()],
         "labels": sorted(labels.items()),
     }
@@ -213,6 +223,9 @@ def render_image(name: str, image: Image, locks_dir: Path, matrix_file: Path, ou
     ctx.mkdir(parents=True)
     (stage / "Dockerfile").write_text(dockerfile)
     (ctx / "lock.txt").write_text(lock_text)
+    if image.source_builds:
+        # Bind-mounted by its pip steps, which read only what they name (`nox -s build` fills it for docker).
+        (ctx / "wheelhouse").mkdir()
     if any(o.reinstall_last for o in image.overrides):
         (ctx / "reinstall-last.txt").write_text(reinstall_last_text(name, image, lock_text))
     shutil.copy2(Path(patching.__file__), ctx / "patching.py")
