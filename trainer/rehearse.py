@@ -3,7 +3,7 @@
 What is kept: the layout's degrees (TP, PP, CP, EP, ETP, sequence parallel), the trainer backend, the GRPO
 objective and optimizer settings, the model's family and router settings, and checkpointing. What is
 substituted, and printed at the start: the model (its tiny stand-in, widened where the layout's TP needs more
-heads), the image (cpu), the rollout engine (torch), the data (the embedded demo task), the GPU count (the
+attention or linear-attention heads), the image (cpu), the rollout engine (torch), the data (the embedded demo task), the GPU count (the
 layout's minimum: DP shrinks to 1), batch and sequence sizes, uneven stage sizes, and the episode count.
 """
 
@@ -46,6 +46,14 @@ def rehearsal(m: Matrix, resolved: ResolvedRecipe) -> tuple[ResolvedRecipe, list
         shape = shape.model_copy(update={"heads": heads, "query_groups": groups, "head_dim": head_dim})
         changes.append(f"{tiny_name} heads/query groups {tiny.shape.heads}/{tiny.shape.query_groups} → "
                        f"{heads}/{groups} so TP={layout.tp} divides them")
+    linear = shape.linear_attention
+    if linear is not None and (linear.key_heads % layout.tp or linear.value_heads % layout.tp):
+        keys = lcm(linear.key_heads, layout.tp)
+        values = lcm(linear.value_heads, keys)  # each key head serves a whole number of value heads
+        shape = shape.model_copy(update={"linear_attention": linear.model_copy(
+            update={"key_heads": keys, "value_heads": values})})
+        changes.append(f"{tiny_name} linear-attention key/value heads {linear.key_heads}/{linear.value_heads} → "
+                       f"{keys}/{values} so TP={layout.tp} divides them")
     if layout.pp > 1 and shape.layers < layout.pp:
         changes.append(f"{tiny_name} layers {shape.layers} → {layout.pp} (one per PP stage)")
         shape = shape.model_copy(update={"layers": layout.pp})

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from trainer.parallel.layout import ParallelLayout
 from trainer.rehearse import rehearsal
 
 
@@ -54,3 +55,16 @@ def test_qwen3_next_rehearsal_keeps_its_hybrid_layout(matrix):
     assert rehearsed.recipe.gpus == 32 and rehearsed.dp == 2
     assert rehearsed.model.family == "qwen3_next" and rehearsed.model.shape.layers == 8
     assert "model qwen3-next-80b-a3b → tiny-qwen3-next" in "\n".join(changes)
+
+
+def test_tp4_widens_the_stand_ins_linear_attention_heads(matrix):
+    """tiny-qwen3-next has 2 key / 4 value delta-net heads: under TP4 both are widened (value heads stay a
+    multiple of key heads), and the rehearsed model passes the layout's own checks."""
+    resolved = matrix.resolve("qwen3-next")
+    resolved = resolved.model_copy(update={"layout": resolved.layout.model_copy(update={"tp": 4})})
+    rehearsed, changes = rehearsal(matrix, resolved)
+    linear = rehearsed.model.shape.linear_attention
+    assert (linear.key_heads, linear.value_heads) == (4, 4)
+    assert "linear-attention key/value heads 2/4 → 4/4 so TP=4 divides them" in "\n".join(changes)
+    dims = ParallelLayout.of(rehearsed.layout, rehearsed.recipe.gpus)
+    assert list(dims.model_problems(rehearsed.model.shape, "tiny-qwen3-next")) == []
