@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trainer.algo.mismatch import mismatch_metrics, rollout_mismatch, scatter_responses, truncated_is_weights
+from trainer.algo.mismatch import mismatch_metrics, scatter_responses, truncated_is_weights
 from trainer.backends.megatron import MegatronBackend
 from trainer.batching import pack
 from trainer.rollout import SamplingParams, TorchEngine
@@ -54,7 +54,8 @@ def _episode(backend, engine, prompts):
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=10, seed=3))
     batch = pack(prompts, [o.token_ids for o in outs], pad_id=0)
     trainer = backend.logprobs(batch, micro_batch_size=8)
-    return rollout_mismatch(trainer, [o.logprobs for o in outs], batch["response_mask"])
+    engine_logprobs = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])  # as the loop does
+    return mismatch_metrics(trainer, engine_logprobs, batch["response_mask"])
 
 
 def test_mismatch_is_near_zero_after_sync_and_moves_with_stale_engine_weights(matrix, groups):

@@ -62,14 +62,6 @@ def mismatch_metrics(trainer_logprobs: Tensor, engine_logprobs: Tensor, mask: Te
     }
 
 
-def rollout_mismatch(
-    trainer_logprobs: Tensor, engine_logprobs: Sequence[Sequence[float]], response_mask: Tensor
-) -> dict[str, float]:
-    """``RolloutOutput.logprobs`` of each sequence against the trainer's (B, T), for a caller without a batch
-    laid out by :func:`scatter_responses` (the loop's batch carries ``engine_logprobs`` already)."""
-    return mismatch_metrics(trainer_logprobs, scatter_responses(response_mask, engine_logprobs), response_mask)
-
-
 def truncated_is_weights(old_logprobs: Tensor, engine_logprobs: Tensor, cap: float) -> Tensor:
     """Truncated importance-sampling weights min(p_trainer / p_engine, cap), detached, (B, T).
 
