@@ -59,12 +59,11 @@ def _as_text(value: object) -> str:
 def plan(m: Matrix, suite: Benchmark, matrix_path: Path) -> list[Plan]:
     """The suite's cells with their exact overrides, each checked by the trainer's own resolver."""
     plans = []
-    for item in suite.recipes:
-        name, recipe, own, layouts = ((item, item, {}, None) if isinstance(item, str)
-                                      else (item.label, item.recipe, item.overrides, item.layouts))
-        for layout in layouts or suite.layouts or [m.recipes[recipe].layout]:
+    for entry in suite.entries():
+        name, recipe = entry.label, entry.recipe
+        for layout in entry.layouts or suite.layouts or [m.recipes[recipe].layout]:
             gpus, _ = derived_sizes(m.layouts[layout], 1)
-            overrides = {**suite.overrides, **own, "layout": layout, "gpus": gpus,
+            overrides = {**suite.overrides, **entry.overrides, "layout": layout, "gpus": gpus,
                          "run.episodes": suite.episodes}
             texts = tuple(f"{k}={_as_text(v)}" for k, v in overrides.items())
             try:

@@ -151,8 +151,7 @@ def check_benchmark(name: str, b: Benchmark) -> Iterator[Finding]:
         yield at + ("warmup_episodes",), (f"{b.warmup_episodes} leaves no steady episode of episodes={b.episodes}; "
                                           f"use at most {b.episodes - 1}")
     seen: set[str] = set()
-    for i, item in enumerate(b.recipes):
-        label = item if isinstance(item, str) else item.label
+    for i, label in enumerate(entry.label for entry in b.entries()):
         if label in seen:
             yield at + ("recipes", i), f"'{label}' appears twice; give each entry its own name"
         seen.add(label)

@@ -499,6 +499,10 @@ class Benchmark(Strict):
     overrides: dict[NonEmptyStr, OverrideValue] = {}
     """Trainer overrides applied to every run of the suite."""
 
+    def entries(self) -> list[BenchRecipe]:
+        """Every entry of `recipes` as a BenchRecipe (a bare name is a recipe under its own name)."""
+        return [BenchRecipe(recipe=item) if isinstance(item, str) else item for item in self.recipes]
+
 
 # --------------------------------------------------------------------------- the file
 

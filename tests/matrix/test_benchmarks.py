@@ -11,7 +11,7 @@ def test_committed_cpu_suite_expands_to_entries_and_layouts(matrix_text, tmp_pat
     m = load_matrix()
     cpu = m.benchmarks["cpu"]
     assert cpu.layouts == ["single", "dp2", "tp2", "pp2", "cp2"]
-    entries = {(r if isinstance(r, str) else r.label): r for r in cpu.recipes}
+    entries = {entry.label: entry for entry in cpu.entries()}
     assert list(entries) == ["tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight", "tiny-qwen3-next", "dense-512",
                              "tiny-qwen3-fsdp"]
     dense = entries["dense-512"]
