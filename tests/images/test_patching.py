@@ -1,4 +1,8 @@
-"""Patches apply by content to a copy of their target, and refuse when the target text is absent."""
+"""Patches apply by content to a copy of their target, and refuse when the target text is absent.
+
+The mechanism is exercised with the seed's stack-B megatron MLA patch (kept as test data: no image applies it,
+see README "Images"), whose target is a plain one-line edit in a known file.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from images.common import PATCHES_DIR
 
 from .conftest import DATA
 
-MLA = PATCHES_DIR / "megatron-mla-down-proj.patch"
+MLA = DATA / "megatron-mla-down-proj.patch"
 TARGET = "megatron/core/models/gpt/gpt_layer_specs.py"
 
 
