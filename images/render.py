@@ -128,8 +128,7 @@ def context(name: str, image: Image, lock_text: str, patches: dict[str, patching
         f"{LABEL_PREFIX}.lock-hash": sha256_text(lock_text),
     }
     base = image.base
-    # Images that compile (source builds) get the builder stage, pip and ccache cache mounts and bind mounts of
-    # only what each step reads. The others (cpu) keep their steps as the two-build digest test ran them.
+    # Images that compile (source builds) get the builder stage and the pip and ccache cache mounts.
     builder = bool(image.source_builds)
     return {
         "image": name, "description": image.description, "regenerate": f"nox -s render -- {name}",
@@ -223,9 +222,8 @@ def render_image(name: str, image: Image, locks_dir: Path, matrix_file: Path, ou
     ctx.mkdir(parents=True)
     (stage / "Dockerfile").write_text(dockerfile)
     (ctx / "lock.txt").write_text(lock_text)
-    if image.source_builds:
-        # Bind-mounted by its pip steps, which read only what they name (`nox -s build` fills it for docker).
-        (ctx / "wheelhouse").mkdir()
+    # Bind-mounted by the pip steps, which mount only what they read (`nox -s build` fills it for docker).
+    (ctx / "wheelhouse").mkdir()
     if any(o.reinstall_last for o in image.overrides):
         (ctx / "reinstall-last.txt").write_text(reinstall_last_text(name, image, lock_text))
     shutil.copy2(Path(patching.__file__), ctx / "patching.py")

@@ -1,7 +1,8 @@
 """The `cpu` image built with `--backend docker` on a real engine (CI starts its own: .ci/run): the same lock and
 matrix labels as the buildah build, a random token passed as build secrets found in no layer of `docker save`, and
-demo episodes and the drift check run in a container (`docker run`, then `docker exec`). One cold build; the module
-takes ~2 min here. Everything it made (images, container, build cache) is removed at the end. Slow: skip locally
+demo episodes and the drift check run in a container (`docker run`, then `docker exec`); after an edit to one trainer
+file, a cached rebuild reuses every layer below the harness. One cold build and one cached one; the module takes
+~3 min here. Everything it made (images, container, build cache) is removed at the end. Slow: skip locally
 with `-m 'not slow'`.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -124,6 +126,45 @@ def test_no_layer_holds_the_secret(built, tmp_path):
     finally:
         archive.unlink()
     assert len(layers) >= 5 and leaked == [], f"secret found in {leaked}"
+
+
+def _steps(log: str) -> list[tuple[str, bool]]:
+    """BuildKit's plain progress (``#8 [5/8] RUN ...``, later ``#8 CACHED``) → (instruction, cached) of each
+    Dockerfile step after FROM, in Dockerfile order (the log interleaves them, and adds internal steps)."""
+    found: dict[str, tuple[int, str]] = {}
+    cached: set[str] = set()
+    for line in log.splitlines():
+        match = re.match(r"(#\d+) \[(\d+)/\d+\] (.*)", line)
+        if match and not match.group(3).startswith("FROM "):
+            found.setdefault(match.group(1), (int(match.group(2)), match.group(3)))
+        elif line.split(" ", 1)[-1].strip() == "CACHED":
+            cached.add(line.split(" ", 1)[0])
+    return [(instruction, step in cached) for step, (_, instruction) in sorted(found.items(), key=lambda s: s[1][0])]
+
+
+@pytest.fixture(scope="module")
+def rebuilt(built):
+    """The image built again, with layer caching, after an edit to one trainer file of the harness."""
+    _, record = built
+    edited = BUILD_DIR / "images" / "cpu" / "context" / "harness" / "trainer" / "loop.py"
+    original = edited.read_text()
+    edited.write_text(original + "\n# an edit after the first build\n")
+    try:
+        assert main(["build", "cpu", "--backend", "docker"]) == 0
+    finally:
+        edited.write_text(original)
+    _docker("rmi", record["id"], check=False)  # the first build, untagged now
+    return _steps((BUILD_DIR / "images" / "cpu" / "build.log").read_text())
+
+
+def test_an_edit_to_the_harness_rebuilds_only_from_the_harness_layer(rebuilt):
+    """Every step below `COPY harness/` comes from the cache (the pip steps mount only what they read, so the
+    locked set is not keyed on the harness's files); the harness step and those after it run again."""
+    harness = next(i for i, (instruction, _) in enumerate(rebuilt) if instruction.startswith("COPY harness/"))
+    below = rebuilt[:harness]
+    assert any("-r /ctx/lock.txt" in instruction for instruction, _ in below)
+    assert [instruction for instruction, cached in below if not cached] == []
+    assert not rebuilt[harness][1], "the edited harness must be copied again"
 
 
 @pytest.fixture(scope="module")
