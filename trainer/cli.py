@@ -83,6 +83,17 @@ def _refuse_drift(ignore: bool) -> None:
                                     "anyway): " + "; ".join(drifted))
 
 
+def _checked_weights(resolved) -> Path | None:
+    """The pretrained directory the run starts from (None: random init), refused here, before any rank starts,
+    when it is missing or describes another model."""
+    from trainer.models import pretrained  # imports torch: only once the cheap checks have passed
+
+    try:
+        return pretrained.check(resolved.model, resolved.recipe.model)
+    except pretrained.WeightsError as exc:
+        raise TrainerInputError(str(exc)) from None
+
+
 def _check_resume(run_dir: Path, world: int) -> None:
     from trainer.checkpoint import latest_episode, ranks_in
 
@@ -112,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_drift(args.ignore_drift)
         if lacking:
             raise TrainerInputError(f"recipe {args.recipe} cannot run on this machine; missing: " + "; ".join(lacking))
+        # a resumed run starts from its checkpoint, whatever the model's weights say
+        weights = None if args.resume else _checked_weights(resolved)
         world = resolved.recipe.gpus
         run_dir = _run_dir(args)
         if args.resume:
@@ -134,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(run_dir / "config.json", {"recipe": resolved.name, "overrides": args.overrides,
                                              "rehearse": args.rehearse, "world_size": world,
                                              "resolved": resolved.model_dump(mode="json")})
-    initial = initial_weights(resolved) if world > 1 and not args.resume else None
+    initial = initial_weights(resolved) if world > 1 and not args.resume and weights is None else None
     request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
-                         wandb_project=args.wandb, mllog=args.mllog, initial=initial)
+                         wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
     try:
         outcome = launch(run_rank, world, request)
     except RankFailed as exc:
