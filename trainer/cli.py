@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH, load_matrix
@@ -106,6 +107,8 @@ def _check_resume(run_dir: Path, world: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:
         resolved = resolve(args.recipe, parse_overrides(args.overrides), args.matrix)
         if args.rehearse:
@@ -135,10 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import warnings
-
-    # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     from trainer.atomic import write_json
     from trainer.parallel.launcher import RankFailed, launch
     from trainer.worker import RunRequest, initial_weights, run_rank
