@@ -62,10 +62,15 @@ def assert_started_from(saved, expected):
         assert (saved["policy"][name] - tensor).abs().max() <= ONE_STEP, name
 
 
-def test_one_process_run_starts_from_the_hf_checkpoint(repo, tmp_path, dirs, expected):
-    out = trainer(repo, *RUN, f"model.weights={dirs['hf']}", "--run-dir", str(tmp_path / "run"))
+def test_one_process_run_starts_from_the_hf_checkpoint_and_resumes_from_its_checkpoint(repo, tmp_path, dirs, expected):
+    run_dir = tmp_path / "run"
+    out = trainer(repo, *RUN, f"model.weights={dirs['hf']}", "--run-dir", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert_started_from(checkpointed(tmp_path / "run", 1, 2), expected)
+    assert_started_from(checkpointed(run_dir, 1, 2), expected)
+    # a resumed run continues from its checkpoint: the weights directory is not even looked at
+    out = trainer(repo, *RUN, "run.episodes=2", f"model.weights={tmp_path / 'gone'}", "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert latest_episode(run_dir)[0] == 2
 
 
 @pytest.mark.slow
