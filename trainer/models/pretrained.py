@@ -126,7 +126,11 @@ def check(model: Model, model_name: str) -> Path | None:
                                f"use weights of that model, or a model whose {field} is {theirs!r}")
         _check_complete(directory, k, model)
     except WeightsError as exc:
-        raise WeightsError(f"{label}: {exc}") from None
+        hint = ""
+        if model.prepare and not model.weights:  # the hub release is not what trains until its steps have run
+            hint = (f"; run its prepare steps (`python -m trainer.convert prepare {model_name} {directory} OUT`) and "
+                    f"set model.weights=OUT/hf")
+        raise WeightsError(f"{label}: {exc}{hint}") from None
     return directory
 
 

@@ -50,6 +50,12 @@ def test_hub_snapshot_in_the_cache_is_the_source_when_weights_is_unset(dirs, tmp
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     model = resolve("tiny-qwen3", {"model.hf_id": "acme/tiny"}).model
     assert pretrained.check(model, "tiny-qwen3") == snapshot
+    # a hub release that does not fit, of a model with prepare steps: the refusal says how to prepare it
+    other = model.model_copy(update={"shape": model.shape.model_copy(update={"ffn_hidden": 256}),
+                                     "prepare": resolve("qwen2.5-7b", {}).model.prepare})
+    with pytest.raises(pretrained.WeightsError, match=r"^the hub snapshot of acme/tiny: .*shape.ffn_hidden is 128 "
+                       r"there.*; run its prepare steps \(`python -m trainer.convert prepare tiny-qwen3 "):
+        pretrained.check(other, "tiny-qwen3")
     assert pretrained.source(resolve("tiny-qwen3", {"model.hf_id": "acme/absent"}).model) is None
     assert pretrained.source(resolve("tiny-qwen3", {}).model) is None  # a tiny stand-in: random init
 
