@@ -101,3 +101,19 @@ def test_a_sharded_directory_is_refused_where_ranks_read_too(dirs, tmp_path):
     with pytest.raises(pretrained.WeightsError, match="sharded megatron-core directory"):
         pretrained.megatron_tensors(_sharded(dirs, tmp_path), Model.model_validate(
             json.loads((dirs["mcore"] / MCORE_META).read_text())["model"]))
+
+
+def test_moe_checkpoint_loads_every_parameter_and_the_routers_expert_bias(tmp_path, matrix, save_tiny_hf):
+    torch.set_num_threads(2)
+    r = resolve("tiny-moonlight", {})
+    expected, _ = load_hf_checkpoint(save_tiny_hf(matrix.models["tiny-moonlight"], tmp_path / "hf", seed=3))
+    with process_groups(r.layout):
+        backend = build_backend(r, seed=1, weights=tmp_path / "hf")
+        loaded = dict(backend.hf_named_tensors())
+        biases = {name: b for name, b in backend.model.named_buffers() if name.endswith("router.expert_bias")}
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert biases
+    for name, bias in biases.items():
+        layer = name.split(".")[2]
+        assert torch.equal(bias, expected[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"]), name
