@@ -230,7 +230,12 @@ class PrepareStep(Strict):
 class Model(Strict):
     family: Family
     hf_id: NonEmptyStr | None = None
-    """None → a tiny random model built locally (CPU stand-in of its family)."""
+    """The hub repository; its snapshot in the local Hugging Face cache holds the weights unless ``weights`` is
+    set. None (and no ``weights``) → a tiny random model built locally (CPU stand-in of its family)."""
+    weights: NonEmptyStr | None = None
+    """A local directory to start from (absolute, or relative to the directory the trainer starts in): an HF
+    checkpoint (config.json + safetensors) or a megatron-core directory of ``python -m trainer.convert
+    hf-to-mcore``; its config must describe this model (``trainer.models.pretrained``)."""
     stands_in_for: NonEmptyStr | None = None
     dtype: Literal["bf16", "fp32"] = "bf16"
     shape: Shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH, load_matrix
@@ -83,6 +84,17 @@ def _refuse_drift(ignore: bool) -> None:
                                     "anyway): " + "; ".join(drifted))
 
 
+def _checked_weights(resolved) -> Path | None:
+    """The pretrained directory the run starts from (None: random init), refused here, before any rank starts,
+    when it is missing or describes another model."""
+    from trainer.models import pretrained  # imports torch: only once the cheap checks have passed
+
+    try:
+        return pretrained.check(resolved.model, resolved.recipe.model)
+    except pretrained.WeightsError as exc:
+        raise TrainerInputError(str(exc)) from None
+
+
 def _check_resume(run_dir: Path, world: int) -> None:
     from trainer.checkpoint import latest_episode, ranks_in
 
@@ -95,6 +107,8 @@ def _check_resume(run_dir: Path, world: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:
         resolved = resolve(args.recipe, parse_overrides(args.overrides), args.matrix)
         if args.rehearse:
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_drift(args.ignore_drift)
         if lacking:
             raise TrainerInputError(f"recipe {args.recipe} cannot run on this machine; missing: " + "; ".join(lacking))
+        # a resumed run starts from its checkpoint, whatever the model's weights say
+        weights = None if args.resume else _checked_weights(resolved)
         world = resolved.recipe.gpus
         run_dir = _run_dir(args)
         if args.resume:
@@ -122,10 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import warnings
-
-    # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     from trainer.atomic import write_json
     from trainer.parallel.launcher import RankFailed, launch
     from trainer.worker import RunRequest, initial_weights, run_rank
@@ -134,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(run_dir / "config.json", {"recipe": resolved.name, "overrides": args.overrides,
                                              "rehearse": args.rehearse, "world_size": world,
                                              "resolved": resolved.model_dump(mode="json")})
-    initial = initial_weights(resolved) if world > 1 and not args.resume else None
+    initial = initial_weights(resolved) if world > 1 and not args.resume and weights is None else None
     request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
-                         wandb_project=args.wandb, mllog=args.mllog, initial=initial)
+                         wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
     try:
         outcome = launch(run_rank, world, request)
     except RankFailed as exc:

@@ -1,7 +1,8 @@
 """A recipe resolved from the matrix plus `key=value` overrides, checked like the matrix itself.
 
 Overrides address the recipe's own fields with dotted keys (`grpo.lr=5e-4`, `run.episodes=3`,
-`layout=tp2`); values are parsed as YAML scalars, so `1e-3`, `true` and `null` have their usual types.
+`layout=tp2`), and `model.KEY` the fields of the model the recipe names (`model.weights=/ckpt/qwen`); values
+are parsed as YAML scalars, so `1e-3`, `true` and `null` have their usual types.
 """
 
 from __future__ import annotations
@@ -22,18 +23,30 @@ class TrainerInputError(Exception):
     """Bad input to the trainer (recipe name, override, environment): one line, exit code 2."""
 
 
-def _apply(recipe: dict, key: str, value: object) -> None:
+MODEL_PREFIX = "model."  # `model.weights=...` overrides the recipe's model entry, not the recipe's `model` name
+
+
+def _apply(tree: dict, key: str, value: object, *, prefix: str = "", what: str = "the recipe") -> None:
     *parents, leaf = key.split(".")
-    node = recipe
+    node = tree
     for part in parents:
         child = node.get(part)
         if not isinstance(child, dict):
             valid = ", ".join(k for k, v in node.items() if isinstance(v, dict))
-            raise TrainerInputError(f"override '{key}': '{part}' is not a section of the recipe; sections: {valid}")
+            raise TrainerInputError(f"override '{prefix}{key}': '{part}' is not a section of {what}; sections: {valid}")
         node = child
     if leaf not in node:
-        raise TrainerInputError(f"override '{key}': unknown key '{leaf}'; valid keys here: {', '.join(node)}")
+        raise TrainerInputError(f"override '{prefix}{key}': unknown key '{leaf}'; valid keys here: {', '.join(node)}")
     node[leaf] = value
+
+
+def _validated(cls, data: dict, shown: str, prefix: str = ""):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = prefix + ".".join(str(p) for p in first["loc"])
+        raise TrainerInputError(f"override {shown}: {where}: {first['input']!r}: {first['msg']}") from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
@@ -81,21 +94,24 @@ def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | P
     if recipe_name not in m.recipes:
         raise TrainerInputError(f"unknown recipe '{recipe_name}'; recipes: {', '.join(m.recipes)}")
     data = m.recipes[recipe_name].model_dump()
+    model_overrides = {k.removeprefix(MODEL_PREFIX): v for k, v in overrides.items() if k.startswith(MODEL_PREFIX)}
     for key, value in overrides.items():
-        _apply(data, key, value)
+        if not key.startswith(MODEL_PREFIX):
+            _apply(data, key, value)
     shown = " ".join(f"{k}={v}" for k, v in overrides.items())
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise TrainerInputError(f"override {shown}: {where}: {first['input']!r}: {first['msg']}") from None
+    recipe = _validated(Recipe, data, shown)
     m = m.model_copy(update={"recipes": {**m.recipes, recipe_name: recipe}})
     for key in ("model", "image", "layout"):
         table = getattr(m, key + "s")
         if getattr(recipe, key) not in table:
             raise TrainerInputError(f"override {shown}: {key} '{getattr(recipe, key)}' is not defined; "
                                     f"defined: {', '.join(table)}")
+    if model_overrides:
+        model_data = m.models[recipe.model].model_dump()
+        for key, value in model_overrides.items():
+            _apply(model_data, key, value, prefix=MODEL_PREFIX, what=f"model {recipe.model}")
+        model = _validated(Model, model_data, shown, MODEL_PREFIX)
+        m = m.model_copy(update={"models": {**m.models, recipe.model: model}})
     problems = [f"{'.'.join(map(str, path))}: {msg}" for path, msg in check_recipe(recipe_name, recipe, m)]
     problems += _lengths_fit_model(recipe, m.models[recipe.model], recipe.model)
     cp = m.layouts[recipe.layout].cp

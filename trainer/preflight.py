@@ -23,12 +23,10 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _hub_weights_present(hf_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    return isinstance(try_to_load_from_cache(hf_id, "config.json"), str)
+def _hub_snapshot(hf_id: str):
+    from trainer.models.pretrained import hub_snapshot  # imports torch: only for recipes with hub weights
+
+    return hub_snapshot(hf_id)
 
 
 def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
@@ -49,7 +47,7 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
                             f"build it with `nox -s build -- {recipe.image}`)")
     if recipe.rollout.engine in ("vllm", "sglang") and importlib.util.find_spec(recipe.rollout.engine) is None:
         problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; it ships in image {recipe.image})")
-    if r.model.hf_id and not _hub_weights_present(r.model.hf_id):
+    if r.model.hf_id and not r.model.weights and _hub_snapshot(r.model.hf_id) is None:
         problems.append(f"weights of {r.model.hf_id} (not in the Hugging Face cache; download them first, e.g. "
                         f"`huggingface-cli download {r.model.hf_id}`)")
     if recipe.data.path and not (root / recipe.data.path).is_file():

@@ -33,6 +33,7 @@ class RunRequest:
     wandb_project: str | None = None
     mllog: bool = False
     initial: dict | None = None  # whole HF-named weights (multi-process runs start from the same init)
+    weights: Path | None = None  # a pretrained directory, checked (trainer.models.pretrained); each rank reads its part
 
 
 def plant_fault_if_asked() -> None:
@@ -101,10 +102,10 @@ def run_rank(request: RunRequest) -> dict:
     try:
         torch.manual_seed(r.recipe.run.seed)
         task = build_task(r, root=ROOT)
-        policy = build_backend(r, seed=r.recipe.run.seed, initial=request.initial)
+        start = {"initial": request.initial, "weights": request.weights}
+        policy = build_backend(r, seed=r.recipe.run.seed, **start)
         # no reference model when nothing reads it (kl_coef 0, no log_reference_kl): its weights' memory saved
-        ref = (build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=request.initial)
-               if passes(r).reference else None)
+        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, **start) if passes(r).reference else None
         engine = job.on_driver(lambda: build_engine(r, task))
         try:
             summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,

@@ -1,4 +1,4 @@
-"""Fixtures: the matrix, and megatron process groups torn down after each test that uses them."""
+"""Fixtures: the matrix, megatron process groups torn down after each test that uses them, tiny HF checkpoints."""
 
 import pytest
 import torch
@@ -37,3 +37,20 @@ def randomize_(module, seed, *, bias_suffix=("router.expert_bias", "e_score_corr
 @pytest.fixture(scope="session")
 def randomize():
     return randomize_
+
+
+@pytest.fixture(scope="session")
+def save_tiny_hf():
+    """``save(model, directory, *, seed=0, shard="40KB")``: a transformers model of the matrix ``model``'s config
+    with random weights (norms, expert bias too), saved sharded as the hub ships large models."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.models.config import hf_config
+
+    def save(model, directory, *, seed=0, shard="40KB"):
+        torch.manual_seed(seed)
+        hf = randomize_(AutoModelForCausalLM.from_config(hf_config(model)), seed + 1)
+        hf.save_pretrained(directory, max_shard_size=shard)
+        return directory
+
+    return save

@@ -50,6 +50,11 @@ class TrainingBackend(Protocol):
         """Take this rank's share of whole HF-named weights."""
         ...
 
+    def load_pretrained(self, directory: Path) -> None:
+        """Take this rank's share of a pretrained weights directory (``trainer.models.pretrained``: which kinds
+        there are and how each is read), reading one tensor at a time."""
+        ...
+
     def whole_weights(self) -> dict[str, Tensor]:
         """Whole weights under the backend's own global names, on the driver rank ({} elsewhere). Collective."""
         ...
@@ -91,10 +96,12 @@ def backend_class(trainer: str) -> type:
 
 
 def build_backend(resolved: ResolvedRecipe, *, seed: int, trainable: bool = True,
-                  initial: dict[str, Tensor] | None = None) -> TrainingBackend:
+                  initial: dict[str, Tensor] | None = None, weights: Path | None = None) -> TrainingBackend:
     """The backend ``recipe.trainer`` names (the preflight has refused the ones not built).
 
-    ``initial``: whole HF-named weights to start from instead of the seed's initialisation (the names every
-    backend reads and writes, so one backend's weights can start another).
+    Starts from, first found: ``initial``, whole HF-named weights (the names every backend reads and writes,
+    so one backend's weights can start another); ``weights``, a pretrained directory checked by
+    ``trainer.models.pretrained.check``; else the seed's initialisation.
     """
-    return backend_class(resolved.recipe.trainer)(resolved, seed=seed, trainable=trainable, initial=initial)
+    return backend_class(resolved.recipe.trainer)(resolved, seed=seed, trainable=trainable, initial=initial,
+                                                  weights=weights)

@@ -20,7 +20,7 @@ weight sync streams them, one gathered parameter at a time. Checkpoints are torc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from trainer.backends.base import MakeLossFn
 from trainer.backends.optim import check_finite, clip_and_step, for_training
+from trainer.models import pretrained
 from trainer.models.families import family
 from trainer.packing import Packed, budget_groups, empty, pack_rows
 from trainer.parallel import dp, ulysses
@@ -85,7 +86,8 @@ def every_expert_in_backward(model: torch.nn.Module) -> None:
 class FSDPBackend:
     """Policy (or reference) model + optimizer on FSDP2, for a resolved matrix recipe."""
 
-    def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None):
+    def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None,
+                 weights: Path | None = None):
         self.resolved = resolved
         self.shape = resolved.model.shape
         self.meshes = fsdp_meshes()
@@ -93,16 +95,20 @@ class FSDPBackend:
         if self.sp > 1:
             ulysses.register()
         torch.manual_seed(seed)
-        # Without given weights every rank draws the same initialisation from the seed; with them, nothing is
-        # allocated before sharding (meta device) and each rank keeps only its shard of each tensor.
-        self.model = build_hf_model(resolved, on_meta=initial is not None,
-                                    attention=ulysses.ATTENTION if self.sp > 1 else "sdpa")
+        # Without given weights every rank draws the same initialisation from the seed; with them (``initial`` or
+        # a pretrained ``weights`` directory), nothing is allocated before sharding (meta device) and each rank
+        # keeps only its shard of each tensor.
+        given = initial is not None or weights is not None
+        self.model = build_hf_model(resolved, on_meta=given, attention=ulysses.ATTENTION if self.sp > 1 else "sdpa")
         every_expert_in_backward(self.model)
         self._shard()
-        if initial is not None:
+        if given:
             self.model.to_empty(device="cpu")
             _reset_rotary(self.model)
-            self.load_hf(initial)
+            if initial is not None:
+                self.load_hf(initial)
+            else:
+                self.load_pretrained(weights)
         self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable)
         self.steps = 0
 
@@ -268,7 +274,7 @@ class FSDPBackend:
                 yield name, whole
             del whole  # before the next gather: one whole parameter at a time
 
-    def load_hf(self, tensors: dict[str, Tensor]) -> None:
+    def load_hf(self, tensors: Mapping[str, Tensor]) -> None:
         """Take this rank's shard of each whole HF-named tensor (a tied ``lm_head.weight`` may be absent)."""
         params = dict(self._resharded().named_parameters())
         missing = sorted(set(params) - set(tensors))
@@ -280,6 +286,12 @@ class FSDPBackend:
                 if tuple(whole.shape) != tuple(p.shape):
                     raise ValueError(f"{name}: weights have shape {tuple(whole.shape)}, the model {tuple(p.shape)}")
                 p.copy_(distribute_tensor(whole.to(p.dtype), p.device_mesh, p.placements))
+
+    def load_pretrained(self, directory: Path) -> None:
+        """Start from a pretrained weights directory (``trainer.models.pretrained``). Streamed: every rank reads
+        each whole HF-named tensor in turn (the lazy mapping reads it from its safetensors file when asked)
+        and keeps only its shard of it, so no rank ever holds the whole model."""
+        self.load_hf(pretrained.hf_tensors(directory, self.resolved.model))
 
     def copy_weights_from(self, other: FSDPBackend) -> None:
         with torch.no_grad():

@@ -20,7 +20,7 @@ FSDP2), with megatron's convention of no weight decay on biases and norm weights
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from torch import Tensor
 from trainer.backends.base import MakeLossFn
 from trainer.backends.optim import check_finite, clip_and_step, for_training
 from trainer.batching import micro_batches
+from trainer.models import pretrained
 from trainer.models.build import build_gpt_model
 from trainer.models.weight_map import hf_to_mcore, iter_hf
 from trainer.parallel import cp, dp, gather, pp
@@ -45,7 +46,8 @@ PER_TOKEN = ("response_mask", "old_logprobs", "ref_logprobs", "engine_logprobs")
 class MegatronBackend:
     """Policy (or reference) model + optimizer on megatron-core, for a resolved matrix recipe."""
 
-    def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None):
+    def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None,
+                 weights: Path | None = None):
         self.resolved = resolved
         self.shape = resolved.model.shape
         self.trainable = trainable
@@ -55,6 +57,8 @@ class MegatronBackend:
                                      full_recompute=resolved.recipe.run.full_recompute)
         if initial is not None:
             self.load_hf(initial)
+        elif weights is not None:
+            self.load_pretrained(weights)
         self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable)
         self.steps = 0
 
@@ -182,13 +186,23 @@ class MegatronBackend:
         whole = self.whole_weights()
         return iter_hf(whole, self.shape) if whole else iter(())
 
-    def load_whole(self, whole: dict[str, Tensor]) -> None:
-        """Take this rank's shard of whole megatron-named weights."""
+    def load_whole(self, whole: Mapping[str, Tensor]) -> None:
+        """Take this rank's shard of whole megatron-named weights, one parameter at a time (``whole`` may read
+        each tensor only when asked), and the buffers ``whole`` has (a router's expert bias)."""
         with torch.no_grad():
             for p, shard in gather.local_tensors(self.model, whole):
                 if p.shape != shard.shape:
                     raise ValueError(f"checkpoint shape {tuple(shard.shape)} != model {tuple(p.shape)}")
                 p.copy_(shard)
+            for name, b in self.model.named_buffers():
+                key = gather.global_name(name, self.model)
+                if key in whole:
+                    b.copy_(whole[key])
+
+    def load_pretrained(self, directory: Path) -> None:
+        """Start from a pretrained weights directory (``trainer.models.pretrained``), streamed tensor by tensor:
+        each of this rank's parameters reads its one whole tensor and keeps its shard."""
+        self.load_whole(pretrained.megatron_tensors(directory, self.resolved.model))
 
     def load_hf(self, tensors: dict[str, Tensor]) -> None:
         """Initialise the model from an HF state dict (e.g. ``load_hf_checkpoint``'s tensors)."""

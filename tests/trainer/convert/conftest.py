@@ -3,27 +3,16 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from trainer.convert.shards import HF_INDEX
-from trainer.models.config import hf_config
-
-
-def save_tiny_hf(model, directory, randomize, *, seed=0, shard="40KB"):
-    """A transformers model of ``model``'s config with random weights (norms, expert bias too), sharded."""
-    torch.manual_seed(seed)
-    hf = randomize(AutoModelForCausalLM.from_config(hf_config(model)), seed + 1)
-    hf.save_pretrained(directory, max_shard_size=shard)
-    return directory
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory, matrix, randomize):
+def hf_dirs(tmp_path_factory, matrix, save_tiny_hf):
     root = tmp_path_factory.mktemp("hf")
     names = ("tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight", "tiny-qwen3-next")
-    return {name: save_tiny_hf(matrix.models[name], root / name, randomize) for name in names}
+    return {name: save_tiny_hf(matrix.models[name], root / name) for name in names}
 
 
 @pytest.fixture(scope="session")
