@@ -237,10 +237,14 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
                 whole = rule.to_mcore(*(handles[mapping[n]].get_tensor(n) for n in rule.hf))  # one whole tensor
                 for name in needs[rule.mcore]:
                     t = owned[name]
-                    piece = local_shard(whole, rule.mcore, t)
+                    try:
+                        piece = local_shard(whole, rule.mcore, t)
+                    except RuntimeError:  # the whole tensor does not split into this parameter's sections
+                        piece = whole
                     if piece.shape != t.shape:
-                        raise ConvertError(f"{hf_dir}: tensor {rule.hf[0]!r} gives {name!r} shape "
-                                           f"{tuple(piece.shape)}, the model of config.json has {tuple(t.shape)}")
+                        raise ConvertError(f"{hf_dir}: {' + '.join(rule.hf)} give {rule.mcore} shape "
+                                           f"{tuple(whole.shape)}, which does not fit this rank's {name!r} "
+                                           f"{tuple(t.shape)} of the model config.json describes")
                     files.setdefault(expert_file if _is_expert(t) else dense_file, {})[name] = piece.clone()
         written = {file: len(tensors) for file, tensors in files.items()}
         for file, tensors in files.items():
