@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
+# Only light imports at module level: spawned ranks import this module before start_rank quiets megatron.
 from matrix.schema import Layout, Model
 from trainer.convert import ConvertError
-from trainer.convert.hf_mcore import FORMAT, check_names, model_from_hf_config, read_mcore_model
 from trainer.convert.shards import (
     MCORE_INDEX,
     MCORE_META,
@@ -131,6 +131,8 @@ def own_shard(model: torch.nn.Module, mcore_dir: Path) -> dict[str, Tensor]:
     Needs megatron's ``parallel_state`` set up with the degrees the directory was written for (the unsharded
     form counts as every degree 1); other degrees are refused in one line naming both and the fix.
     """
+    from trainer.convert.hf_mcore import read_mcore_model
+
     described, model_meta = read_mcore_model(Path(mcore_dir))
     written = model_meta.get("degrees", ONE_PROCESS)
     running = _process_degrees(model)
@@ -175,7 +177,7 @@ def _read_file(path: Path) -> dict[str, Tensor]:
 def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str) -> Path:
     """Convert an HF checkpoint into megatron-core state sharded for a matrix layout's TP/PP/EP/ETP degrees
     (a layout whose degrees are all 1, such as ``single``, writes the unsharded form)."""
-    from trainer.convert.hf_mcore import hf_to_mcore
+    from trainer.convert.hf_mcore import check_names, hf_to_mcore, model_from_hf_config
     from trainer.models.weight_map import rules
 
     layout = matrix_layout(layout_name)
@@ -205,18 +207,20 @@ def _launch(fn, world: int, *args) -> None:
 def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout, layout_name: str, model: Model,
                 config: dict) -> None:
     """One rank of ``write_sharded``: its dense and expert files, if it owns them (DP / expert-DP rank 0)."""
+    from trainer.worker import start_rank
+
+    rank, world = start_rank()  # first: it quiets megatron's import warnings
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from safetensors import safe_open
     from tqdm import tqdm
 
+    from trainer.convert.hf_mcore import FORMAT
     from trainer.models.build import build_gpt_model
     from trainer.models.weight_map import rules
     from trainer.parallel.gather import local_shard, mark_tp_groups, whole_name
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
-    from trainer.worker import start_rank
 
-    rank, world = start_rank()
     init_process_groups(layout, rank=rank, world_size=world)
     try:
         gpt = build_gpt_model(model, seed=0, layout=layout)
@@ -266,7 +270,7 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
 def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
     """A sharded megatron-core directory back to HF with ``like``'s shard layout: the layout's ranks load their
     shards, the whole tensors are gathered so that rank 0 then holds the whole model, and rank 0 writes."""
-    from trainer.convert.hf_mcore import like_weight_map
+    from trainer.convert.hf_mcore import like_weight_map, read_mcore_model
 
     model, meta = read_mcore_model(mcore_dir)
     like_map = like_weight_map(model, like)
@@ -286,6 +290,9 @@ def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
 @record
 def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str], layout: Layout,
                model: Model) -> None:
+    from trainer.worker import start_rank
+
+    rank, world = start_rank()  # first: it quiets megatron's import warnings
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -293,9 +300,7 @@ def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str],
     from trainer.models.build import build_gpt_model
     from trainer.parallel.gather import global_name, whole_tensors
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
-    from trainer.worker import start_rank
 
-    rank, world = start_rank()
     init_process_groups(layout, rank=rank, world_size=world)
     try:
         gpt = build_gpt_model(model, seed=0, layout=layout)
