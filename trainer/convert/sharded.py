@@ -278,6 +278,9 @@ def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
     if missing:
         raise ConvertError(f"{mcore_dir}: shard {missing[0]} listed in {MCORE_META} is missing")
     degrees = meta["degrees"]
+    if not isinstance(degrees, dict) or set(degrees) != set(ONE_PROCESS):
+        raise ConvertError(f"{mcore_dir / MCORE_META}: 'degrees' must hold exactly {', '.join(ONE_PROCESS)}")
+    # sequence parallelism changes no weight shape; megatron-core wants it on for MoE with TP
     layout = Layout(tp=degrees["tp"], pp=degrees["pp"], ep=degrees["ep"], etp=degrees["etp"],
                     first_stage_layers=degrees["first_stage_layers"], last_stage_layers=degrees["last_stage_layers"],
                     sequence_parallel=degrees["tp"] > 1 and model.shape.moe is not None)
