@@ -2,7 +2,8 @@
 
 ``python -m trainer.convert`` (``nox -s convert -- ...``): ``hf-to-mcore``, ``mcore-to-hf``, ``verify``,
 ``fp8-to-bf16``, ``drop-config-key``, ``set-config``. Work streams shard by shard; every output
-directory is written to a temporary sibling and renamed into place.
+directory is written to a temporary sibling and renamed into place. megatron-core state is unsharded
+(global names, ``hf_mcore``) or sharded for a matrix layout's TP/PP/EP/ETP (local names per rank, ``sharded``).
 """
 
 

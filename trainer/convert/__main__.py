@@ -1,10 +1,12 @@
 """``python -m trainer.convert COMMAND ...`` (``nox -s convert -- COMMAND ...``).
 
-    hf-to-mcore HF_DIR OUT_DIR [--layout single]   HF safetensors → megatron-core directory
-    mcore-to-hf MCORE_DIR OUT_DIR --like HF_DIR    back to HF, with HF_DIR's shard layout and files
+    hf-to-mcore HF_DIR OUT_DIR [--layout L]        HF safetensors → megatron-core directory, unsharded (single)
+                                                   or sharded for matrix layout L's TP/PP/EP/ETP (its ranks run)
+    mcore-to-hf MCORE_DIR OUT_DIR --like HF_DIR    back to HF (unsharded or sharded), with HF_DIR's shard layout
     fsdp-to-hf CKPT_DIR OUT_DIR --like HF_DIR [--groupgemm]
                                                    an FSDP run's DCP checkpoint → HF safetensors
     verify HF_DIR MCORE_DIR [--tolerance T]        max |logit difference| on fixed tokens; exit 1 above T
+                                                   (unsharded directories only)
     fp8-to-bf16 IN_DIR OUT_DIR [--block 128]       DeepSeek-V3 fp8 release → bf16 (resumable)
     prepare MODEL IN_DIR OUT_DIR                   the matrix model's prepare steps (OUT/hf, OUT/mcore)
     drop-config-key DIR KEY                        a matrix prepare step on config.json
@@ -35,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("hf-to-mcore", help="HF safetensors → megatron-core")
     a.add_argument("hf_dir", type=Path)
     a.add_argument("out_dir", type=Path)
-    a.add_argument("--layout", default="single", help="a matrix layout; only 'single' (unsharded) is written yet")
+    a.add_argument("--layout", default="single",
+                   help="a matrix layout: files per TP/PP/EP/ETP shard, read back by the trainer's ranks of that layout "
+                        "('single': one unsharded state; FSDP layouts load HF checkpoints and are refused)")
     a = sub.add_parser("mcore-to-hf", help="megatron-core → HF safetensors")
     a.add_argument("mcore_dir", type=Path)
     a.add_argument("out_dir", type=Path)
@@ -67,27 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _single_layout(name: str) -> None:
-    """Only unsharded (global-name) output is written; the trainer's backend shards full tensors itself."""
-    from matrix import load_matrix
-
-    layouts = load_matrix().layouts
-    if name not in layouts:
-        raise ConvertError(f"--layout {name!r} is not a matrix layout ({', '.join(layouts)})")
-    layout = layouts[name]
-    if (layout.tp, layout.pp, layout.cp, layout.ep, layout.expert_tp) != (1, 1, 1, 1, 1) or layout.fsdp:
-        raise ConvertError(
-            f"--layout {name}: sharded megatron-core output is not written yet; convert with --layout single "
-            f"(the trainer shards full tensors when it loads them)"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     if args.command == "hf-to-mcore":
-        from trainer.convert.hf_mcore import hf_to_mcore
+        from trainer.convert.sharded import write_sharded
 
-        _single_layout(args.layout)
-        print(f"wrote {hf_to_mcore(args.hf_dir, args.out_dir)}")
+        print(f"wrote {write_sharded(args.hf_dir, args.out_dir, args.layout)}")
     elif args.command == "mcore-to-hf":
         from trainer.convert.hf_mcore import mcore_to_hf
 

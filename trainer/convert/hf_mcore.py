@@ -9,9 +9,11 @@ Peak memory is about one input shard plus tensors whose partners (q/k/v, gate/up
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
+from torch import Tensor
 from tqdm import tqdm
 
 from matrix.schema import Model
@@ -61,7 +63,7 @@ def read_mcore_model(mcore_dir: Path) -> tuple[Model, dict]:
     return Model.model_validate(meta["model"]), meta
 
 
-def _check_names(present: set[str], table: list[Rule], model: Model, *, where: Path) -> None:
+def check_names(present: set[str], table: list[Rule], model: Model, *, where: Path) -> None:
     expected = {n for r in table for n in r.hf}
     optional = {n for r in table if r.buffer for n in r.hf} | ({"lm_head.weight"} if model.shape.tie_embeddings else set())
     unknown = sorted(present - expected - optional)
@@ -78,7 +80,7 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path) -> Path:
     model = model_from_hf_config(config, where=hf_dir / "config.json")
     mapping = weight_map(hf_dir)
     table = rules(model)
-    _check_names(set(mapping), table, model, where=hf_dir)
+    check_names(set(mapping), table, model, where=hf_dir)
     rule_of = {name: rule for rule in table for name in rule.hf}
     shards = shards_in_order(mapping)
     with atomic_directory(out_dir) as tmp:
@@ -103,37 +105,61 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path) -> Path:
 
 
 def mcore_to_hf(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
-    """Convert a megatron-core directory back to HF, with the tensor → shard layout and files of ``like``."""
-    model, _ = read_mcore_model(mcore_dir)
-    like_map = weight_map(like)
-    table = rules(model)
-    _check_names(set(like_map), table, model, where=like)
+    """Convert a megatron-core directory back to HF, with the tensor → shard layout and files of ``like``
+    (a sharded directory is read by its layout's ranks: ``trainer.convert.sharded``)."""
+    model, meta = read_mcore_model(mcore_dir)
+    if "degrees" in meta:
+        from trainer.convert.sharded import read_sharded
+
+        return read_sharded(mcore_dir, out_dir, like)
+    like_map = like_weight_map(model, like)
     mcore_map = weight_map(mcore_dir, index=MCORE_INDEX, single=None)
-    rule_of = {rule.mcore: rule for rule in table}
-    strangers = sorted(set(mcore_map) - set(rule_of))
+    known = {rule.mcore for rule in rules(model)}
+    strangers = sorted(set(mcore_map) - known)
     if strangers:
         raise ConvertError(f"{mcore_dir}: tensor {strangers[0]!r} does not belong to family {model.family}")
+
+    def stored() -> Iterator[tuple[str, Tensor]]:
+        for shard in tqdm(shards_in_order(mcore_map), desc="mcore-to-hf", unit="shard"):
+            yield from iter_shard(mcore_dir, shard)
+
+    with atomic_directory(out_dir) as tmp:
+        write_hf_like(stored(), model, like, like_map, tmp, source=mcore_dir)
+    return out_dir
+
+
+def like_weight_map(model: Model, like: Path) -> dict[str, str]:
+    """HF name → shard file of the checkpoint ``like``, checked to hold exactly ``model``'s tensors."""
+    like_map = weight_map(like)
+    check_names(set(like_map), rules(model), model, where=like)
+    return like_map
+
+
+def write_hf_like(named: Iterable[tuple[str, Tensor]], model: Model, like: Path, like_map: dict[str, str],
+                  out: Path, *, source: Path) -> None:
+    """Write whole megatron tensors (global names, in any order) into the directory ``out`` as HF shards with
+    ``like``'s tensor → shard layout, index and side files; a shard is written once all its tensors arrived."""
+    rule_of = {rule.mcore: rule for rule in rules(model)}
     wanted: dict[str, set[str]] = {}
     for name, shard in like_map.items():
         wanted.setdefault(shard, set()).add(name)
-    with atomic_directory(out_dir) as tmp:
-        copy_side_files(like, tmp)
-        buffers: dict[str, dict] = {shard: {} for shard in wanted}
-        total = 0
-        for shard in tqdm(shards_in_order(mcore_map), desc="mcore-to-hf", unit="shard"):
-            for name, tensor in iter_shard(mcore_dir, shard):
-                produced = dict(zip(rule_of[name].hf, rule_of[name].to_hf(tensor), strict=True))
-                if "model.embed_tokens.weight" in produced and "lm_head.weight" in like_map and model.shape.tie_embeddings:
-                    produced["lm_head.weight"] = produced["model.embed_tokens.weight"]
-                for hf_name, t in produced.items():
-                    if hf_name in like_map:
-                        buffers[like_map[hf_name]][hf_name] = t
-            for target in [s for s, b in buffers.items() if b and set(b) == wanted[s]]:
-                total += save_shard(tmp / target, buffers.pop(target))
-        unfinished = sorted(s for s in buffers)
-        if unfinished:
-            missing = sorted(wanted[unfinished[0]] - set(buffers[unfinished[0]]))
-            raise ConvertError(f"{mcore_dir}: no tensor for {missing[0]!r} (shard {unfinished[0]} of {like})")
-        if (like / HF_INDEX).exists():
-            write_index(tmp / HF_INDEX, like_map, total)
-    return out_dir
+    copy_side_files(like, out)
+    buffers: dict[str, dict] = {shard: {} for shard in wanted}
+    total = 0
+    for name, tensor in named:
+        if name not in rule_of:
+            raise ConvertError(f"{source}: tensor {name!r} does not belong to family {model.family}")
+        produced = dict(zip(rule_of[name].hf, rule_of[name].to_hf(tensor), strict=True))
+        if "model.embed_tokens.weight" in produced and "lm_head.weight" in like_map and model.shape.tie_embeddings:
+            produced["lm_head.weight"] = produced["model.embed_tokens.weight"]
+        for hf_name, t in produced.items():
+            if hf_name in like_map:
+                buffers[like_map[hf_name]][hf_name] = t
+        for target in [s for s, b in buffers.items() if b and set(b) == wanted[s]]:
+            total += save_shard(out / target, buffers.pop(target))
+    unfinished = sorted(s for s in buffers)
+    if unfinished:
+        missing = sorted(wanted[unfinished[0]] - set(buffers[unfinished[0]]))
+        raise ConvertError(f"{source}: no tensor for {missing[0]!r} (shard {unfinished[0]} of {like})")
+    if (like / HF_INDEX).exists():
+        write_index(out / HF_INDEX, like_map, total)

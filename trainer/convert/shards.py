@@ -2,7 +2,7 @@
 
 An HF checkpoint is ``config.json`` plus ``model.safetensors`` or ``model.safetensors.index.json`` with its
 shards; a megatron-core directory written here is ``mcore.json`` plus ``mcore.safetensors.index.json`` with
-its shards (tensors keyed by global megatron names, unsharded).
+its shards (tensors keyed by global megatron names, unsharded; the sharded form is ``trainer.convert.sharded``'s).
 """
 
 from __future__ import annotations

@@ -31,7 +31,10 @@ def max_logit_difference(hf_dir: Path, mcore_dir: Path, *, seq_len: int = 32) ->
     from trainer.models.build import build_gpt_model
     from trainer.parallel.process_groups import process_groups
 
-    model, _ = read_mcore_model(mcore_dir)
+    model, meta = read_mcore_model(mcore_dir)
+    if "degrees" in meta:
+        raise ConvertError(f"{mcore_dir}: sharded for layout {meta.get('layout')}; verify reads the unsharded form: "
+                           f"convert with --layout single and verify that")
     model = model.model_copy(update={"dtype": "fp32"})
     mcore_map = weight_map(mcore_dir, index=MCORE_INDEX, single=None)
     seq_len = min(seq_len, model.shape.max_position)

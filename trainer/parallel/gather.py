@@ -15,7 +15,7 @@ parameter attributes, never from a family table:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ def _tp_group(p: Tensor):
     return ps.get_expert_tensor_parallel_group() if _is_expert(p) else ps.get_tensor_model_parallel_group()
 
 
-def _mark_tp_groups(model: torch.nn.Module) -> None:
+def mark_tp_groups(model: torch.nn.Module) -> None:
     for module in model.modules():
         group = getattr(module, "tp_group", None)
         if group is not None:
@@ -107,7 +107,7 @@ def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[s
     Collective: every rank of the job must call it. Gathers TP shards inside each group, then collects the
     owners' tensors on ``dst`` (a tiny model's worth on CPU; a GPU job would stream them per bucket).
     """
-    _mark_tp_groups(model)
+    mark_tp_groups(model)
     mine: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         whole = _unshard_tp(p)
@@ -125,18 +125,30 @@ def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[s
 
 def local_tensors(model: torch.nn.Module, whole: dict[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
     """(parameter, its shard of ``whole``) for every parameter of this rank's model; padding rows are zero."""
-    _mark_tp_groups(model)
+    mark_tp_groups(model)
     for name, p in model.named_parameters():
-        key = global_name(name, model)
-        if key not in whole and getattr(p, "shared_embedding", False):
-            key = VOCAB_PARAMS[0]  # the last stage's copy of a tied input embedding
+        key = whole_name(name, p, model, whole)
         if key not in whole:
             raise KeyError(f"no whole tensor for parameter {key!r} (local name {name!r})")
-        full = whole[key]
-        if key in VOCAB_PARAMS:
-            rows = _padded_rows(p)
-            full = torch.cat([full, full.new_zeros((rows - full.shape[0], *full.shape[1:]))]) if rows > full.shape[0] else full
-        yield p, shard_tp(full, p)
+        yield p, local_shard(whole[key], key, p)
+
+
+def whole_name(local: str, p: Tensor, model: torch.nn.Module, known: Container[str]) -> str:
+    """The global name of the whole tensor that parameter ``local`` is a shard of: ``global_name``, except the
+    last stage's copy of a tied input embedding (not in ``known``), which is the embedding."""
+    key = global_name(local, model)
+    if key not in known and getattr(p, "shared_embedding", False):
+        key = VOCAB_PARAMS[0]
+    return key
+
+
+def local_shard(full: Tensor, key: str, p: Tensor) -> Tensor:
+    """This rank's piece of the whole tensor ``full`` (global name ``key``) for parameter or buffer ``p``:
+    vocabulary rows zero-padded as the model pads them, then its TP shard. ``mark_tp_groups(model)`` first."""
+    if key in VOCAB_PARAMS:
+        rows = _padded_rows(p)
+        full = torch.cat([full, full.new_zeros((rows - full.shape[0], *full.shape[1:]))]) if rows > full.shape[0] else full
+    return shard_tp(full, p)
 
 
 def _padded_rows(p: Tensor) -> int:

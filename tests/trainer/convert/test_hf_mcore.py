@@ -85,7 +85,6 @@ def test_unsupported_config_field_is_one_line_exit_2_and_writes_nothing(hf_dirs,
 @pytest.mark.parametrize(
     "argv,words",
     [
-        (["hf-to-mcore", "{src}", "{out}", "--layout", "tp2"], "sharded megatron-core output is not written yet"),
         (["hf-to-mcore", "{src}", "{out}", "--layout", "tp9"], "is not a matrix layout"),
         (["hf-to-mcore", "{out}", "{out}"], "not found"),
         (["mcore-to-hf", "{src}", "{out}", "--like", "{src}"], "mcore.json: not found"),
