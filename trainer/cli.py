@@ -90,7 +90,7 @@ def _checked_weights(resolved) -> Path | None:
     from trainer.models import pretrained  # imports torch: only once the cheap checks have passed
 
     try:
-        return pretrained.check(resolved.model, resolved.recipe.model)
+        return pretrained.check(resolved.model, resolved.recipe.model, resolved.layout, resolved.recipe.layout)
     except pretrained.WeightsError as exc:
         raise TrainerInputError(str(exc)) from None
 

@@ -189,20 +189,20 @@ class MegatronBackend:
     def load_whole(self, whole: Mapping[str, Tensor]) -> None:
         """Take this rank's shard of whole megatron-named weights, one parameter at a time (``whole`` may read
         each tensor only when asked), and the buffers ``whole`` has (a router's expert bias)."""
-        with torch.no_grad():
-            for p, shard in gather.local_tensors(self.model, whole):
-                if p.shape != shard.shape:
-                    raise ValueError(f"checkpoint shape {tuple(shard.shape)} != model {tuple(p.shape)}")
-                p.copy_(shard)
-            for name, b in self.model.named_buffers():
-                key = gather.global_name(name, self.model)
-                if key in whole:
-                    b.copy_(whole[key])
+        self._copy_in(gather.local_tensors_and_buffers(self.model, whole))
 
     def load_pretrained(self, directory: Path) -> None:
         """Start from a pretrained weights directory (``trainer.models.pretrained``), streamed tensor by tensor:
-        each of this rank's parameters reads its one whole tensor and keeps its shard."""
-        self.load_whole(pretrained.megatron_tensors(directory, self.resolved.model))
+        each of this rank's parameters reads its one whole tensor and keeps its shard, or its own file's piece."""
+        self._copy_in(pretrained.megatron_shards(directory, self.model, self.resolved.model))
+
+    @staticmethod
+    def _copy_in(pairs: Iterator[tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            for target, value in pairs:
+                if target.shape != value.shape:
+                    raise ValueError(f"checkpoint shape {tuple(value.shape)} != model {tuple(target.shape)}")
+                target.copy_(value)
 
     def load_hf(self, tensors: dict[str, Tensor]) -> None:
         """Initialise the model from an HF state dict (e.g. ``load_hf_checkpoint``'s tensors)."""

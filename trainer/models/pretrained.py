@@ -7,13 +7,15 @@ is one of these kinds, told apart by the files it holds:
     hf             config.json + model.safetensors, or model.safetensors.index.json and its shards
     mcore          mcore.json ("layout": "single") + mcore.safetensors.index.json and its shards, written by
                    ``python -m trainer.convert hf-to-mcore``: whole tensors under global megatron names
-    mcore-sharded  mcore.json with a model-parallel "layout" and "degrees": each rank's own shard in its own
-                   file (``trainer.convert.sharded.own_shard``), refused here until that reader is wired in
+    mcore-sharded  mcore.json with a model-parallel "layout" and "degrees" (``hf-to-mcore --layout``): each
+                   rank reads its own files (``trainer.convert.sharded.own_shard``); only a megatron-core run
+                   with the same TP/PP/EP/ETP degrees can load it
 
 ``check`` runs in the launching process, before any rank starts, and refuses a directory whose config does
-not describe the recipe's model. Ranks then read through a lazy mapping (``megatron_tensors`` for the
-megatron backend, ``hf_tensors`` for FSDP): a tensor is read from its safetensors file only when the backend
-asks for it, so a rank holds one whole tensor at a time, never the whole model.
+not describe the recipe's model (or, sharded, whose degrees are not the run's). Ranks then read through a lazy
+mapping (``megatron_shards`` for the megatron backend, ``hf_tensors`` for FSDP): a tensor is read from its
+safetensors file only when the backend asks for it, so a rank holds one whole tensor at a time, never the
+whole model; from a sharded directory a rank reads only its own files.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
-from matrix.schema import Model
+from matrix.schema import Layout, Model
 from trainer.convert import ConvertError
 from trainer.convert.shards import (
     HF_INDEX,
@@ -108,9 +111,10 @@ def _first_difference(where: str, ours: object, theirs: object) -> tuple[str, ob
     return None if ours == theirs else (where, ours, theirs)
 
 
-def check(model: Model, model_name: str) -> Path | None:
-    """The directory ``model`` starts from, checked: it exists, holds weights of a kind that can be loaded, and
-    its config describes ``model``; None for random init. Raises WeightsError (one line)."""
+def check(model: Model, model_name: str, layout: Layout, layout_name: str) -> Path | None:
+    """The directory ``model`` starts from, checked: it exists, holds weights of a kind that can be loaded by a
+    run with ``layout``, and its config describes ``model``; None for random init. Raises WeightsError (one
+    line)."""
     directory = source(model)
     if directory is None:
         return None
@@ -118,7 +122,7 @@ def check(model: Model, model_name: str) -> Path | None:
     try:
         k = kind(directory)
         if k == MCORE_SHARDED:
-            raise WeightsError(_sharded_refusal(directory))
+            _check_degrees(directory, layout, layout_name)
         difference = first_difference(model, described(directory))
         if difference:
             field, ours, theirs = difference
@@ -134,18 +138,40 @@ def check(model: Model, model_name: str) -> Path | None:
     return directory
 
 
+def _check_degrees(directory: Path, layout: Layout, layout_name: str) -> None:
+    """A sharded directory loads only into a megatron-core run with the degrees it was written for."""
+    from trainer.convert.sharded import layout_degrees
+
+    meta = _read(directory / MCORE_META)
+    fix = f"convert the HF checkpoint again with `--layout {layout_name}`, or without --layout (unsharded)"
+    if layout.fsdp:
+        raise WeightsError(f"{directory}: a sharded megatron-core directory (layout {meta.get('layout')}) and an FSDP "
+                           f"run (layout {layout_name}): FSDP reads an HF checkpoint or an unsharded conversion; "
+                           f"set model.weights to one of those")
+    written, running = meta.get("degrees"), layout_degrees(layout)
+    if written != running:
+        raise WeightsError(f"{directory}: sharded for layout {meta.get('layout')} ({_degrees(written)}), but the run's "
+                           f"layout {layout_name} has {_degrees(running)}; {fix}")
+
+
+def _degrees(degrees: object) -> str:
+    if not isinstance(degrees, dict):
+        return f"degrees {degrees!r}"
+    return " ".join(f"{k}={v}" for k, v in degrees.items() if v is not None)
+
+
 def _check_complete(directory: Path, k: str, model: Model) -> None:
+    if k == MCORE_SHARDED:  # every rank checks its own files' names and shapes against its model (own_shard)
+        missing = sorted(f for f in _read(directory / MCORE_META).get("files", {}) if not (directory / f).is_file())
+        if missing:
+            raise WeightsError(f"{directory}: shard {missing[0]} listed in {MCORE_META} is missing")
+        return
     present = set(_files(directory, k))
     wanted = [n for r in rules(model) if not r.buffer for n in (r.hf if k == HF else (r.mcore,))]
     missing = [n for n in wanted if n not in present]
     if missing:
         raise WeightsError(f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} of {len(wanted)} absent)")
 
-
-def _sharded_refusal(directory: Path) -> str:
-    layout = _read(directory / MCORE_META).get("layout")
-    return (f"{directory}: a sharded megatron-core directory (layout {layout}); loading it is not wired in yet, "
-            f"convert the HF checkpoint with `python -m trainer.convert hf-to-mcore HF OUT` (layout single)")
 
 
 # ------------------------------------------------------------------ reading, lazily
@@ -212,16 +238,32 @@ HF_READERS = {HF: lambda d, _model: _stored(d, HF), MCORE: _mcore_as_hf}
 
 def _reader(directory: Path, table: dict) -> Callable[[Path, Model], LazyTensors]:
     k = kind(directory)
-    if k == MCORE_SHARDED:
-        # Wiring point for trainer.convert.sharded.own_shard(model, directory): per-rank LOCAL names, so it
-        # replaces the gather.local_tensors step of the megatron backend rather than adding a reader here.
-        raise WeightsError(_sharded_refusal(directory))
+    if k not in table:
+        raise WeightsError(f"{directory}: a {k} directory cannot be read as whole tensors; use an HF checkpoint or "
+                           f"an unsharded conversion")
     return table[k]
 
 
 def megatron_tensors(directory: Path, model: Model) -> LazyTensors:
     """Whole tensors under global megatron names (what ``gather.local_tensors`` shards), read lazily."""
     return _reader(directory, MEGATRON_READERS)(directory, model)
+
+
+def megatron_shards(directory: Path, gpt: torch.nn.Module, model: Model) -> Iterator[tuple[Tensor, Tensor]]:
+    """(parameter or mapped buffer of this rank's megatron model, the value it starts from): this rank's own
+    files of a sharded directory, else this rank's shard of each whole tensor, read one at a time."""
+    if kind(directory) == MCORE_SHARDED:
+        from trainer.convert.sharded import own_shard
+
+        try:
+            own = own_shard(gpt, directory)
+        except ConvertError as exc:
+            raise WeightsError(str(exc)) from None
+        targets = dict(gpt.named_parameters()) | dict(gpt.named_buffers())
+        return ((targets[name], tensor) for name, tensor in own.items())
+    from trainer.parallel import gather  # megatron: imported by ranks, not by the launcher's check
+
+    return gather.local_tensors_and_buffers(gpt, megatron_tensors(directory, model))
 
 
 def hf_tensors(directory: Path, model: Model) -> LazyTensors:

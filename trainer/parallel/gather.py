@@ -15,7 +15,7 @@ parameter attributes, never from a family table:
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -131,6 +131,15 @@ def local_tensors(model: torch.nn.Module, whole: dict[str, Tensor]) -> Iterator[
         if key not in whole:
             raise KeyError(f"no whole tensor for parameter {key!r} (local name {name!r})")
         yield p, local_shard(whole[key], key, p)
+
+
+def local_tensors_and_buffers(model: torch.nn.Module, whole: Mapping[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    """``local_tensors``, then (buffer, its whole value) for each buffer ``whole`` has (a router's expert bias)."""
+    yield from local_tensors(model, whole)
+    for name, b in model.named_buffers():
+        key = global_name(name, model)
+        if key in whole:
+            yield b, whole[key]
 
 
 def whole_name(local: str, p: Tensor, model: torch.nn.Module, known: Container[str]) -> str:

@@ -10,6 +10,7 @@ import torch
 
 from trainer.checkpoint import latest_episode
 from trainer.convert.hf_mcore import hf_to_mcore
+from trainer.convert.sharded import write_sharded
 from trainer.models.hf_checkpoint import load_hf_checkpoint
 from trainer.models.weight_map import hf_to_mcore as hf_names_to_mcore
 
@@ -74,11 +75,24 @@ def test_one_process_run_starts_from_the_hf_checkpoint_and_resumes_from_its_chec
 
 
 @pytest.mark.slow
-def test_two_stage_run_starts_from_the_megatron_core_conversion(repo, tmp_path, dirs, expected):
-    out = trainer(repo, *RUN, "layout=pp2", "gpus=2", f"model.weights={dirs['mcore']}", "--run-dir",
-                  str(tmp_path / "run"))
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded-pp2"])
+def test_two_stage_run_starts_from_the_megatron_core_conversion(repo, tmp_path, dirs, expected, sharded):
+    """From the unsharded conversion each stage reads the whole tensors of its layers; from the conversion
+    sharded for pp2 (`hf-to-mcore --layout pp2`) each stage reads only its own file."""
+    weights = write_sharded(dirs["hf"], tmp_path / "pp2", "pp2") if sharded else dirs["mcore"]
+    out = trainer(repo, *RUN, "layout=pp2", "gpus=2", f"model.weights={weights}", "--run-dir", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert_started_from(checkpointed(tmp_path / "run", 2, 1), expected)
+
+
+def test_a_conversion_sharded_for_another_layout_is_one_line_exit_2(repo, tmp_path, dirs):
+    sharded = write_sharded(dirs["hf"], tmp_path / "tp2", "tp2")
+    out = trainer(repo, *RUN, "layout=pp2", "gpus=2", f"model.weights={sharded}", "--runs", str(tmp_path / "runs"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: model.weights: ") and "sharded for layout tp2 (tp=2 pp=1 ep=1 etp=2), but the " \
+        "run's layout pp2 has tp=1 pp=2 ep=1 etp=1; convert the HF checkpoint again with `--layout pp2`" in line, line
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(("overrides", "words"), [

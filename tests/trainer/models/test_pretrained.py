@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from matrix.schema import Model
+from matrix.schema import Layout, Model
 from trainer.backends.base import build_backend
 from trainer.config import resolve
 from trainer.convert.hf_mcore import hf_to_mcore
@@ -14,6 +14,8 @@ from trainer.convert.shards import MCORE_META
 from trainer.models import pretrained
 from trainer.models.hf_checkpoint import load_hf_checkpoint
 from trainer.parallel.process_groups import process_groups
+
+SINGLE = Layout()
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +51,13 @@ def test_hub_snapshot_in_the_cache_is_the_source_when_weights_is_unset(dirs, tmp
     (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     model = resolve("tiny-qwen3", {"model.hf_id": "acme/tiny"}).model
-    assert pretrained.check(model, "tiny-qwen3") == snapshot
+    assert pretrained.check(model, "tiny-qwen3", SINGLE, "single") == snapshot
     # a hub release that does not fit, of a model with prepare steps: the refusal says how to prepare it
     other = model.model_copy(update={"shape": model.shape.model_copy(update={"ffn_hidden": 256}),
                                      "prepare": resolve("qwen2.5-7b", {}).model.prepare})
     with pytest.raises(pretrained.WeightsError, match=r"^the hub snapshot of acme/tiny: .*shape.ffn_hidden is 128 "
                        r"there.*; run its prepare steps \(`python -m trainer.convert prepare tiny-qwen3 "):
-        pretrained.check(other, "tiny-qwen3")
+        pretrained.check(other, "tiny-qwen3", SINGLE, "single")
     assert pretrained.source(resolve("tiny-qwen3", {"model.hf_id": "acme/absent"}).model) is None
     assert pretrained.source(resolve("tiny-qwen3", {}).model) is None  # a tiny stand-in: random init
 
@@ -81,25 +83,28 @@ REFUSALS = [
     ("tiny-qwen3", {"model.shape.ffn_hidden": 256}, lambda d, t: d["mcore"], "shape.ffn_hidden is 128 there but 256"),
     ("tiny-qwen3", {}, lambda d, t: t / "absent", "absent: not a directory"),
     ("tiny-qwen3", {}, lambda d, t: t, "no weights found; expected config.json with model.safetensors"),
-    ("tiny-qwen3", {}, _sharded, "a sharded megatron-core directory (layout tp2); loading it is not wired in yet"),
+    ("tiny-qwen3", {}, _sharded, "sharded for layout tp2 (tp=2 pp=1), but the run's layout single has tp=1 pp=1 ep=1 "
+     "etp=1; convert the HF checkpoint again with `--layout single`, or without --layout (unsharded)"),
+    ("tiny-qwen3-fsdp", {}, _sharded, "a sharded megatron-core directory (layout tp2) and an FSDP run (layout fsdp2): "
+     "FSDP reads an HF checkpoint or an unsharded conversion"),
     ("tiny-qwen3", {}, _without_a_tensor, "tensor 'model.norm.weight' is missing"),
 ]
 
 
 @pytest.mark.parametrize(("recipe", "overrides", "directory", "words"), REFUSALS,
-                         ids=["family", "shape", "missing", "empty", "sharded", "incomplete"])
+                         ids=["family", "shape", "missing", "empty", "sharded-other-degrees", "sharded-fsdp", "incomplete"])
 def test_a_directory_that_does_not_fit_is_refused_in_one_line(dirs, tmp_path, recipe, overrides, directory, words):
     where = directory(dirs, tmp_path)
-    model = resolve(recipe, overrides | {"model.weights": str(where)}).model
+    r = resolve(recipe, overrides | {"model.weights": str(where)})
     with pytest.raises(pretrained.WeightsError) as exc:
-        pretrained.check(model, recipe)
+        pretrained.check(r.model, recipe, r.layout, r.recipe.layout)
     message = str(exc.value)
     assert message.startswith("model.weights: ") and words in message and "\n" not in message, message
 
 
-def test_a_sharded_directory_is_refused_where_ranks_read_too(dirs, tmp_path):
-    with pytest.raises(pretrained.WeightsError, match="sharded megatron-core directory"):
-        pretrained.megatron_tensors(_sharded(dirs, tmp_path), Model.model_validate(
+def test_fsdp_ranks_refuse_a_sharded_directory_too(dirs, tmp_path):
+    with pytest.raises(pretrained.WeightsError, match="mcore-sharded directory cannot be read as whole tensors"):
+        pretrained.hf_tensors(_sharded(dirs, tmp_path), Model.model_validate(
             json.loads((dirs["mcore"] / MCORE_META).read_text())["model"]))
 
 
