@@ -242,6 +242,27 @@ def _patch_output_gates() -> None:
         setattr(cls, name, getattr(fn, "_torchdynamo_orig_callable", fn))
 
 
+def _patch_tied_embeddings() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.__dict__["setup_embeddings_and_output_layer"]
+    if getattr(setup, "_grpo_cpu", False):
+        return
+
+    def setup_on_cpu(self, *args, **kwargs):
+        # With tied embeddings under PP, the first and last stages all-reduce the shared weight after moving it
+        # with `.cuda()`, which fails without CUDA; on CPU the weight is already on the one device.
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    setup_on_cpu._grpo_cpu = True
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+
 def install() -> bool:
     """Apply the CPU patches once. Returns True if the patches are (now) active, False on a CUDA machine."""
     global _INSTALLED
@@ -257,6 +278,7 @@ def install() -> bool:
         _patch_mla_without_te()
         _patch_gated_delta_net()
         _patch_output_gates()
+        _patch_tied_embeddings()
         _INSTALLED = True
     return True
 

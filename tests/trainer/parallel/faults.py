@@ -117,4 +117,12 @@ def mla_down_projections_column_parallel():
     CpuSpecProvider.linear = lambda self: ColumnParallelLinear
 
 
+def tied_embedding_gradients_not_summed():
+    """Tied embeddings over PP: each stage steps its own copy with only its own gradient (the input side on the
+    first stage, the output side on the last), so the two copies drift apart."""
+    from trainer.backends import megatron
+
+    megatron._sync_tied_embeddings = lambda params: None
+
+
 __all__ = ["torch"]

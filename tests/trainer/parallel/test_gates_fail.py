@@ -24,6 +24,7 @@ CASES = [  # (fault, gate, its candidate that the fault reaches, the quantity th
     ("fsdp_gradients_averaged_over_ranks", "fsdp-equivalence", 1, "grad norm rel"),
     ("expert_weights_reduced_as_dense", "mla-tp-equivalence", 1, "grad norm rel"),
     ("mla_down_projections_column_parallel", "mla-tp-equivalence", 0, "grad norm rel"),
+    ("tied_embedding_gradients_not_summed", "tied-embedding-equivalence", 0, "grad norm rel"),
 ]
 
 
