@@ -108,6 +108,19 @@ def test_fsdp_ranks_refuse_a_sharded_directory_too(dirs, tmp_path):
             json.loads((dirs["mcore"] / MCORE_META).read_text())["model"]))
 
 
+def test_hybrid_checkpoint_loads_every_parameter(tmp_path, matrix, save_tiny_hf):
+    """Qwen3-Next (gated delta net, gated attention, MoE with a gated shared expert): built without megatron's
+    initialisation, every parameter comes from the file."""
+    torch.set_num_threads(2)
+    r = resolve("tiny-qwen3-next", {})
+    expected, _ = load_hf_checkpoint(save_tiny_hf(matrix.models["tiny-qwen3-next"], tmp_path / "hf", seed=5))
+    with process_groups(r.layout):
+        loaded = dict(build_backend(r, seed=1, weights=tmp_path / "hf").hf_named_tensors())
+    assert sorted(loaded) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
 def test_moe_checkpoint_loads_every_parameter_and_the_routers_expert_bias(tmp_path, matrix, save_tiny_hf):
     torch.set_num_threads(2)
     r = resolve("tiny-moonlight", {})
