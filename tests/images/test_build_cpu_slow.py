@@ -1,6 +1,6 @@
-"""The `cpu` image really built with buildah (air-gapped base via debootstrap), the harness run inside it, and
-every layer searched for a dummy secret passed to the build. Slow: CI runs it (`apt-get install buildah
-debootstrap`); skip locally with `-m 'not slow'`.
+"""The `cpu` image really built with buildah (air-gapped base via debootstrap), every layer searched for a dummy
+secret passed to the build, a second cold build compared by digest, then the harness and the drift check run in
+one container of it. Slow: CI runs it (`apt-get install buildah debootstrap`); skip locally with `-m 'not slow'`.
 """
 
 from __future__ import annotations
@@ -67,11 +67,18 @@ def built(tmp_path_factory):
     return token, json.loads((BUILD_DIR / "images" / "cpu" / "build.json").read_text())
 
 
-def _run_in_image(*command: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def in_image(built):
+    """Run commands in one container of the built image: under vfs each `buildah from` copies the whole image
+    (~20 s here), so the tests below share one (the drift test, which uninstalls a package, comes last)."""
     ctr = subprocess.run(BUILDAH + ["from", tag("cpu")], capture_output=True, text=True, check=True).stdout.strip()
-    try:
+
+    def run(*command: str) -> subprocess.CompletedProcess:
         return subprocess.run(BUILDAH + ["run", "--isolation", "chroot", ctr, "--", *command],
                               capture_output=True, text=True)
+
+    try:
+        yield run
     finally:
         subprocess.run(BUILDAH + ["rm", ctr], capture_output=True)
 
@@ -84,17 +91,6 @@ def test_labels_carry_the_lock_hash(built):
     assert record["backend"] == "buildah" and record["size_bytes"] > 0 and record["duration_s"] > 0
     leftover = subprocess.run(BUILDAH + ["inspect", "--type", "image", f"{tag('cpu')}-building"], capture_output=True)
     assert leftover.returncode != 0, "the temporary build tag must be gone"
-
-
-def test_harness_runs_inside(built):
-    done = _run_in_image("python", "-m", "matrix")
-    assert done.returncode == 0, done.stderr
-    assert "matrix.yaml: valid" in done.stdout
-    done = _run_in_image(*TRAINER_COMMAND)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "run directory: /tmp/runs/demo-" in done.stdout
-    torch = _run_in_image("python", "-c", "import torch; print(torch.__version__)")
-    assert torch.stdout.strip() == "2.13.0+cpu"
 
 
 def _blobs(layout: Path):
@@ -115,19 +111,6 @@ def test_no_layer_holds_the_secret(built, tmp_path):
     assert leaked == [], f"secret found in blobs {leaked}"
 
 
-def test_image_names_itself_and_shows_no_drift(built):
-    done = _run_in_image("python", "-c", "import os; from trainer.preflight import IMAGE_ENV; print(os.environ[IMAGE_ENV])")
-    assert done.stdout.strip() == "cpu", done.stderr
-    done = _run_in_image("python", "-m", "images.fingerprint", "drift")
-    assert (done.returncode, done.stdout) == (0, ""), done.stdout + done.stderr
-
-
-def test_drift_names_the_changed_packages(built):
-    done = _run_in_image("sh", "-c", "python -m pip uninstall -q -y tqdm && python -m images.fingerprint drift")
-    assert done.returncode == 1
-    assert done.stdout.splitlines() == ["tqdm: locked 4.70.1, not installed", "tqdm: removed after the build (was 4.70.1)"]
-
-
 def test_two_cold_builds_give_one_digest(built):
     """A second build with every layer rebuilt gives the same digest; on a mismatch the differing files are named."""
     from images.backends import Backend
@@ -145,3 +128,27 @@ def test_two_cold_builds_give_one_digest(built):
                         + "\n".join(diff[:50]))
     finally:
         subprocess.run(BUILDAH + ["rmi", keep], capture_output=True)
+
+
+def test_harness_runs_inside(in_image):
+    done = in_image("python", "-m", "matrix")
+    assert done.returncode == 0, done.stderr
+    assert "matrix.yaml: valid" in done.stdout
+    done = in_image(*TRAINER_COMMAND)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "run directory: /tmp/runs/demo-" in done.stdout
+    torch = in_image("python", "-c", "import torch; print(torch.__version__)")
+    assert torch.stdout.strip() == "2.13.0+cpu"
+
+
+def test_image_names_itself_and_shows_no_drift(in_image):
+    done = in_image("python", "-c", "import os; from trainer.preflight import IMAGE_ENV; print(os.environ[IMAGE_ENV])")
+    assert done.stdout.strip() == "cpu", done.stderr
+    done = in_image("python", "-m", "images.fingerprint", "drift")
+    assert (done.returncode, done.stdout) == (0, ""), done.stdout + done.stderr
+
+
+def test_drift_names_the_changed_packages(in_image):
+    done = in_image("sh", "-c", "python -m pip uninstall -q -y tqdm && python -m images.fingerprint drift")
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == ["tqdm: locked 4.70.1, not installed", "tqdm: removed after the build (was 4.70.1)"]
