@@ -54,7 +54,7 @@ class MegatronBackend:
         # Seeds megatron's RNG tracker (CPU generators via cpu_compat) for dropout in TP regions.
         mcore_random.model_parallel_cuda_manual_seed(seed)
         self.model = build_gpt_model(resolved.model, seed=seed, layout=resolved.layout,
-                                     full_recompute=resolved.recipe.run.full_recompute, initialize=weights is None)
+                                     full_recompute=resolved.recipe.run.full_recompute)
         if initial is not None:
             self.load_hf(initial)
         elif weights is not None:

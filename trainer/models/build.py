@@ -15,8 +15,7 @@ from trainer.parallel.tp import padded_vocab
 
 
 def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pre_process: bool | None = None,
-                    post_process: bool | None = None, full_recompute: bool = False,
-                    initialize: bool = True) -> GPTModel:
+                    post_process: bool | None = None, full_recompute: bool = False) -> GPTModel:
     """A freshly initialised ``GPTModel`` (this rank's TP/PP/EP part) on CPU; the same seed gives the same weights.
 
     The output layer keeps its logits vocab-parallel (``trainer.parallel.tp`` turns them into log-probs);
@@ -26,8 +25,6 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     megatron's CPU initialisation (``use_cpu_initialization``) draws from torch's default CPU generator,
     so it is seeded here and restored afterwards. Needs ``parallel_state`` initialised (the backend does
     it; tests use a fixture). A family with no bundle raises ``NotImplementedError`` naming it.
-    ``initialize=False`` skips megatron's weight initialisation (minutes on CPU for a large model) when every
-    parameter is about to be overwritten by pretrained weights, whose loaders refuse a missing one.
     """
     bundle = family(model.family)
     cpu_compat.install()
@@ -38,8 +35,6 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
         # trading compute for activation memory (the DeepSeek-V3 recipe's setting).
         config = dataclasses.replace(config, recompute_granularity="full", recompute_method="uniform",
                                      recompute_num_layers=1)
-    if not initialize:
-        config = dataclasses.replace(config, perform_initialization=False)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
