@@ -65,8 +65,18 @@ def _process_degrees(model: torch.nn.Module) -> dict:
             "last_stage_layers": model.config.num_layers_in_last_pipeline_stage}
 
 
-def _describe(degrees: dict) -> str:
+def describe_degrees(degrees: object) -> str:
+    """``tp=2 pp=1 ...`` (as mcore.json or a process has them; a malformed value is shown as it is)."""
+    if not isinstance(degrees, dict):
+        return f"degrees {degrees!r}"
     return " ".join(f"{k}={v}" for k, v in degrees.items() if v is not None)
+
+
+def check_files(mcore_dir: Path, meta: dict) -> None:
+    """Every shard file ``mcore.json`` lists is there (each rank checks its own files' contents)."""
+    missing = sorted(f for f in meta.get("files", {}) if not (mcore_dir / f).is_file())
+    if missing:
+        raise ConvertError(f"{mcore_dir}: shard {missing[0]} listed in {MCORE_META} is missing")
 
 
 def _layout_named(degrees: dict) -> str:
@@ -76,7 +86,7 @@ def _layout_named(degrees: dict) -> str:
     if degrees == ONE_PROCESS:
         return "single"
     names = [n for n, lay in load_matrix().layouts.items() if not lay.fsdp and layout_degrees(lay) == degrees]
-    return names[0] if names else f"<a matrix layout with {_describe(degrees)}>"
+    return names[0] if names else f"<a matrix layout with {describe_degrees(degrees)}>"
 
 
 def conversion_world(layout: Layout) -> tuple[Layout, int]:
@@ -138,8 +148,8 @@ def own_shard(model: torch.nn.Module, mcore_dir: Path) -> dict[str, Tensor]:
     running = _process_degrees(model)
     if written != running:
         raise ConvertError(
-            f"{mcore_dir}: written for layout {model_meta.get('layout')} ({_describe(written)}), this process runs "
-            f"{_describe(running)}; convert again with --layout {_layout_named(running)} or use the unsharded form")
+            f"{mcore_dir}: written for layout {model_meta.get('layout')} ({describe_degrees(written)}), this process runs "
+            f"{describe_degrees(running)}; convert again with --layout {_layout_named(running)} or use the unsharded form")
     expected = _local_tensors(model, described)
     if "degrees" not in model_meta:  # one process: local names are the global names
         from safetensors.torch import load_file
@@ -274,9 +284,7 @@ def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
 
     model, meta = read_mcore_model(mcore_dir)
     like_map = like_weight_map(model, like)
-    missing = sorted(f for f in meta.get("files", {}) if not (mcore_dir / f).is_file())
-    if missing:
-        raise ConvertError(f"{mcore_dir}: shard {missing[0]} listed in {MCORE_META} is missing")
+    check_files(mcore_dir, meta)
     degrees = meta["degrees"]
     if not isinstance(degrees, dict) or set(degrees) != set(ONE_PROCESS):
         raise ConvertError(f"{mcore_dir / MCORE_META}: 'degrees' must hold exactly {', '.join(ONE_PROCESS)}")

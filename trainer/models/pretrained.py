@@ -140,7 +140,7 @@ def check(model: Model, model_name: str, layout: Layout, layout_name: str) -> Pa
 
 def _check_degrees(directory: Path, layout: Layout, layout_name: str) -> None:
     """A sharded directory loads only into a megatron-core run with the degrees it was written for."""
-    from trainer.convert.sharded import layout_degrees
+    from trainer.convert.sharded import describe_degrees, layout_degrees
 
     meta = _read(directory / MCORE_META)
     fix = f"convert the HF checkpoint again with `--layout {layout_name}`, or without --layout (unsharded)"
@@ -150,28 +150,24 @@ def _check_degrees(directory: Path, layout: Layout, layout_name: str) -> None:
                            f"set model.weights to one of those")
     written, running = meta.get("degrees"), layout_degrees(layout)
     if written != running:
-        raise WeightsError(f"{directory}: sharded for layout {meta.get('layout')} ({_degrees(written)}), but the run's "
-                           f"layout {layout_name} has {_degrees(running)}; {fix}")
-
-
-def _degrees(degrees: object) -> str:
-    if not isinstance(degrees, dict):
-        return f"degrees {degrees!r}"
-    return " ".join(f"{k}={v}" for k, v in degrees.items() if v is not None)
+        raise WeightsError(f"{directory}: sharded for layout {meta.get('layout')} ({describe_degrees(written)}), but "
+                           f"the run's layout {layout_name} has {describe_degrees(running)}; {fix}")
 
 
 def _check_complete(directory: Path, k: str, model: Model) -> None:
     if k == MCORE_SHARDED:  # every rank checks its own files' names and shapes against its model (own_shard)
-        missing = sorted(f for f in _read(directory / MCORE_META).get("files", {}) if not (directory / f).is_file())
-        if missing:
-            raise WeightsError(f"{directory}: shard {missing[0]} listed in {MCORE_META} is missing")
+        from trainer.convert.sharded import check_files
+
+        try:
+            check_files(directory, _read(directory / MCORE_META))
+        except ConvertError as exc:
+            raise WeightsError(str(exc)) from None
         return
     present = set(_files(directory, k))
     wanted = [n for r in rules(model) if not r.buffer for n in (r.hf if k == HF else (r.mcore,))]
     missing = [n for n in wanted if n not in present]
     if missing:
         raise WeightsError(f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} of {len(wanted)} absent)")
-
 
 
 # ------------------------------------------------------------------ reading, lazily
@@ -244,15 +240,11 @@ def _reader(directory: Path, table: dict) -> Callable[[Path, Model], LazyTensors
     return table[k]
 
 
-def megatron_tensors(directory: Path, model: Model) -> LazyTensors:
-    """Whole tensors under global megatron names (what ``gather.local_tensors`` shards), read lazily."""
-    return _reader(directory, MEGATRON_READERS)(directory, model)
-
-
 def megatron_shards(directory: Path, gpt: torch.nn.Module, model: Model) -> Iterator[tuple[Tensor, Tensor]]:
     """(parameter or mapped buffer of this rank's megatron model, the value it starts from): this rank's own
     files of a sharded directory, else this rank's shard of each whole tensor, read one at a time."""
-    if kind(directory) == MCORE_SHARDED:
+    k = kind(directory)
+    if k == MCORE_SHARDED:
         from trainer.convert.sharded import own_shard
 
         try:
@@ -263,7 +255,7 @@ def megatron_shards(directory: Path, gpt: torch.nn.Module, model: Model) -> Iter
         return ((targets[name], tensor) for name, tensor in own.items())
     from trainer.parallel import gather  # megatron: imported by ranks, not by the launcher's check
 
-    return gather.local_tensors_and_buffers(gpt, megatron_tensors(directory, model))
+    return gather.local_tensors_and_buffers(gpt, MEGATRON_READERS[k](directory, model))
 
 
 def hf_tensors(directory: Path, model: Model) -> LazyTensors:
