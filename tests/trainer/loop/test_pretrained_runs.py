@@ -85,6 +85,24 @@ def test_two_stage_run_starts_from_the_megatron_core_conversion(repo, tmp_path, 
     assert_started_from(checkpointed(tmp_path / "run", 2, 1), expected)
 
 
+@pytest.mark.slow
+def test_tensor_parallel_run_starts_from_the_conversion_sharded_for_it(repo, tmp_path, dirs):
+    """Each TP rank's reference model holds exactly its file of `hf-to-mcore --layout tp2` (same local names),
+    and the run trains: the shards are TP shards to megatron too (gathered for weight sync, reduced in backward)."""
+    from safetensors.torch import load_file
+
+    sharded = write_sharded(dirs["hf"], tmp_path / "tp2", "tp2")
+    out = trainer(repo, *RUN, "layout=tp2", "gpus=2", f"model.weights={sharded}", "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, directory = latest_episode(tmp_path / "run")
+    for rank in range(2):
+        reference = torch.load(directory / f"rank-{rank:05d}.pt", weights_only=False)["reference"]["model"]
+        stored = load_file(sharded / f"dense-tp{rank:02d}-pp000.safetensors")
+        assert sorted(stored) == sorted(reference)
+        for name, tensor in stored.items():
+            assert torch.equal(reference[name], tensor), (rank, name)
+
+
 def test_a_conversion_sharded_for_another_layout_is_one_line_exit_2(repo, tmp_path, dirs):
     sharded = write_sharded(dirs["hf"], tmp_path / "tp2", "tp2")
     out = trainer(repo, *RUN, "layout=pp2", "gpus=2", f"model.weights={sharded}", "--runs", str(tmp_path / "runs"))
