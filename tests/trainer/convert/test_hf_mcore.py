@@ -112,3 +112,21 @@ def test_unknown_tensor_in_checkpoint_is_named(hf_dirs, tmp_path, capsys):
     (src / HF_INDEX).write_text(json.dumps(index))
     assert main(["hf-to-mcore", str(src), str(tmp_path / "out")]) == 2
     assert "'model.layers.0.self_attn.q_norm.weight' has no megatron-core counterpart" in capsys.readouterr().err
+
+
+def test_unknown_tensor_in_megatron_directory_is_one_line_exit_2_and_writes_nothing(hf_dirs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    mcore = tmp_path / "mcore"
+    assert main(["hf-to-mcore", str(hf_dirs["tiny-qwen2.5"]), str(mcore)]) == 0
+    index = json.loads((mcore / MCORE_INDEX).read_text())
+    save_file({"decoder.layers.0.self_attention.q_layernorm.weight": torch.ones(16)}, mcore / "extra.safetensors")
+    index["weight_map"]["decoder.layers.0.self_attention.q_layernorm.weight"] = "extra.safetensors"
+    (mcore / MCORE_INDEX).write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(["mcore-to-hf", str(mcore), str(tmp_path / "back"), "--like", str(hf_dirs["tiny-qwen2.5"])]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "error" in line]  # besides the progress bar
+    assert line.startswith("error: ") and "Traceback" not in err
+    assert "tensor 'decoder.layers.0.self_attention.q_layernorm.weight' does not belong to family qwen2" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mcore"]
