@@ -23,9 +23,14 @@ def resolved_json(m: Matrix) -> dict:
     return out
 
 
+def recipe_status(m: Matrix, name: str) -> str:
+    """What the README's status box says of a recipe: CPU-image recipes run here; GPU-image ones never ran."""
+    return "runs here" if m.images[m.recipes[name].image].engine is None else "(GPU) not verified here"
+
+
 def table(m: Matrix) -> Table:
     t = Table(title=f"{len(m.recipes)} recipes", show_lines=False)
-    for column in ("recipe", "model", "image", "trainer", "rollout", "layout", "GPUs", "min GPUs", "DP"):
+    for column in ("recipe", "model", "image", "trainer", "rollout", "layout", "GPUs", "min GPUs", "DP", "status"):
         t.add_column(column, justify="right" if "GPU" in column or column == "DP" else "left")
     for name in m.recipes:
         r = m.resolve(name)
@@ -34,7 +39,8 @@ def table(m: Matrix) -> Table:
             f"{k.upper()}{v}" for k, v in (("tp", lay.tp), ("pp", lay.pp), ("cp", lay.cp), ("ep", lay.ep),
                                            ("etp", lay.etp or 1)) if v > 1) or "-"
         t.add_row(name, r.recipe.model, r.recipe.image, r.recipe.trainer, r.recipe.rollout.engine,
-                  f"{r.recipe.layout} ({degrees})", str(r.recipe.gpus), str(r.min_gpus), str(r.dp))
+                  f"{r.recipe.layout} ({degrees})", str(r.recipe.gpus), str(r.min_gpus), str(r.dp),
+                  recipe_status(m, name))
     return t
 
 
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(resolved_json(m), sys.stdout, indent=2)
         print()
     else:
-        Console(width=160).print(table(m))
+        Console(width=190).print(table(m))
         print(f"{args.file}: valid ({len(m.images)} images, {len(m.models)} models, {len(m.layouts)} layouts, "
               f"{len(m.recipes)} recipes, {len(m.gates)} gates, {len(m.benchmarks)} benchmarks)")
     return 0

@@ -33,6 +33,9 @@ def test_cli_json_and_table(repo):
     assert table.returncode == 0
     assert "moonlight-8 (TP2 PP2 CP2 EP2 ETP2)" in table.stdout
     assert "valid" in table.stdout
+    rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if line.count("│") > 2}
+    assert "(GPU) not verified here" in rows["moonlight"]
+    assert "runs here" in rows["demo"]
 
 
 def test_yaml_merge_keys_resolve_in_tiny_recipes():
