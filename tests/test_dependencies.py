@@ -44,8 +44,12 @@ def _lock(repo, image: str) -> dict[str, lockfile.Pin]:
 
 def _unmet(requirements: list[Requirement], versions: dict[str, str], python: str) -> list[str]:
     """The requirements whose package is missing or at a version outside the range, for a Linux `python`."""
-    environment = default_environment() | {"python_version": python, "python_full_version": f"{python}.0",
-                                           "sys_platform": "linux", "platform_system": "Linux"}
+    environment = default_environment() | {
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+    }
     problems = []
     for req in requirements:
         if req.marker and not req.marker.evaluate(environment):
@@ -60,21 +64,27 @@ def _unmet(requirements: list[Requirement], versions: dict[str, str], python: st
 def test_every_image_lock_satisfies_the_harness_requirements(repo, image):
     python = load_matrix().images[image].python
     versions = {name: pin.version for name, pin in _lock(repo, image).items()}
-    assert _unmet(_requirements(repo), versions, python) == [], f"{image}: pip install -e . would replace these"
+    assert _unmet(_requirements(repo), versions, python) == [], (
+        f"{image}: pip install -e . would replace these"
+    )
 
 
 def test_constraints_are_the_cpu_image_lock(repo):
     constraints = _constraints(repo)
     for name, pin in _lock(repo, "cpu").items():
-        assert name in constraints, f"constraints.txt lacks {pin.name}=={pin.version} of images/locks/cpu.lock.txt"
+        assert name in constraints, (
+            f"constraints.txt lacks {pin.name}=={pin.version} of images/locks/cpu.lock.txt"
+        )
         # `==2.13.0` matches the lock's `2.13.0+cpu` (PEP 440: a pin without a local label matches any)
         assert SpecifierSet(f"=={constraints[name]}").contains(pin.version), (
-            f"constraints.txt: {name}=={constraints[name]}, the cpu image's lock has {pin.version}")
+            f"constraints.txt: {name}=={constraints[name]}, the cpu image's lock has {pin.version}"
+        )
 
 
 def test_constraints_fit_the_ranges_nox_installs(repo):
     project = _pyproject(repo)["project"]
-    texts = project["dependencies"] + [t for extra in PYPROJECT_EXTRAS_NOX_INSTALLS
-                                       for t in project["optional-dependencies"][extra]]
+    texts = project["dependencies"] + [
+        t for extra in PYPROJECT_EXTRAS_NOX_INSTALLS for t in project["optional-dependencies"][extra]
+    ]
     requirements = [r for r in map(Requirement, texts) if lockfile.normalize(r.name) in _constraints(repo)]
     assert _unmet(requirements, _constraints(repo), "3.11") == []
