@@ -96,6 +96,10 @@ def _task_problems(r: ResolvedRecipe, root: Path) -> list[str]:
     if usable == 0:
         return [f"prompts that fit grpo.max_prompt_len={grpo.max_prompt_len}: data source {source} has none; "
                 f"raise grpo.max_prompt_len"]
+    if r.recipe.eval.every and not task.eval:
+        return [f"held-out prompts for eval.every={r.recipe.eval.every}: data source {source} has none that fit "
+                f"grpo.max_prompt_len={grpo.max_prompt_len} (parquet: rows whose extra_info.split is 'test'); "
+                f"add some or set eval.every=0"]
     if usable < grpo.prompts_per_episode:
         return [f"{grpo.prompts_per_episode} training prompts per episode (grpo.prompts_per_episode): data source "
                 f"{source} has {usable} that fit max_prompt_len {grpo.max_prompt_len}; use at most {usable}"]

@@ -183,10 +183,15 @@ def test_bad_reward_references_are_one_line(user_dir, ref, words):
             ["data.path={dir}/toy.parquet", "grpo.reward=my_rewards"],
             "grpo.reward: 'my_rewards': String should match",
         ),
+        (
+            ["data.path={dir}/train_only.parquet", "eval.every=1"],
+            "held-out prompts for eval.every=1: data source parquet has none",
+        ),
     ],
 )
 def test_bad_data_and_reward_input_is_one_line_exit_2(user_dir, capsys, overrides, words):
     _write(user_dir / "no_truth.parquet", [{"prompt": [{"role": "user", "content": "1+1="}]}])
+    _write(user_dir / "train_only.parquet", [_row(i) for i in range(10)])
     runs = user_dir / "runs"
     argv = [
         "tiny-qwen2.5",
