@@ -1,15 +1,19 @@
 """The workflow: every user-facing action is a nox session (thin: install, parse posargs, call a package).
 
-`nox -l` lists them. Heavy sessions (train, tests) install the CPU torch stack; the matrix and image
-sessions install only the light dependency groups of pyproject.toml. torch is installed with pip (the
-virtualenv backend), because pip sees the CPU wheel configured for this machine and uv would fetch CUDA.
+`nox -l` lists them. The heavy sessions (tests, train, convert, equivalence, bench, report) share one
+environment, `.nox/heavy`, with the CPU torch stack (`_install_heavy`); the matrix and image sessions each
+install only a light dependency group of pyproject.toml. Every install goes through constraints.txt, the exact
+CPU versions (pyproject.toml states only ranges). torch is installed with pip (the virtualenv backend), because
+pip sees the CPU wheel configured for this machine and uv would fetch CUDA.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
+import nox.virtualenv
 
 nox.needs_version = ">=2025.5.1"
 nox.options.default_venv_backend = "virtualenv"
@@ -17,12 +21,40 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["matrix"]  # a bare `nox` only validates the matrix
 
 PYTHON = "3.11"
-PYPROJECT = nox.project.load_toml(Path(__file__).parent / "pyproject.toml")
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+CONSTRAINTS = ("-c", os.fspath(ROOT / "constraints.txt"))
+HEAVY_ENV = ROOT / ".nox" / "heavy"
+"""The one environment of the heavy sessions (1.4 GB; one per session was 5.8 GB for four). nox has no option to
+share a virtualenv between sessions, so those sessions run without one of their own (`venv_backend="none"`) and
+`_install_heavy` creates this one with nox's own virtualenv class: same interpreter lookup and backend as the
+other sessions, reused while its interpreter matches. `rm -r .nox/heavy` rebuilds it."""
 
 
 def _install_light(session: nox.Session, group: str) -> None:
-    session.install(*nox.project.dependency_groups(PYPROJECT, group))
+    session.install(*CONSTRAINTS, *nox.project.dependency_groups(PYPROJECT, group))
     session.install("--no-deps", "-e", ".")
+
+
+def _install_heavy(session: nox.Session, extras: str = "") -> str:
+    """Install the repo with `extras` (e.g. "bench") into the shared heavy environment; returns its python.
+
+    Extras accumulate: the environment holds the union of what the heavy sessions asked for. Commands of the
+    session run with the environment's bin first on PATH, so the processes they start find its tools too.
+    """
+    env = nox.virtualenv.VirtualEnv(os.fspath(HEAVY_ENV), interpreter=PYTHON, reuse_existing=True)
+    env.create()
+    python = os.path.join(env.bin, "python")
+    session.env.update(
+        {
+            "VIRTUAL_ENV": os.fspath(HEAVY_ENV),
+            "PATH": os.pathsep.join([*env.bin_paths, os.environ["PATH"]]),
+        }
+    )
+    session.run(
+        python, "-m", "pip", "install", *CONSTRAINTS, "-e", f".[{extras}]" if extras else ".", external=True
+    )
+    return python
 
 
 def _images(session: nox.Session, command: str) -> None:
@@ -37,25 +69,25 @@ def matrix(session: nox.Session) -> None:
     session.run("python", "-m", "matrix", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def train(session: nox.Session) -> None:
     """Train a recipe (default: the embedded CPU demo): `nox -s train -- RECIPE key=value ...`."""
-    session.install("-e", ".")
-    session.run("python", "-m", "trainer", *(session.posargs or ["demo"]))
+    python = _install_heavy(session)
+    session.run(python, "-m", "trainer", *(session.posargs or ["demo"]), external=True)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def convert(session: nox.Session) -> None:
     """Convert checkpoints: `nox -s convert -- hf-to-mcore|mcore-to-hf|fsdp-to-hf|verify|fp8-to-bf16 ...`."""
-    session.install("-e", ".")
-    session.run("python", "-m", "trainer.convert", *(session.posargs or ["--help"]))
+    python = _install_heavy(session)
+    session.run(python, "-m", "trainer.convert", *(session.posargs or ["--help"]), external=True)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite (CI runs exactly this); posargs go to pytest, e.g. `-- -m 'not slow'`."""
-    session.install("-e", ".[images,bench,grading,tensorboard,dev]")
-    session.run("pytest", *session.posargs)
+    python = _install_heavy(session, "images,bench,grading,tensorboard,dev")
+    session.run(python, "-m", "pytest", *session.posargs, external=True)
 
 
 @nox.session(python=PYTHON)
@@ -84,22 +116,22 @@ def build(session: nox.Session) -> None:
     _images(session, "build")
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def equivalence(session: nox.Session) -> None:
     """Run the layout-equivalence gates of the matrix: `-- GATE ...` (default: all); exit 1 if one fails."""
-    session.install("-e", ".")
-    session.run("python", "-m", "trainer.equivalence", *session.posargs)
+    python = _install_heavy(session)
+    session.run(python, "-m", "trainer.equivalence", *session.posargs, external=True)
 
 
-@nox.session(python=PYTHON, default=False)
+@nox.session(venv_backend="none", default=False)
 def bench(session: nox.Session) -> None:
     """Run benchmark suites through the trainer: `-- [SUITE ...]` (default: cpu) → bench/results/<id>.json."""
-    session.install("-e", ".[bench]")
-    session.run("python", "-m", "bench", "run", *session.posargs)
+    python = _install_heavy(session, "bench")
+    session.run(python, "-m", "bench", "run", *session.posargs, external=True)
 
 
-@nox.session(python=PYTHON, default=False)
+@nox.session(venv_backend="none", default=False)
 def report(session: nox.Session) -> None:
     """Compare results: `-- [BASELINE CANDIDATE ...] [--threshold 0.1]` → reports/<id>/ (md, html, png, csv)."""
-    session.install("-e", ".[bench]")
-    session.run("python", "-m", "bench", "report", *session.posargs)
+    python = _install_heavy(session, "bench")
+    session.run(python, "-m", "bench", "report", *session.posargs, external=True)

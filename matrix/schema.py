@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -24,6 +32,7 @@ _OP_VERSION = r"\s*(==|!=|<=|>=|<|>|~=)\s*[A-Za-z0-9.*+!\-]+"
 Bound = Annotated[str, Field(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._\-]*{_OP_VERSION}(\s*,{_OP_VERSION})*$")]
 GitCommit = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 PythonVersion = Annotated[str, Field(pattern=r"^3\.\d+$")]
+FunctionRef = Annotated[str, Field(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")]
 
 LOSS_CAP = 3.0  # ChatLearn's constant cap on the per-token policy loss (REFERENCE §4)
 
@@ -33,7 +42,8 @@ def pattern_names() -> dict[str, str]:
     wording = {Pin: "an exact pin 'name==version' (extras allowed: 'ray[default]==2.46.0')",
                Bound: "a version bound 'name<26' or 'name>=1,<2'",
                Digest: "'sha256:' followed by 64 hex digits", GitCommit: "a full 40-hex-digit commit",
-               PythonVersion: "a quoted Python version such as \"3.12\""}
+               PythonVersion: "a quoted Python version such as \"3.12\"",
+               FunctionRef: "a function 'pkg.module:fn' (dotted module, a colon, the function's name)"}
     return {t.__metadata__[0].metadata[0].pattern: words for t, words in wording.items()}
 
 
@@ -336,6 +346,10 @@ class GRPO(Strict):
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     """token-mean: ChatLearn, over the global batch; seq-mean-token-mean: verl's option."""
     grader: Literal["hendrycks", "math-verify"] = "hendrycks"
+    reward: FunctionRef | None = None
+    """Your own reward instead of the grader: "pkg.module:fn", a function (response_text, ground_truth, extra) -> float
+    imported with the working directory on the path and run in the grader's bounded worker
+    (trainer.reward.function; a crash, timeout or non-finite value is a 0 reward, counted as `reward/failed`)."""
     tis_cap: PositiveFloat | None = None
     """Truncated importance sampling (Yao et al. 2025; verl's `tis_imp_ratio_cap`): each token's policy loss is
     multiplied by min(p_trainer_old / p_engine, tis_cap), detached, correcting for the engine sampling from
@@ -372,9 +386,16 @@ class GRPO(Strict):
 
 
 class Data(Strict):
-    source: Literal["demo", "math-lighteval"]
+    source: Literal["demo", "math-lighteval", "parquet"]
+    """parquet: any parquet file in verl's layout (trainer.data.verl_parquet)."""
     path: NonEmptyStr | None = None
-    """Preprocessed parquet (math-lighteval); None for the embedded demo task."""
+    """The parquet file (math-lighteval: preprocessed; parquet: verl's layout); None for the embedded demo task."""
+
+    @model_validator(mode="after")
+    def _parquet_needs_path(self) -> Data:
+        if self.source == "parquet" and self.path is None:
+            raise PydanticCustomError("path_needed", "data.source parquet reads data.path; set it to your parquet file")
+        return self
 
 
 class Run(Strict):

@@ -45,7 +45,6 @@ from trainer.metrics import MetricsLog, StageTimer, length_stats
 from trainer.objective import advantages, make_loss_fn
 from trainer.parallel.job import Job
 from trainer.passes import Passes, passes
-from trainer.reward.grader import score
 from trainer.rollout.base import NonFiniteLogitsError, RolloutEngine, SamplingParams
 from trainer.tasks import Prompt, Task
 from trainer.warmstart import warm_start
@@ -75,9 +74,7 @@ def evaluate(engine: RolloutEngine, task: Task, r: ResolvedRecipe, seed: int) ->
     s = r.recipe.eval.sampling
     problems = task.eval[: r.recipe.eval.prompts]
     outs = engine.generate([p.ids for p in problems], _params(s, r, task, seed))
-    rewards = [
-        score(o.text, p.ground_truth, r.recipe.grpo.grader) for o, p in zip(outs, problems, strict=True)
-    ]
+    rewards = [task.score(o.text, p)[0] for o, p in zip(outs, problems, strict=True)]
     return {"eval/reward_mean": sum(rewards) / len(rewards)}
 
 
@@ -91,6 +88,7 @@ class Collected:
     lengths: torch.Tensor  # (B,) response tokens
     prompt_tokens: int
     seconds: dict[str, float]  # rollout, reward
+    reward_failures: int = 0  # responses scored 0 because the reward function failed (grpo.reward)
 
 
 def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) -> Collected:
@@ -105,10 +103,12 @@ def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) 
         # the engine's raw sampling log-probs, under the response mask: mismatch metrics, `grpo.tis_cap`
         batch["engine_logprobs"] = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])
     with timer("reward"):
-        rewards = torch.tensor([score(o.text, p.ground_truth, grpo.grader) for o, p in zip(outs, group, strict=True)])
+        scored = [task.score(o.text, p) for o, p in zip(outs, group, strict=True)]
+        rewards = torch.tensor([value for value, _ in scored])
         batch["advantages"] = advantages(grpo, rewards).float()
     return Collected(batch, rewards, torch.tensor([len(o.token_ids) for o in outs]),
-                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")})
+                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")},
+                     reward_failures=sum(not ok for _, ok in scored))
 
 
 def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend | None,
@@ -155,6 +155,7 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     all_tokens = collected.prompt_tokens + int(lengths.sum())
     return {
         "reward/mean": rewards.mean().item(),
+        "reward/failed": collected.reward_failures,
         **{f"reward/{k}": v for k, v in group_outcome_ratios(rewards, grpo.samples_per_prompt).items()},
         **length_stats(lengths, grpo.max_response_len),
         **stats,

@@ -51,8 +51,10 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
         problems.append(f"weights of {r.model.hf_id} (not in the Hugging Face cache; download them first, e.g. "
                         f"`huggingface-cli download {r.model.hf_id}`)")
     if recipe.data.path and not (root / recipe.data.path).is_file():
-        problems.append(f"data file {recipe.data.path} (preprocess MATH-lighteval into it first)")
-    problems += _grader(recipe.grpo.grader)
+        how = "preprocess MATH-lighteval into it first" if recipe.data.source == "math-lighteval" else \
+            f"a parquet file in verl's layout; a relative path is read from {root}"
+        problems.append(f"data file {recipe.data.path} ({how})")
+    problems += _reward_function(recipe.grpo.reward) if recipe.grpo.reward else _grader(recipe.grpo.grader)
     return problems or _task_problems(r, root)  # reading the task needs the data and tokenizer checked above
 
 
@@ -66,6 +68,16 @@ def _grader(name: str) -> list[str]:
     return []
 
 
+def _reward_function(ref: str) -> list[str]:
+    from trainer.reward.function import RewardFunctionError, load
+
+    try:
+        load(ref)
+    except RewardFunctionError as exc:
+        return [str(exc)]
+    return []
+
+
 def _task_problems(r: ResolvedRecipe, root: Path) -> list[str]:
     from trainer.tasks import BUILDERS
 
@@ -73,6 +85,8 @@ def _task_problems(r: ResolvedRecipe, root: Path) -> list[str]:
     logging.disable(logging.WARNING)  # the count of dropped over-long prompts is in the message below
     try:
         task = BUILDERS[source](r, root)
+    except ValueError as exc:  # unusable data (the data modules' errors are one line naming file and row)
+        return [f"usable data for data.source {source}: {exc}"]
     finally:
         logging.disable(logging.NOTSET)
     usable = len(task.train)
@@ -82,6 +96,10 @@ def _task_problems(r: ResolvedRecipe, root: Path) -> list[str]:
     if usable == 0:
         return [f"prompts that fit grpo.max_prompt_len={grpo.max_prompt_len}: data source {source} has none; "
                 f"raise grpo.max_prompt_len"]
+    if r.recipe.eval.every and not task.eval:
+        return [f"held-out prompts for eval.every={r.recipe.eval.every}: data source {source} has none that fit "
+                f"grpo.max_prompt_len={grpo.max_prompt_len} (parquet: rows whose extra_info.split is 'test'); "
+                f"add some or set eval.every=0"]
     if usable < grpo.prompts_per_episode:
         return [f"{grpo.prompts_per_episode} training prompts per episode (grpo.prompts_per_episode): data source "
                 f"{source} has {usable} that fit max_prompt_len {grpo.max_prompt_len}; use at most {usable}"]

@@ -11,14 +11,17 @@ Forking a process that has threads (torch's pools) is safe here for the same rea
 DataLoader workers: the child runs pure Python and touches none of the parent's threads' state. (A fork
 server or spawn would re-import the grader, seconds per replacement, and a fork server is shared with
 whatever else in the process started it first.) The worker also caps its own CPU time per call with ``RLIMIT_CPU``, so one that loses its parent (a
-SIGKILLed trainer) still dies after at most one deadline. One worker serves the whole process, one call at
-a time; calls from several threads queue on a lock.
+SIGKILLed trainer) still dies after at most one deadline. With ``memory_limit_bytes`` it also caps its address
+space (``RLIMIT_AS``) at what it had when forked plus that many bytes: an allocation beyond raises MemoryError in
+the function (an error reply) or kills the worker (a replacement is forked). One worker serves the whole process,
+one call at a time; calls from several threads queue on a lock.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import resource
 import threading
 from collections.abc import Callable
@@ -33,9 +36,19 @@ class WorkerFailed(RuntimeError):
     """The function raised in the worker, or the worker died; the message carries the reason."""
 
 
-def _serve(conn: Connection, parent_end: Connection) -> None:
+def _address_space_bytes() -> int:
+    with open("/proc/self/statm") as statm:  # first field: total program size, in pages
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _serve(conn: Connection, parent_end: Connection, memory_limit_bytes: int | None = None) -> None:
     """Worker loop: receive (fn, args, cpu_limit_s), send back ("ok", value) or ("error", reason)."""
     parent_end.close()  # inherited by the fork; closed so the parent's exit reaches `recv` as EOF
+    if memory_limit_bytes is not None:
+        # relative to the fork's own size: a worker forked from a trainer already maps gigabytes (torch, CUDA)
+        limit = _address_space_bytes() + memory_limit_bytes
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     while True:
         try:
             fn, args, cpu_limit_s = conn.recv()
@@ -53,9 +66,10 @@ def _serve(conn: Connection, parent_end: Connection) -> None:
 
 
 class Sandbox:
-    """One worker process that runs picklable module-level functions under a deadline."""
+    """One worker process that runs picklable module-level functions under a deadline (and a memory cap)."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_limit_bytes: int | None = None) -> None:
+        self._memory_limit_bytes = memory_limit_bytes
         self._ctx = multiprocessing.get_context("fork")
         self._lock = threading.Lock()
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -64,7 +78,8 @@ class Sandbox:
     def _start(self) -> Connection:
         if self._proc is None or not self._proc.is_alive():
             parent, child = self._ctx.Pipe()
-            self._proc = self._ctx.Process(target=_serve, args=(child, parent), daemon=True, name="grader-sandbox")
+            self._proc = self._ctx.Process(target=_serve, args=(child, parent, self._memory_limit_bytes), daemon=True,
+                                           name="grader-sandbox")
             self._proc.start()
             child.close()
             self._conn = parent
