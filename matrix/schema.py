@@ -55,7 +55,7 @@ class Bootstrap(Strict):
 class Base(Strict):
     ref: NonEmptyStr
     digest: Digest | None = None
-    """None → render and build refuse unless `--allow-unpinned`, or unless a bootstrap is declared (the fallback)."""
+    """None → render warns, build refuses unless `--allow-unpinned`, or unless a bootstrap is declared (the fallback)."""
     bootstrap: Bootstrap | None = None
 
 
@@ -85,7 +85,7 @@ class SourceBuild(Strict):
     git: NonEmptyStr
     ref: NonEmptyStr
     commit: GitCommit | None = None
-    """None → render and build refuse unless `--allow-unpinned` (development)."""
+    """None → render warns, build refuses unless `--allow-unpinned` (development)."""
     env: dict[str, str] = {}
     why: NonEmptyStr
     cudnn_from_wheel: bool = False
