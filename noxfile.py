@@ -45,6 +45,13 @@ def train(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def prepare(session: nox.Session) -> None:
+    """Fetch and prepare what a recipe trains from: `-- RECIPE [--from DIR] [--dry-run]` (see trainer/prepare/)."""
+    session.install("-e", ".")
+    session.run("python", "-m", "trainer.prepare", *(session.posargs or ["--help"]))
+
+
+@nox.session(python=PYTHON)
 def convert(session: nox.Session) -> None:
     """Convert checkpoints: `nox -s convert -- hf-to-mcore|mcore-to-hf|fsdp-to-hf|verify|fp8-to-bf16 ...`."""
     session.install("-e", ".")

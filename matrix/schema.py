@@ -232,6 +232,8 @@ class Model(Strict):
     hf_id: NonEmptyStr | None = None
     """The hub repository; its snapshot in the local Hugging Face cache holds the weights unless ``weights`` is
     set. None (and no ``weights``) → a tiny random model built locally (CPU stand-in of its family)."""
+    hub: Literal["huggingface", "modelscope"] = "huggingface"
+    """Where `nox -s prepare` downloads ``hf_id`` from (huggingface_hub or modelscope)."""
     weights: NonEmptyStr | None = None
     """A local directory to start from (absolute, or relative to the directory the trainer starts in): an HF
     checkpoint (config.json + safetensors) or a megatron-core directory of ``python -m trainer.convert
@@ -513,6 +515,9 @@ class Benchmark(Strict):
 
 
 class Matrix(Strict):
+    prepared: NonEmptyStr = "prepared"
+    """Where `nox -s prepare` puts each model's weights (``<prepared>/<model>/``, relative to the repository or
+    absolute) and where `nox -s train` finds them; a recipe's data goes to its ``data.path``."""
     images: dict[str, Image]
     models: dict[str, Model]
     layouts: dict[str, Layout]

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH, load_matrix
+from trainer.prepare.places import with_prepared_weights
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:
         resolved = resolve(args.recipe, parse_overrides(args.overrides), args.matrix)
+        resolved = with_prepared_weights(load_matrix(args.matrix), resolved)  # what `nox -s prepare` made
         if args.rehearse:
             from trainer.rehearse import NoStandIn, rehearsal
 

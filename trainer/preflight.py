@@ -48,10 +48,10 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
     if recipe.rollout.engine in ("vllm", "sglang") and importlib.util.find_spec(recipe.rollout.engine) is None:
         problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; it ships in image {recipe.image})")
     if r.model.hf_id and not r.model.weights and _hub_snapshot(r.model.hf_id) is None:
-        problems.append(f"weights of {r.model.hf_id} (not in the Hugging Face cache; download them first, e.g. "
-                        f"`huggingface-cli download {r.model.hf_id}`)")
+        problems.append(f"weights of {r.model.hf_id} (neither prepared nor in the Hugging Face cache; make them with "
+                        f"`nox -s prepare -- {r.name}`)")
     if recipe.data.path and not (root / recipe.data.path).is_file():
-        problems.append(f"data file {recipe.data.path} (preprocess MATH-lighteval into it first)")
+        problems.append(f"data file {recipe.data.path} (make it with `nox -s prepare -- {r.name}`)")
     problems += _grader(recipe.grpo.grader)
     return problems or _task_problems(r, root)  # reading the task needs the data and tokenizer checked above
 
