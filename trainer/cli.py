@@ -15,10 +15,10 @@ import warnings
 from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH, load_matrix
-from trainer.prepare.places import with_prepared_weights
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
+from trainer.prepare.places import with_prepared_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
