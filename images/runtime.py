@@ -100,7 +100,7 @@ def commands(backend: Backend, needs: Needs, environ: dict[str, str]) -> list[li
     passed = allowed_env(environ)
     fixed = {"HOME": HOME, **needs.env}
     if backend.name in ("docker", "podman"):
-        cmd = backend._tool() + ["run", "--rm", "--init", "--user", _user(), "--ipc=host", "--network=host"]
+        cmd = backend._tool() + ["run", "--rm", "--user", _user(), "--ipc=host", "--network=host"]
         cmd += [f"--ulimit={u}" for u in ULIMITS]
         if needs.gpus:
             cmd += ["--gpus", str(needs.gpus)] if backend.name == "docker" else ["--device", "nvidia.com/gpu=all"]

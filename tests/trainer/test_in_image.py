@@ -33,7 +33,7 @@ def dry(capsys, *args: str) -> str:
 @pytest.mark.parametrize("runtime", ["docker", "podman"])
 def test_moonlight_dry_run_carries_gpu_ipc_ulimit_mount_env_flags(runtime, host_env, capsys):
     out = dry(capsys, "moonlight", "--runtime", runtime).strip()
-    assert out.count("\n") == 0 and f"{runtime} " in out and " run --rm --init " in out
+    assert out.count("\n") == 0 and f"{runtime} " in out and " run --rm --user " in out
     gpu = "--gpus 8" if runtime == "docker" else "--device nvidia.com/gpu=all"
     for flag in (gpu, "--ipc=host", "--network=host", "--ulimit=memlock=-1:-1", "--ulimit=stack=67108864:67108864",
                  f"--user {os.getuid()}:{os.getgid()}", "-e WANDB_API_KEY", "-e NCCL_DEBUG", "-e HOME=/tmp"):
