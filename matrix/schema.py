@@ -515,15 +515,15 @@ class Benchmark(Strict):
 
 
 class Matrix(Strict):
-    prepared: NonEmptyStr = "prepared"
-    """Where `nox -s prepare` puts each model's weights (``<prepared>/<model>/``, relative to the repository or
-    absolute) and where `nox -s train` finds them; a recipe's data goes to its ``data.path``."""
     images: dict[str, Image]
     models: dict[str, Model]
     layouts: dict[str, Layout]
     recipes: dict[str, Recipe]
     gates: dict[str, Gate] = {}
     benchmarks: dict[str, Benchmark] = {}
+    prepared: NonEmptyStr = "prepared"
+    """Where `nox -s prepare` puts each model's weights (``<prepared>/<model>/``, relative to the repository or
+    absolute) and where `nox -s train` finds them; a recipe's data goes to its ``data.path``."""
 
     def resolve(self, recipe_name: str) -> ResolvedRecipe:
         """The recipe with its references replaced by the entries they name, plus derived sizes."""
