@@ -3,6 +3,7 @@ partial files and continue them), each file then checked against the hub's own s
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from trainer.prepare import PrepareError
@@ -52,7 +53,13 @@ def download(step: str, repo: str, out: Path, *, hub: str = "huggingface", repo_
         listed = hub_files(repo, repo_type, patterns)
         total = sum(size for size, _ in listed.values())
         print(f"  {repo}: {len(listed)} files, {total / 1e9:.2f} GB")
+        free = shutil.disk_usage(out).free
+        if total > free:
+            raise PrepareError(f"step {step}: {repo} is {total / 1e9:.2f} GB, {out} has {free / 1e9:.2f} GB free; "
+                               f"free some space (or move `prepared:` in matrix.yaml)")
         snapshot_download(repo, repo_type=repo_type, local_dir=out, allow_patterns=patterns)
+    except PrepareError:
+        raise
     except Exception as exc:  # no network, no hub access (HTTP errors, offline mode, DNS): all the same to the user
         raise _unreachable(step, repo, "Hugging Face hub", exc) from None
     from trainer.prepare.manifest import sha256_file
