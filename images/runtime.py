@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from images.render import LABEL_PREFIX, tag
 ALLOWED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                "HF_DATASETS_OFFLINE", "HF_TOKEN", "RAY_ADDRESS", "OMP_NUM_THREADS", "SOURCE_DATE_EPOCH")
 ALLOWED_PREFIXES = ("NCCL_", "CUDA_", "TORCH_NCCL_", "GLOO_")
-ULIMITS = ("memlock=-1:-1", "stack=67108864:67108864")  # pinned memory for NCCL/RDMA; 64 MiB stacks (as NGC says)
+STACK = 64 << 20  # 64 MiB stacks and unlimited locked memory (pinned buffers for NCCL/RDMA), as NGC asks
 HOME = "/tmp"  # the calling user has no home inside the image
 
 
@@ -47,6 +48,25 @@ class Needs:
     env: dict[str, str] = field(default_factory=dict)
     """Fixed variables set inside (not secret: they appear in the command)."""
     workdir: Path | None = None
+
+
+def ulimits() -> list[str]:
+    """memlock unlimited and 64 MiB stacks, or as high as this host lets them go: a runtime cannot raise a limit
+    past the hard limit of a caller without CAP_SYS_RESOURCE (an unprivileged container: the run fails to start)."""
+    return [_limit("memlock", resource.RLIMIT_MEMLOCK, resource.RLIM_INFINITY),
+            _limit("stack", resource.RLIMIT_STACK, STACK)]
+
+
+def _limit(name: str, which: int, want: int) -> str:
+    soft, hard = resource.getrlimit(which)
+    value = want
+    if hard != resource.RLIM_INFINITY and (want == resource.RLIM_INFINITY or want > hard):
+        try:
+            resource.setrlimit(which, (soft, want))  # raising this process's own hard limit: the same privilege
+        except (ValueError, OSError):
+            value = hard
+    text = "-1" if value == resource.RLIM_INFINITY else str(value)
+    return f"--ulimit={name}={text}:{text}"
 
 
 def allowed_env(environ: dict[str, str]) -> list[str]:
@@ -101,7 +121,7 @@ def commands(backend: Backend, needs: Needs, environ: dict[str, str]) -> list[li
     fixed = {"HOME": HOME, **needs.env}
     if backend.name in ("docker", "podman"):
         cmd = backend._tool() + ["run", "--rm", "--user", _user(), "--ipc=host", "--network=host"]
-        cmd += [f"--ulimit={u}" for u in ULIMITS]
+        cmd += ulimits()
         if needs.gpus:
             cmd += ["--gpus", str(needs.gpus)] if backend.name == "docker" else ["--device", "nvidia.com/gpu=all"]
         for m in needs.mounts:
@@ -114,7 +134,7 @@ def commands(backend: Backend, needs: Needs, environ: dict[str, str]) -> list[li
             cmd += ["-w", str(needs.workdir)]
         return [cmd + [tag(needs.image), *needs.command]]
     ctr = f"grpo-stack-run-{os.getpid()}"
-    create = backend._tool() + ["from", "--pull=never", "--name", ctr] + [f"--ulimit={u}" for u in ULIMITS]
+    create = backend._tool() + ["from", "--pull=never", "--name", ctr] + ulimits()
     if needs.gpus:
         create += ["--device", "nvidia.com/gpu=all"]
     run = backend._tool() + ["run", "--isolation", "chroot", "--user", _user(), "--ipc", "host", "--network", "host"]

@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+from images.runtime import ulimits
 from trainer.cli import main
 from trainer.prepare.places import ROOT
 
@@ -25,6 +26,11 @@ def host_env(monkeypatch):
     monkeypatch.setenv("MY_SECRET_TOKEN", SECRET)
 
 
+def test_ulimits_are_memlock_and_64_mib_stacks():
+    memlock, stack = ulimits()
+    assert memlock.startswith("--ulimit=memlock=") and stack == "--ulimit=stack=67108864:67108864"
+
+
 def dry(capsys, *args: str) -> str:
     assert main([*args, "--in-image", "--dry-run"]) == 0
     return capsys.readouterr().out
@@ -35,7 +41,7 @@ def test_moonlight_dry_run_carries_gpu_ipc_ulimit_mount_env_flags(runtime, host_
     out = dry(capsys, "moonlight", "--runtime", runtime).strip()
     assert out.count("\n") == 0 and f"{runtime} " in out and " run --rm --user " in out
     gpu = "--gpus 8" if runtime == "docker" else "--device nvidia.com/gpu=all"
-    for flag in (gpu, "--ipc=host", "--network=host", "--ulimit=memlock=-1:-1", "--ulimit=stack=67108864:67108864",
+    for flag in (gpu, "--ipc=host", "--network=host", *ulimits(),
                  f"--user {os.getuid()}:{os.getgid()}", "-e WANDB_API_KEY", "-e NCCL_DEBUG", "-e HOME=/tmp"):
         assert flag in out, flag
     weights = ROOT / "prepared" / "moonlight-16b-a3b" / "mcore-moonlight-8"
@@ -51,7 +57,7 @@ def test_buildah_dry_run_runs_in_a_container_it_removes(host_env, capsys):
     lines = dry(capsys, "demo", "run.episodes=2", "--runtime", "buildah").strip().splitlines()
     assert len(lines) == 3
     assert lines[0].startswith("buildah --storage-driver vfs from --pull=never --name grpo-stack-run-")
-    assert "--ulimit=memlock=-1:-1" in lines[0] and "nvidia.com/gpu" not in lines[0]  # a CPU recipe: no GPUs
+    assert " ".join(ulimits()) in lines[0] and "nvidia.com/gpu" not in lines[0]  # a CPU recipe: no GPUs
     assert " run --isolation chroot " in lines[1] and "--ipc host" in lines[1]
     assert "--env 'WANDB_API_KEY=$WANDB_API_KEY'" in lines[1] and "MY_SECRET" not in lines[1]
     assert lines[1].endswith(f"-- python -m trainer demo run.episodes=2 --matrix {ROOT / 'matrix.yaml'} "
