@@ -77,6 +77,13 @@ def train(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
+def prepare(session: nox.Session) -> None:
+    """Fetch and prepare what a recipe trains from: `-- RECIPE [--from DIR] [--dry-run]` (see trainer/prepare/)."""
+    python = _install_heavy(session)
+    session.run(python, "-m", "trainer.prepare", *(session.posargs or ["--help"]), external=True)
+
+
+@nox.session(venv_backend="none")
 def convert(session: nox.Session) -> None:
     """Convert checkpoints: `nox -s convert -- hf-to-mcore|mcore-to-hf|fsdp-to-hf|verify|fp8-to-bf16 ...`."""
     python = _install_heavy(session)

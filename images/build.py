@@ -23,11 +23,18 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from images import bootstrap, lockfile
 from images.backends import BACKENDS, Backend, pick
-from images.common import BUILD_DIR, LOCKS_DIR, UsageError, atomic_write, display
+from images.common import BUILD_DIR, UsageError, atomic_write, display, matrix_path
 from images.hostpip import read_host_pip
-from images.lint import dockerfiles
-from images.lock import lock_path, regenerate_command
-from images.render import CA_TARGET, bootstrap_tag, load_patches, problems, refuse_or_warn, tag
+from images.render import (
+    CA_TARGET,
+    bootstrap_tag,
+    load_patches,
+    problems,
+    read_lock,
+    refuse_or_warn,
+    render_image,
+    tag,
+)
 
 SECRET_IDS = ("pip.conf", "ca.pem", "netrc")
 WHEELHOUSE = "/wheelhouse"
@@ -95,8 +102,8 @@ def stage_wheelhouses(wheelhouses: list[Path], context: Path) -> list[str]:
 class Builder:
     """One `nox -s build` invocation: shared settings, then `image()` per image."""
 
-    def __init__(self, matrix, args: argparse.Namespace, console):
-        self.matrix, self.args, self.console = matrix, args, console
+    def __init__(self, matrix, args: argparse.Namespace, console, render_dir: Path):
+        self.matrix, self.args, self.console, self.render_dir = matrix, args, console, render_dir
         self.backend: Backend = pick(args.backend, args.storage_driver)
         if not args.dry_run:
             self.backend.check_usable()
@@ -144,18 +151,16 @@ class Builder:
 
     def image(self, name: str) -> dict | None:
         image = self.matrix.images[name]
-        dockerfile = dockerfiles([name])[0]
-        found = problems(name, image, load_patches(name, image))
-        refuse_or_warn(found, self.args.allow_unpinned, self.console)
-        rendered_lock = dockerfile.parent / "context" / "lock.txt"
-        lock = lock_path(self.args.locks, name)
-        if not lock.is_file():
-            raise UsageError(f"--locks {self.args.locks}: no {lock.name}; create it with `{regenerate_command(name)}`")
-        if rendered_lock.read_text() != lock.read_text():
-            again = f"nox -s render -- {name}" + (f" --locks {self.args.locks}" if self.args.locks != LOCKS_DIR else "")
-            raise UsageError(f"{display(dockerfile)}: rendered from another lock than {display(lock)}; run `{again}`")
-        # The epoch the Dockerfile was rendered with (its labels say the same), not today's HEAD.
-        epoch = int(re.search(r"^ARG SOURCE_DATE_EPOCH=(\d+)$", dockerfile.read_text(), re.M).group(1))
+        # Build renders what it builds, so a Dockerfile can never be older than the matrix and lock it is built
+        # from (a dry run renders into a temporary folder and shows where the real build puts it).
+        rendered = render_image(name, image, self.args.locks, matrix_path(self.args.file), self.render_dir)
+        dockerfile = BUILD_DIR / "images" / name / "Dockerfile"
+        if self.args.dry_run:
+            print(f"# render {display(dockerfile.parent)}/ (Dockerfile and context, as `nox -s render -- {name}`)")
+        else:
+            self.console.print(f"rendered {display(rendered)}")
+        # The epoch the Dockerfile was rendered with (its labels say the same).
+        epoch = int(re.search(r"^ARG SOURCE_DATE_EPOCH=(\d+)$", rendered.read_text(), re.M).group(1))
         final, building = tag(name), f"{tag(name)}-building"
         with tempfile.TemporaryDirectory(prefix="grpo-stack-secrets-") as tmp:
             if self.backend.name == "docker" and self.args.dry_run:
@@ -243,7 +248,16 @@ class Builder:
 
 
 def build(matrix, names: list[str], args: argparse.Namespace, console) -> int:
-    builder = Builder(matrix, args, console)
-    dockerfiles(names)  # every image rendered, checked before the first build starts
-    failed = [n for n in names if builder.image(n) is None and not args.dry_run]
+    # Every image's pins, patches and lock checked before the first build starts.
+    found = [p for n in names for p in problems(n, matrix.images[n], load_patches(n, matrix.images[n]))]
+    for n in names:
+        read_lock(n, matrix.images[n], args.locks)
+    refuse_or_warn(found, args.allow_unpinned, console)
+    builder_dir = tempfile.TemporaryDirectory(prefix="grpo-stack-render-") if args.dry_run else None
+    try:
+        builder = Builder(matrix, args, console, Path(builder_dir.name) if builder_dir else BUILD_DIR / "images")
+        failed = [n for n in names if builder.image(n) is None and not args.dry_run]
+    finally:
+        if builder_dir:
+            builder_dir.cleanup()
     return 1 if failed else 0

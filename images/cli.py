@@ -41,13 +41,14 @@ def parser() -> Parser:
     p = sub.add_parser("render", help="Dockerfiles and docker-bake.json", description=
                        "Render build/images/<image>/Dockerfile (+ context/) and build/docker-bake.json.")
     _common(p)
-    p.add_argument("--allow-unpinned", action="store_true",
-                   help="development: warn about a base without digest, moving source refs and patch slots "
-                        "instead of refusing")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a base without digest, a moving source ref or a patch slot (default: warn)")
+    p.add_argument("--allow-unpinned", action="store_true", help=argparse.SUPPRESS)  # the default now; kept working
     p = sub.add_parser("lint", help="hadolint over rendered Dockerfiles",
                        description="Run hadolint on build/images/<image>/Dockerfile.")
     _common(p)
-    p = sub.add_parser("build", help="build images", description="Build rendered images with a backend.")
+    p = sub.add_parser("build", help="render and build images",
+                       description="Render (as `render` does) and build images with a backend.")
     _common(p)
     from images.build import add_arguments
     add_arguments(p)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "render":
         from images.render import render
-        for path in render(matrix, names, args.locks, matrix_path(args.file), args.allow_unpinned, console):
+        for path in render(matrix, names, args.locks, matrix_path(args.file), console, strict=args.strict):
             console.print(f"rendered {display(path)}")
         return 0
     if args.command == "lint":

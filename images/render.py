@@ -161,7 +161,7 @@ def build_settings(image: Image) -> dict[str, str]:
 
 
 def problems(name: str, image: Image, patches: dict[str, patching.Patch]) -> list[str]:
-    """What render and build refuse unless `--allow-unpinned` (development), where they are warnings."""
+    """What build refuses unless `--allow-unpinned` (development); render shows them as warnings (`--strict`: refuses)."""
     where = f"matrix.yaml images.{name}"
     out = [] if image.base.digest or image.base.bootstrap else [
         f"{where}.base: {image.base.ref} has no digest; pull it once and write `digest: sha256:...` there"]
@@ -172,9 +172,9 @@ def problems(name: str, image: Image, patches: dict[str, patching.Patch]) -> lis
     return out
 
 
-def refuse_or_warn(found: list[str], allow_unpinned: bool, console) -> None:
-    if found and not allow_unpinned:
-        raise UsageError("\n".join(found) + "\n(--allow-unpinned renders and builds anyway, for development)")
+def refuse_or_warn(found: list[str], allow: bool, console, hint: str = "--allow-unpinned builds anyway, for development") -> None:
+    if found and not allow:
+        raise UsageError("\n".join(found) + f"\n({hint})")
     for p in found:
         console.print(f"[yellow]warning:[/yellow] {p}")
 
@@ -271,13 +271,16 @@ def bake_json(matrix, names: list[str], out_dir: Path) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def render(matrix, names: list[str], locks_dir: Path, matrix_file: Path, allow_unpinned: bool, console,
+def render(matrix, names: list[str], locks_dir: Path, matrix_file: Path, console, *, strict: bool = False,
            out_dir: Path = BUILD_DIR / "images") -> list[Path]:
-    """Render the named images (all problems checked before anything is written) and the bake file."""
+    """Render the named images and the bake file (all inputs checked before anything is written).
+
+    An unpinned base, a moving source ref or an empty patch slot is a warning line here: rendering one image
+    must not fail because another is not pinned yet; `build` refuses them (`--strict` refuses here too)."""
     found = [p for n in names for p in problems(n, matrix.images[n], load_patches(n, matrix.images[n]))]
     for n in names:
         read_lock(n, matrix.images[n], locks_dir)
-    refuse_or_warn(found, allow_unpinned, console)
+    refuse_or_warn(found, not strict, console, hint="render without --strict warns instead")
     written = [render_image(n, matrix.images[n], locks_dir, matrix_file, out_dir) for n in names]
     atomic_write(out_dir.parent / "docker-bake.json", bake_json(matrix, list(matrix.images), out_dir))
     return written

@@ -65,7 +65,7 @@ class Bootstrap(Strict):
 class Base(Strict):
     ref: NonEmptyStr
     digest: Digest | None = None
-    """None → render and build refuse unless `--allow-unpinned`, or unless a bootstrap is declared (the fallback)."""
+    """None → render warns, build refuses unless `--allow-unpinned`, or unless a bootstrap is declared (the fallback)."""
     bootstrap: Bootstrap | None = None
 
 
@@ -95,7 +95,7 @@ class SourceBuild(Strict):
     git: NonEmptyStr
     ref: NonEmptyStr
     commit: GitCommit | None = None
-    """None → render and build refuse unless `--allow-unpinned` (development)."""
+    """None → render warns, build refuses unless `--allow-unpinned` (development)."""
     env: dict[str, str] = {}
     why: NonEmptyStr
     cudnn_from_wheel: bool = False
@@ -242,6 +242,8 @@ class Model(Strict):
     hf_id: NonEmptyStr | None = None
     """The hub repository; its snapshot in the local Hugging Face cache holds the weights unless ``weights`` is
     set. None (and no ``weights``) → a tiny random model built locally (CPU stand-in of its family)."""
+    hub: Literal["huggingface", "modelscope"] = "huggingface"
+    """Where `nox -s prepare` downloads ``hf_id`` from (huggingface_hub or modelscope)."""
     weights: NonEmptyStr | None = None
     """A local directory to start from (absolute, or relative to the directory the trainer starts in): an HF
     checkpoint (config.json + safetensors) or a megatron-core directory of ``python -m trainer.convert
@@ -540,6 +542,9 @@ class Matrix(Strict):
     recipes: dict[str, Recipe]
     gates: dict[str, Gate] = {}
     benchmarks: dict[str, Benchmark] = {}
+    prepared: NonEmptyStr = "prepared"
+    """Where `nox -s prepare` puts each model's weights (``<prepared>/<model>/``, relative to the repository or
+    absolute) and where `nox -s train` finds them; a recipe's data goes to its ``data.path``."""
 
     def resolve(self, recipe_name: str) -> ResolvedRecipe:
         """The recipe with its references replaced by the entries they name, plus derived sizes."""

@@ -18,6 +18,7 @@ from matrix import DEFAULT_MATRIX_PATH, load_matrix
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
+from trainer.prepare.places import with_prepared_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="inside an image: start even if its installed packages differ from its lock")
     p.add_argument("--mllog", action="store_true",
                    help="also print MLPerf-style :::MLLOG lines (copied to RUN_DIR/mllog.txt)")
+    p.add_argument("--in-image", action="store_true",
+                   help="run inside the recipe's built image (docker, podman or buildah; see trainer/in_image.py)")
+    p.add_argument("--runtime", choices=("docker", "podman", "buildah"), help="with --in-image (default: found)")
+    p.add_argument("--dry-run", action="store_true", help="with --in-image: print the container command(s) only")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -111,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:
         resolved = resolve(args.recipe, parse_overrides(args.overrides), args.matrix)
+        resolved = with_prepared_weights(load_matrix(args.matrix), resolved)  # what `nox -s prepare` made
+        if args.dry_run and not args.in_image:
+            raise TrainerInputError("--dry-run prints the container command of --in-image; add --in-image")
+        if args.in_image:
+            from trainer.in_image import main as in_image
+
+            return in_image(args, resolved)
         if args.rehearse:
             from trainer.rehearse import NoStandIn, rehearsal
 

@@ -48,10 +48,10 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
     if recipe.rollout.engine in ("vllm", "sglang") and importlib.util.find_spec(recipe.rollout.engine) is None:
         problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; it ships in image {recipe.image})")
     if r.model.hf_id and not r.model.weights and _hub_snapshot(r.model.hf_id) is None:
-        problems.append(f"weights of {r.model.hf_id} (not in the Hugging Face cache; download them first, e.g. "
-                        f"`huggingface-cli download {r.model.hf_id}`)")
+        problems.append(f"weights of {r.model.hf_id} (neither prepared nor in the Hugging Face cache; make them with "
+                        f"`nox -s prepare -- {r.name}`)")
     if recipe.data.path and not (root / recipe.data.path).is_file():
-        how = "preprocess MATH-lighteval into it first" if recipe.data.source == "math-lighteval" else \
+        how = f"make it with `nox -s prepare -- {r.name}`" if recipe.data.source == "math-lighteval" else \
             f"a parquet file in verl's layout; a relative path is read from {root}"
         problems.append(f"data file {recipe.data.path} ({how})")
     problems += _reward_function(recipe.grpo.reward) if recipe.grpo.reward else _grader(recipe.grpo.grader)

@@ -80,7 +80,9 @@ def _demo(r: ResolvedRecipe, root: Path) -> Task:
 def _math(r: ResolvedRecipe, root: Path) -> Task:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(r.model.hf_id)
+    from trainer.prepare.places import tokenizer_source
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_source(r))
     rows = read_rows(root / r.recipe.data.path)
     held_out = [row for row in rows if row.get("split") == "test"]
     train = [row for row in rows if row.get("split") != "test"]

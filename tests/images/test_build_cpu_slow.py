@@ -11,14 +11,16 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from images.cli import main
-from images.common import BUILD_DIR, LOCKS_DIR, sha256_text
+from images.common import BUILD_DIR, LOCKS_DIR, REPO_ROOT, sha256_text
 from images.render import tag
+from images.runtime import Needs, commands, find
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,6 +32,30 @@ pytestmark = [
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 # A few episodes of the embedded demo recipe, end to end inside the image.
 TRAINER_COMMAND = ["python", "-m", "trainer", "demo", "run.episodes=2", "run.warm_start_steps=5", "--runs", "/tmp/runs"]
+PLANTED = "grpo-planted-" + secrets.token_hex(8)
+
+
+def train_in_image(runtime: str, runs: Path) -> None:
+    """`python -m trainer demo --in-image` on the host: the run directory lands in `runs` owned by the caller, and
+    of the host's environment only the allow-list enters (a planted secret does not; WANDB_MODE does)."""
+    env = {**os.environ, "MY_SECRET_TOKEN": PLANTED, "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "-m", "trainer", "demo", "run.episodes=2", "run.warm_start_steps=5",
+                           "--runs", str(runs), "--in-image", "--runtime", runtime], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    assert f"run directory: {run_dir}" in done.stdout
+    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints"):
+        assert (run_dir / name).exists(), name
+    written = [run_dir, *run_dir.rglob("*")]
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {(os.getuid(), os.getgid())}
+    # The same container command with `env` as its entry point shows what the process sees.
+    seen = []
+    for argv in commands(find(runtime), Needs(image="cpu", command=["env"]), env):
+        seen.append(subprocess.run(argv, env=env, capture_output=True, text=True).stdout)
+    inside = "".join(seen)
+    assert "WANDB_MODE=offline" in inside and "HOME=/tmp" in inside, inside
+    assert PLANTED not in inside and "MY_SECRET_TOKEN" not in inside
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,6 +165,10 @@ def test_harness_runs_inside(in_image):
     assert "run directory: /tmp/runs/demo-" in done.stdout
     torch = in_image("python", "-c", "import torch; print(torch.__version__)")
     assert torch.stdout.strip() == "2.13.0+cpu"
+
+
+def test_demo_trains_in_image_through_the_trainer(built, tmp_path):
+    train_in_image("buildah", tmp_path / "runs")
 
 
 def test_image_names_itself_and_shows_no_drift(in_image):

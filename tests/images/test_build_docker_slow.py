@@ -24,7 +24,7 @@ from images.cli import main
 from images.common import BUILD_DIR, LOCKS_DIR, UsageError, image_hash, load, sha256_text
 from images.render import bootstrap_tag, tag
 
-from .test_build_cpu_slow import TRAINER_COMMAND
+from .test_build_cpu_slow import TRAINER_COMMAND, train_in_image
 
 BACKEND = docker_backend()
 
@@ -155,6 +155,10 @@ def rebuilt(built):
         edited.write_text(original)
     _docker("rmi", record["id"], check=False)  # the first build, untagged now
     return _steps((BUILD_DIR / "images" / "cpu" / "build.log").read_text())
+
+
+def test_demo_trains_in_image_through_the_trainer(built, tmp_path):
+    train_in_image("docker", tmp_path / "runs")
 
 
 def test_an_edit_to_the_harness_rebuilds_only_from_the_harness_layer(rebuilt):

@@ -23,7 +23,7 @@ GPU = ["vllm-te27", "sglang-te27"]
 @pytest.fixture(scope="module")
 def dockerfiles(tmp_path_factory):
     m, out = load_matrix(), tmp_path_factory.mktemp("rendered") / "images"
-    render.render(m, list(m.images), LOCKS_DIR, REPO_ROOT / "matrix.yaml", allow_unpinned=True,
+    render.render(m, list(m.images), LOCKS_DIR, REPO_ROOT / "matrix.yaml",
                   console=Console(quiet=True), out_dir=out)
     return {n: (out / n / "Dockerfile").read_text() for n in m.images}
 

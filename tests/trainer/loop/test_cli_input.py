@@ -17,7 +17,8 @@ CASES = [
     (["demo", "layout=cp2", "gpus=2", "grpo.max_response_len=15"], "is not a multiple of 2·CP=4"),
     (["tiny-qwen3-next", "layout=cp2", "gpus=2"], "has gated delta-net (linear attention) layers"),
     (["qwen3-next"], "32 GPUs (layout qwen3-next-32, min 32), this machine has 0"),
-    (["qwen2.5-7b"], "weights of Qwen/Qwen2.5-7B-Instruct (not in the Hugging Face cache"),
+    (["qwen2.5-7b"], "weights of Qwen/Qwen2.5-7B-Instruct (neither prepared nor in the Hugging Face cache; make them "
+                     "with `nox -s prepare -- qwen2.5-7b`)"),
 ]
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from trainer.prepare.run import main
+
+sys.exit(main())
