@@ -30,8 +30,6 @@ pytestmark = [
 ]
 
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
-# A few episodes of the embedded demo recipe, end to end inside the image.
-TRAINER_COMMAND = ["python", "-m", "trainer", "demo", "run.episodes=2", "run.warm_start_steps=5", "--runs", "/tmp/runs"]
 PLANTED = "grpo-planted-" + secrets.token_hex(8)
 
 
@@ -160,9 +158,6 @@ def test_harness_runs_inside(in_image):
     done = in_image("python", "-m", "matrix")
     assert done.returncode == 0, done.stderr
     assert "matrix.yaml: valid" in done.stdout
-    done = in_image(*TRAINER_COMMAND)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "run directory: /tmp/runs/demo-" in done.stdout
     torch = in_image("python", "-c", "import torch; print(torch.__version__)")
     assert torch.stdout.strip() == "2.13.0+cpu"
 
