@@ -257,7 +257,7 @@ class FSDPBackend:
     @staticmethod
     def _grad_norm(params: list[Tensor]) -> float:
         """Global L2 norm of the gradients: squares of each rank's shards, summed over ranks."""
-        square = torch.zeros(1, dtype=torch.float64)
+        square = torch.zeros(1, dtype=torch.float64, device=params[0].grad.device if params else None)
         for p in params:
             square += p.grad.to_local().double().pow(2).sum()
         dist.all_reduce(square)

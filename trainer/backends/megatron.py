@@ -110,7 +110,8 @@ class MegatronBackend:
 
     def _forward(self, model, mb: dict[str, Tensor]) -> Tensor:
         tokens = mb["input_ids"]
-        positions = cp.local_positions(tokens.shape[1] * cp.size(), cp.size(), cp.rank()).expand(tokens.shape[0], -1)
+        positions = cp.local_positions(tokens.shape[1] * cp.size(), cp.size(), cp.rank()).to(tokens.device)
+        positions = positions.expand(tokens.shape[0], -1)
         return model(tokens, positions, attention_mask=None)
 
     def _run(self, mbs: list[dict], finish, *, forward_only: bool) -> list:
@@ -300,8 +301,9 @@ def _grad_norm(params: list[Tensor]) -> float:
     TP-replicated parameters (norms, biases of row-parallel layers) count on TP rank 0 only; a tied output
     embedding's second copy not at all; dense shards sum over TP×PP, expert shards over ETP×EP×PP.
     """
-    dense = torch.zeros(1, dtype=torch.float64)
-    expert = torch.zeros(1, dtype=torch.float64)
+    device = params[0].device if params else None  # the gradients' device: sums stay where they are
+    dense = torch.zeros(1, dtype=torch.float64, device=device)
+    expert = torch.zeros(1, dtype=torch.float64, device=device)
     for p in params:
         if getattr(p, "shared", False):  # megatron's mark on the last stage's copy of a tied embedding
             continue
