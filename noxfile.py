@@ -98,6 +98,22 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def smoke(session: nox.Session) -> None:
+    """Every family's tiny recipe, fp32 and bf16, on this machine's device; `-- --wheelhouse DIR` instead
+    downloads the wheels a bare GPU machine (Python 3.12, torch) needs to run it offline."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="nox -s smoke --")
+    parser.add_argument("--wheelhouse", metavar="DIR", help="download the GPU machine's wheels into DIR and stop")
+    args, rest = parser.parse_known_args(session.posargs)
+    session.install("-e", ".")
+    if args.wheelhouse:
+        session.run("python", "-m", "trainer.wheelhouse", args.wheelhouse)
+    else:
+        session.run("python", "-m", "trainer.smoke", *rest)
+
+
+@nox.session(python=PYTHON)
 def lock(session: nox.Session) -> None:
     """Resolve each image's Python set with hashes into images/locks/ (`-- --check` is offline)."""
     _images(session, "lock")

@@ -237,6 +237,10 @@ class PrepareStep(Strict):
     args: dict[str, str | int | float | bool | None | dict[str, str]] = {}
 
 
+CPU_IMAGE = "cpu"
+"""The image recipes that run on laptops and CI name (``images.cpu``); any other image is a GPU image."""
+
+
 class Model(Strict):
     family: Family
     hf_id: NonEmptyStr | None = None
@@ -406,6 +410,11 @@ class Run(Strict):
     checkpoint_every: NonNegativeInt = 0
     """Episodes between checkpoints; 0 → only at the end."""
     full_recompute: bool = False
+    """Recompute each layer's activations in backward from its input (megatron ``recompute_granularity: full``)."""
+    selective_recompute: bool = False
+    """Recompute only core attention in backward (megatron ``selective``); ignored under ``full_recompute``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each rank trains: auto → its GPU when the process sees CUDA, else the CPU (``trainer.platform``)."""
     warm_start_steps: NonNegativeInt = 0
     """Supervised steps on the demo task's answer format before GRPO (the embedded demo's tiny model)."""
 
@@ -436,6 +445,10 @@ class Recipe(Strict):
     run: Run
     eval: Eval = Eval()
     fsdp: FSDPOptions = FSDPOptions()
+    precision: Literal["fp32", "bf16"] | None = None
+    """Training precision. bf16: bf16 parameters and activations with fp32 main parameters, gradients and
+    optimizer state (megatron), or FSDP2's bf16 parameters with fp32 reduction; fp32: everything fp32.
+    None → the model's dtype (seed models bf16, the tiny CPU models fp32)."""
 
 
 # --------------------------------------------------------------------------- gates and benchmarks
@@ -574,3 +587,14 @@ class ResolvedRecipe(BaseModel):
     layout: Layout
     min_gpus: int
     dp: int
+
+    @property
+    def precision(self) -> str:
+        """The recipe's training precision, or the model's dtype when the recipe leaves it unset."""
+        return self.recipe.precision or self.model.dtype
+
+    @property
+    def recompute(self) -> str:
+        """none | selective | full, from the recipe's run settings (full wins)."""
+        run = self.recipe.run
+        return "full" if run.full_recompute else "selective" if run.selective_recompute else "none"

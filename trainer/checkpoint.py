@@ -20,6 +20,7 @@ import torch
 
 from trainer.atomic import write_bytes
 from trainer.parallel.job import Job
+from trainer.platform import HOST
 
 KEEP = 2
 
@@ -92,7 +93,7 @@ def ranks_in(directory: Path) -> int:
 
 def read(directory: Path, rank: int = 0) -> dict:
     """This rank's file of the checkpoint in ``directory``."""
-    return torch.load(_rank_file(directory, rank), map_location="cpu", weights_only=False)
+    return torch.load(_rank_file(directory, rank), map_location=HOST, weights_only=False)
 
 
 def restore(directory: Path, state: dict, models: Mapping[str, Checkpointable | None]) -> None:

@@ -40,7 +40,6 @@ from trainer.algo.mismatch import mismatch_metrics, scatter_responses
 from trainer.backends.base import TrainingBackend
 from trainer.backends.errors import NonFiniteLossError
 from trainer.batching import pack
-from trainer.memory import peak_memory_metrics
 from trainer.metrics import MetricsLog, StageTimer, length_stats
 from trainer.objective import advantages, make_loss_fn
 from trainer.parallel.job import Job
@@ -142,11 +141,11 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     collected: Collected = job.broadcast(job.on_driver(lambda: collect(episode, r, task, engine)))
     for stage, seconds in collected.seconds.items():
         timer.seconds[stage] += seconds
-    stats = learn(collected.batch, r, policy, ref, timer, need)
+    batch = job.platform.to_device(collected.batch)  # once per episode; every pass of learn reads it there
+    stats = learn(batch, r, policy, ref, timer, need)
     # The engine's raw sampling log-probs against the trainer's old log-probs of the same tokens (both before
     # temperature / top-k / top-p; from the separate pass or the training forward, the same weights either
     # way): how far the engine's weights and kernels are from the trainer's.
-    batch = collected.batch
     mismatch = mismatch_metrics(batch["old_logprobs"], batch["engine_logprobs"], batch["response_mask"])
     with timer("sync"):
         synced = sync_weights(policy, engine, job)
@@ -202,7 +201,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
     bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
                disable=not job.is_driver)
     for episode in bar:
-        timer, started = StageTimer(), time.perf_counter()
+        timer, started = StageTimer(job.platform), time.perf_counter()
         try:
             row = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
         except (NonFiniteLossError, NonFiniteLogitsError) as exc:
@@ -213,7 +212,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         if (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes:
             with timer("checkpoint"):
                 save(episode)
-        row |= timer.as_metrics() | peak_memory_metrics()
+        row |= timer.as_metrics() | job.platform.memory_metrics()
         row["throughput/tokens_per_s"] = (row["tokens/prompt"] + row["tokens/response"]) / (
             time.perf_counter() - started
         )

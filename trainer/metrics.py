@@ -21,21 +21,34 @@ STAGES = ("rollout", "old_logprob", "ref_logprob", "reward", "train", "sync", "e
 
 
 class StageTimer:
-    """Seconds per loop stage for one episode; every stage of STAGES is reported, 0.0 when it did not run."""
+    """Seconds per loop stage for one episode; every stage of STAGES is reported, 0.0 when it did not run.
 
-    def __init__(self) -> None:
+    Given the platform, also the memory of each stage that ran: ``memory/<stage>/peak_mib`` (the device's peak
+    during the stage on GPU; on CPU the process's peak RSS so far, which cannot be reset) and
+    ``memory/<stage>/allocated_mib`` after it."""
+
+    def __init__(self, platform=None) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.platform = platform
+        self.memory: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        if self.platform is not None:
+            self.platform.reset_peak()
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[stage] += time.perf_counter() - start
+            if self.platform is not None:
+                for key, mib in self.platform.memory().items():
+                    name = f"memory/{stage}/{key}_mib"
+                    self.memory[name] = max(self.memory.get(name, 0.0), mib) if key == "peak" else mib
 
     def as_metrics(self) -> dict[str, float]:
-        return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/episode": sum(self.seconds.values())}
+        return ({f"time/{k}": v for k, v in self.seconds.items()} | {"time/episode": sum(self.seconds.values())}
+                | self.memory)
 
 
 def length_stats(lengths: torch.Tensor, max_len: int) -> dict[str, float]:

@@ -12,15 +12,10 @@ import os
 from pathlib import Path
 
 from matrix import ResolvedRecipe
+from matrix.schema import CPU_IMAGE
 from trainer.models.families import BUILT_FAMILIES
 
 IMAGE_ENV = "GRPO_STACK_IMAGE"  # set inside images built by `nox -s build`
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _hub_snapshot(hf_id: str):
@@ -36,9 +31,15 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
         built = ", ".join(sorted(BUILT_FAMILIES.get(recipe.trainer, ()))) or "none"
         problems.append(f"the {recipe.trainer} trainer backend does not build family {r.model.family} yet "
                         f"(built: {built})")
-    gpu_recipe = recipe.image != "cpu" or recipe.rollout.engine != "torch"
+    from trainer.platform import PlatformUnavailable, choose_platform, visible_gpus  # imports torch: only now
+
+    gpu_recipe = recipe.image != CPU_IMAGE or recipe.rollout.engine != "torch"
+    try:
+        choose_platform(recipe.run.device, local_rank=0)
+    except PlatformUnavailable as exc:
+        problems.append(str(exc))
     if gpu_recipe:
-        have = _gpu_count()
+        have = visible_gpus()
         if have < recipe.gpus:
             problems.append(f"{recipe.gpus} GPUs (layout {recipe.layout}, min {r.min_gpus}), this machine has {have}")
         inside = os.environ.get(IMAGE_ENV)

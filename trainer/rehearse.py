@@ -12,6 +12,7 @@ from __future__ import annotations
 from math import lcm
 
 from matrix import Matrix, ResolvedRecipe
+from matrix.schema import CPU_IMAGE
 from trainer.parallel.layout import ParallelLayout
 
 EPISODES = 2
@@ -33,7 +34,7 @@ def _stand_in(m: Matrix, model_name: str) -> str:
 def rehearsal(m: Matrix, resolved: ResolvedRecipe) -> tuple[ResolvedRecipe, list[str]]:
     """The CPU rehearsal of ``resolved`` and one line per substitution made."""
     r, layout, changes = resolved.recipe, resolved.layout, []
-    if r.image == "cpu" and r.rollout.engine == "torch":
+    if r.image == CPU_IMAGE and r.rollout.engine == "torch":
         return resolved, []
     tiny_name = _stand_in(m, r.model)
     tiny = m.models[tiny_name]
@@ -78,10 +79,10 @@ def rehearsal(m: Matrix, resolved: ResolvedRecipe) -> tuple[ResolvedRecipe, list
     run = r.run.model_copy(update={"episodes": EPISODES, "checkpoint_every": 1, "warm_start_steps": 0})
     changes.append(f"episodes {r.run.episodes} → {EPISODES}, checkpoint every episode")
     recipe = r.model_copy(update={
-        "model": tiny_name, "image": "cpu", "rollout": r.rollout.model_copy(update={"engine": "torch", "tp": 1}),
+        "model": tiny_name, "image": CPU_IMAGE, "rollout": r.rollout.model_copy(update={"engine": "torch", "tp": 1}),
         "gpus": gpus, "data": r.data.model_copy(update={"source": "demo", "path": None}), "grpo": grpo, "run": run,
         "eval": r.eval.model_copy(update={"every": 0})})
     rehearsed = resolved.model_copy(update={"name": f"{resolved.name}-rehearsal", "recipe": recipe, "model": model,
-                                            "image": m.images["cpu"], "layout": layout,
+                                            "image": m.images[CPU_IMAGE], "layout": layout,
                                             "min_gpus": gpus, "dp": dp})
     return rehearsed, changes

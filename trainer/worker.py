@@ -1,8 +1,10 @@
 """What each rank of a run executes: process groups from the layout, backends, engine, log, then the loop.
 
-This is the entry point that owns ranks (DESIGN §4): it reads its rank from the launcher, builds the
-``ParallelLayout`` and megatron's process groups once, decides that the driver (rank 0) hosts the rollout
-engine and writes run files, and hands a ``Job`` down. Nothing below it creates groups or asks for ranks.
+This is the entry point that owns ranks (DESIGN §4): it reads its rank from the launcher, chooses the
+platform (``trainer.platform``: the rank's device, collective backend, dtypes, spec provider) from
+``run.device`` and what the process sees, builds the ``ParallelLayout`` and the process groups once, decides
+that the driver (rank 0) hosts the rollout engine and writes run files, and hands a ``Job`` down. Nothing
+below it creates groups, asks for ranks or names a device.
 """
 
 from __future__ import annotations
@@ -91,18 +93,20 @@ def run_rank(request: RunRequest) -> dict:
     from trainer.parallel.layout import ParallelLayout
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
     from trainer.passes import passes
+    from trainer.platform import choose_platform
     from trainer.rollout.factory import build_engine
     from trainer.tasks import build_task
 
     r = request.resolved
-    job = Job(ParallelLayout.of(r.layout, world), rank)
-    init_process_groups(r.layout, rank=rank, world_size=world)
+    platform = choose_platform(r.recipe.run.device)
+    job = Job(ParallelLayout.of(r.layout, world), rank, platform)
+    init_process_groups(r.layout, rank=rank, world_size=world, platform=platform)
     log = (MetricsLog(request.run_dir, tensorboard=request.tensorboard, wandb_project=request.wandb_project,
                       config=r.model_dump(mode="json"), mllog=request.mllog) if job.is_driver else DiscardLog())
     try:
-        torch.manual_seed(r.recipe.run.seed)
+        platform.seed(r.recipe.run.seed)
         task = build_task(r, root=ROOT)
-        start = {"initial": request.initial, "weights": request.weights}
+        start = {"initial": request.initial, "weights": request.weights, "platform": platform}
         policy = build_backend(r, seed=r.recipe.run.seed, **start)
         # no reference model when nothing reads it (kl_coef 0, no log_reference_kl): its weights' memory saved
         ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, **start) if passes(r).reference else None

@@ -15,6 +15,7 @@ from typing import Protocol
 from torch import Tensor
 
 from matrix import ResolvedRecipe
+from trainer.platform import CPU, Platform
 
 # loss_fn(logp, entropy, micro_batch) -> (loss, metrics); built for the step's global token count.
 LossFn = Callable[[Tensor, Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
@@ -96,12 +97,14 @@ def backend_class(trainer: str) -> type:
 
 
 def build_backend(resolved: ResolvedRecipe, *, seed: int, trainable: bool = True,
-                  initial: dict[str, Tensor] | None = None, weights: Path | None = None) -> TrainingBackend:
-    """The backend ``recipe.trainer`` names (the preflight has refused the ones not built).
+                  initial: dict[str, Tensor] | None = None, weights: Path | None = None,
+                  platform: Platform = CPU) -> TrainingBackend:
+    """The backend ``recipe.trainer`` names (the preflight has refused the ones not built), on ``platform``
+    (the one the entry point chose; the CPU platform for tests and tools).
 
     Starts from, first found: ``initial``, whole HF-named weights (the names every backend reads and writes,
     so one backend's weights can start another); ``weights``, a pretrained directory checked by
     ``trainer.models.pretrained.check``; else the seed's initialisation.
     """
     return backend_class(resolved.recipe.trainer)(resolved, seed=seed, trainable=trainable, initial=initial,
-                                                  weights=weights)
+                                                  weights=weights, platform=platform)

@@ -4,7 +4,8 @@ megatron-core assumes a CUDA device in a handful of places that are not about co
 device id, streams and events, a scratch buffer allocated on the GPU, and the CUDA RNG tracker. On CPU
 each has an exact CPU meaning (one device, synchronous execution, CPU RNG), so the patches below
 provide it. Megatron's files on disk are never edited (STYLE §3); everything here is undone by a new
-interpreter. ``install()`` is a no-op when CUDA is available and idempotent otherwise.
+interpreter. ``install()`` is idempotent; only the CPU platform (``trainer.platform``) calls it, so a CUDA rank never
+sees the patches, and a CPU run on a machine with GPUs stays on the host.
 
 Measured needs are listed in shared/REFERENCE.md §10.
 """
@@ -264,10 +265,10 @@ def _patch_tied_embeddings() -> None:
 
 
 def install() -> bool:
-    """Apply the CPU patches once. Returns True if the patches are (now) active, False on a CUDA machine."""
+    """Apply the CPU patches once; returns True (they are active). The CPU platform (``trainer.platform``) calls
+    it, also on a machine with CUDA when ``run.device: cpu`` keeps the run off the GPU: megatron must then
+    allocate, seed and synchronise on the host."""
     global _INSTALLED
-    if torch.cuda.is_available():
-        return False
     if not _INSTALLED:
         _patch_torch_cuda()
         _patch_memory_buffer()

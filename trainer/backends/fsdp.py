@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from trainer.backends.base import MakeLossFn
@@ -44,8 +44,15 @@ from trainer.packing import Packed, budget_groups, empty, pack_rows
 from trainer.parallel import dp, ulysses
 from trainer.parallel.process_groups import fsdp_meshes
 from trainer.parallel.tp import vocab_parallel_logprobs
+from trainer.platform import CPU, Platform
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+def fsdp_dtypes(resolved) -> tuple[str, str]:
+    """(parameter dtype in forward/backward, gradient reduction dtype): bf16 / fp32 under ``precision: bf16``
+    (the seeds' setting); otherwise the recipe's ``fsdp.param_dtype`` / ``fsdp.reduce_dtype``."""
+    if resolved.precision == "bf16":
+        return "bf16", "fp32"
+    return resolved.recipe.fsdp.param_dtype, resolved.recipe.fsdp.reduce_dtype
 
 
 def build_hf_model(resolved, *, on_meta: bool, attention: str = "sdpa") -> torch.nn.Module:
@@ -61,7 +68,7 @@ def _reset_rotary(model: torch.nn.Module) -> None:
     """Rotary inverse frequencies are non-persistent buffers: a meta-initialised model must recompute them."""
     for module in model.modules():
         if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
-            inv_freq, module.attention_scaling = module.rope_init_fn(module.config, torch.device("cpu"))
+            inv_freq, module.attention_scaling = module.rope_init_fn(module.config, module.inv_freq.device)
             module.inv_freq = inv_freq
             module.original_inv_freq = inv_freq
 
@@ -87,8 +94,9 @@ class FSDPBackend:
     """Policy (or reference) model + optimizer on FSDP2, for a resolved matrix recipe."""
 
     def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None,
-                 weights: Path | None = None):
+                 weights: Path | None = None, platform: Platform = CPU):
         self.resolved = resolved
+        self.platform = platform
         self.shape = resolved.model.shape
         self.meshes = fsdp_meshes()
         self.sp = resolved.layout.ulysses
@@ -103,7 +111,7 @@ class FSDPBackend:
         every_expert_in_backward(self.model)
         self._shard()
         if given:
-            self.model.to_empty(device="cpu")
+            self.model.to_empty(device=platform.device)
             _reset_rotary(self.model)
             if initial is not None:
                 self.load_hf(initial)
@@ -118,9 +126,7 @@ class FSDPBackend:
         return bool(getattr(config, "attention_dropout", 0.0) or getattr(config, "hidden_dropout", 0.0))
 
     def _shard(self) -> None:
-        options = self.resolved.recipe.fsdp
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[options.param_dtype],
-                                      reduce_dtype=DTYPES[options.reduce_dtype])
+        policy = self.platform.fsdp_policy(*fsdp_dtypes(self.resolved))
         for layer in self.model.model.layers:
             fully_shard(layer, mesh=self.meshes.shard, mp_policy=policy)
         fully_shard(self.model, mesh=self.meshes.shard, mp_policy=policy)
@@ -187,6 +193,7 @@ class FSDPBackend:
         """
         was_training = self.model.training
         self.model.eval()
+        batch = self.platform.to_device(batch)
         parts = []
         for mb, packed in self._micro_batches(self._rows(batch)):
             mine, logits = self._forward(packed)
@@ -198,7 +205,7 @@ class FSDPBackend:
 
     def _whole_batch(self, parts: list[Tensor], width: int) -> Tensor:
         """This rank's micro-batch log-probs (the positions it scores) → the whole batch's (B, T-1). Collective."""
-        mine = torch.cat(parts) if parts else torch.zeros(0, width)
+        mine = torch.cat(parts) if parts else torch.zeros(0, width, device=self.platform.device)
         if self.sp > 1:  # each position is scored by exactly one rank of the Ulysses group
             dist.all_reduce(mine, group=self.meshes.sp_group)
         gathered: list = [None] * self.meshes.dp_size
@@ -215,6 +222,7 @@ class FSDPBackend:
             raise RuntimeError("train_step on a backend built with trainable=False")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        batch = self.platform.to_device(batch)
         mbs = self._micro_batches(self._rows(batch))
         local = sum(float((mb["response_mask"] * self._slice(packed).owned()).sum())
                     for mb, packed in mbs if mb is not None)
@@ -239,8 +247,7 @@ class FSDPBackend:
         check_finite("loss", totals.get("loss", 0.0), self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self._grad_norm(params)
-        lr = clip_and_step([p.grad for p in params], grad_norm, self.resolved.recipe.grpo.grad_clip,
-                           self.optimizer, self.scheduler)
+        lr = clip_and_step(grad_norm, self.resolved.recipe.grpo.grad_clip, self.optimizer, self.scheduler)
         self.steps += 1
         stats = {"grad_norm": grad_norm, "lr": lr, **totals}
         if return_logprobs:
@@ -250,7 +257,7 @@ class FSDPBackend:
     @staticmethod
     def _grad_norm(params: list[Tensor]) -> float:
         """Global L2 norm of the gradients: squares of each rank's shards, summed over ranks."""
-        square = torch.zeros(1, dtype=torch.float64)
+        square = torch.zeros(1, dtype=torch.float64, device=params[0].grad.device if params else None)
         for p in params:
             square += p.grad.to_local().double().pow(2).sum()
         dist.all_reduce(square)

@@ -13,8 +13,14 @@ distinct shards (``_grad_norm``), and weights leave as whole tensors (``trainer.
 
 Optimizer: torch ``AdamW`` with a global-norm clip. megatron-core's ``get_megatron_optimizer`` does not run
 on CPU in 0.16.1 (``FP32Optimizer`` allocates its loss scale with ``device='cuda'``, and grad-norm clipping
-goes through CUDA multi-tensor kernels), so the CPU backend uses torch's (``trainer.backends.optim``, shared with
-FSDP2), with megatron's convention of no weight decay on biases and norm weights (1-D parameters).
+goes through CUDA multi-tensor kernels), so the backend uses torch's (``trainer.backends.optim``, shared with
+FSDP2), with megatron's convention of no weight decay on biases and norm weights (1-D parameters). In bf16
+(``precision: bf16``) it steps fp32 main copies of the bf16 parameters, as megatron's mixed-precision
+optimizer does; gradients are accumulated and reduced in the parameters' dtype (megatron's default,
+``grad_reduce_in_fp32: false``) and clipped in fp32.
+
+The platform (``trainer.platform``, chosen by the entry point) decides where the model lives and how it is
+built; the batch is moved to its device once per call (a no-op when the loop already put it there).
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from megatron.core.tensor_parallel import random as mcore_random
 from torch import Tensor
 
 from trainer.backends.base import MakeLossFn
-from trainer.backends.optim import check_finite, clip_and_step, for_training
+from trainer.backends.optim import check_finite, clip_and_step, for_training, weights_loaded
 from trainer.batching import micro_batches
 from trainer.models import pretrained
 from trainer.models.build import build_gpt_model
 from trainer.models.weight_map import hf_to_mcore, iter_hf
 from trainer.parallel import cp, dp, gather, pp
 from trainer.parallel.tp import vocab_parallel_logprobs
+from trainer.platform import CPU, Platform
 
 # Per-token (B, T-1) inputs of the loss, sharded along T like the tokens.
 PER_TOKEN = ("response_mask", "old_logprobs", "ref_logprobs", "engine_logprobs")
@@ -47,14 +54,16 @@ class MegatronBackend:
     """Policy (or reference) model + optimizer on megatron-core, for a resolved matrix recipe."""
 
     def __init__(self, resolved, *, seed: int, trainable: bool = True, initial: dict[str, Tensor] | None = None,
-                 weights: Path | None = None):
+                 weights: Path | None = None, platform: Platform = CPU):
         self.resolved = resolved
         self.shape = resolved.model.shape
         self.trainable = trainable
-        # Seeds megatron's RNG tracker (CPU generators via cpu_compat) for dropout in TP regions.
+        self.platform = platform
+        self.optimizer = self.scheduler = None
+        # Seeds megatron's RNG tracker (CPU generators via cpu_compat on the CPU platform) for dropout in TP regions.
         mcore_random.model_parallel_cuda_manual_seed(seed)
-        self.model = build_gpt_model(resolved.model, seed=seed, layout=resolved.layout,
-                                     full_recompute=resolved.recipe.run.full_recompute)
+        self.model = build_gpt_model(resolved.model, seed=seed, layout=resolved.layout, recompute=resolved.recompute,
+                                     platform=platform, precision=resolved.precision)
         if initial is not None:
             self.load_hf(initial)
         elif weights is not None:
@@ -101,7 +110,8 @@ class MegatronBackend:
 
     def _forward(self, model, mb: dict[str, Tensor]) -> Tensor:
         tokens = mb["input_ids"]
-        positions = cp.local_positions(tokens.shape[1] * cp.size(), cp.size(), cp.rank()).expand(tokens.shape[0], -1)
+        positions = cp.local_positions(tokens.shape[1] * cp.size(), cp.size(), cp.rank()).to(tokens.device)
+        positions = positions.expand(tokens.shape[0], -1)
         return model(tokens, positions, attention_mask=None)
 
     def _run(self, mbs: list[dict], finish, *, forward_only: bool) -> list:
@@ -126,6 +136,7 @@ class MegatronBackend:
             logp, _ = vocab_parallel_logprobs(logits, mb["labels"], vocab, with_entropy=False)
             return logp.new_zeros(()), {"logp": _rows_in_order(logp, mb)}
 
+        batch = self.platform.to_device(batch)
         results = self._run(self._micro_batches(dp.rows_of_rank(batch), micro_batch_size), finish, forward_only=True)
         self.model.train(was_training)
         return _whole_batch([r["logp"] for r in results], batch["input_ids"])
@@ -145,8 +156,10 @@ class MegatronBackend:
             raise RuntimeError("train_step on a backend built with trainable=False")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        batch = self.platform.to_device(batch)
         mbs = self._micro_batches(dp.rows_of_rank(batch), micro_batch_size)
-        local_mask = torch.cat([mb["response_mask"].flatten() for mb in mbs]) if mbs else torch.zeros(0)
+        local_mask = (torch.cat([mb["response_mask"].flatten() for mb in mbs]) if mbs
+                      else torch.zeros(0, device=self.platform.device))
         loss_fn = make_loss(dp.global_token_count(local_mask))
         vocab = self.shape.vocab
 
@@ -170,8 +183,7 @@ class MegatronBackend:
                                 self.model.config)
         dp.all_reduce_grads(params)
         grad_norm = _grad_norm(params)
-        lr = clip_and_step([p.grad for p in params], grad_norm, self.resolved.recipe.grpo.grad_clip,
-                           self.optimizer, self.scheduler)
+        lr = clip_and_step(grad_norm, self.resolved.recipe.grpo.grad_clip, self.optimizer, self.scheduler)
         self.steps += 1
         stats = {"grad_norm": grad_norm, "lr": lr, **totals}
         return (stats, logprobs) if return_logprobs else stats
@@ -190,11 +202,13 @@ class MegatronBackend:
         """Take this rank's shard of whole megatron-named weights, one parameter at a time (``whole`` may read
         each tensor only when asked), and the buffers ``whole`` has (a router's expert bias)."""
         self._copy_in(gather.local_tensors_and_buffers(self.model, whole))
+        weights_loaded(self.optimizer)
 
     def load_pretrained(self, directory: Path) -> None:
         """Start from a pretrained weights directory (``trainer.models.pretrained``), streamed tensor by tensor:
         each of this rank's parameters reads its one whole tensor and keeps its shard, or its own file's piece."""
         self._copy_in(pretrained.megatron_shards(directory, self.model, self.resolved.model))
+        weights_loaded(self.optimizer)
 
     @staticmethod
     def _copy_in(pairs: Iterator[tuple[Tensor, Tensor]]) -> None:
@@ -287,8 +301,9 @@ def _grad_norm(params: list[Tensor]) -> float:
     TP-replicated parameters (norms, biases of row-parallel layers) count on TP rank 0 only; a tied output
     embedding's second copy not at all; dense shards sum over TP×PP, expert shards over ETP×EP×PP.
     """
-    dense = torch.zeros(1, dtype=torch.float64)
-    expert = torch.zeros(1, dtype=torch.float64)
+    device = params[0].device if params else None  # the gradients' device: sums stay where they are
+    dense = torch.zeros(1, dtype=torch.float64, device=device)
+    expert = torch.zeros(1, dtype=torch.float64, device=device)
     for p in params:
         if getattr(p, "shared", False):  # megatron's mark on the last stage's copy of a tied embedding
             continue

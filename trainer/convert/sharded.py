@@ -230,8 +230,10 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
     from trainer.models.weight_map import rules
     from trainer.parallel.gather import local_shard, mark_tp_groups, whole_name
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+    from trainer.platform import CPU
 
-    init_process_groups(layout, rank=rank, world_size=world)
+    # conversion moves host tensors between files: the CPU platform whatever the machine has
+    init_process_groups(layout, rank=rank, world_size=world, platform=CPU)
     try:
         gpt = build_gpt_model(model, seed=0, layout=layout)
         mark_tp_groups(gpt)
@@ -311,8 +313,10 @@ def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str],
     from trainer.models.build import build_gpt_model
     from trainer.parallel.gather import global_name, whole_tensors
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+    from trainer.platform import CPU
 
-    init_process_groups(layout, rank=rank, world_size=world)
+    # conversion moves host tensors between files: the CPU platform whatever the machine has
+    init_process_groups(layout, rank=rank, world_size=world, platform=CPU)
     try:
         gpt = build_gpt_model(model, seed=0, layout=layout)
         local = _local_tensors(gpt, model)

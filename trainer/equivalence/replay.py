@@ -60,18 +60,20 @@ def replay_rank(replay: Replay) -> dict:
     from trainer.metrics import StageTimer
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
     from trainer.passes import passes
+    from trainer.platform import choose_platform
 
     r = replay.resolved
-    init_process_groups(r.layout, rank=rank, world_size=world)
+    platform = choose_platform(r.recipe.run.device)
+    init_process_groups(r.layout, rank=rank, world_size=world, platform=platform)
     try:
-        policy = build_backend(r, seed=r.recipe.run.seed, initial=replay.initial)
-        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=replay.initial) if (
-            passes(r).reference) else None
+        policy = build_backend(r, seed=r.recipe.run.seed, initial=replay.initial, platform=platform)
+        ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=replay.initial,
+                            platform=platform) if passes(r).reference else None
         steps = []
         for _ in range(replay.steps):
-            batch = {k: v.clone() for k, v in replay.batch.items()}
+            batch = platform.to_device({k: v.clone() for k, v in replay.batch.items()})
             stats = learn(batch, r, policy, ref, StageTimer())
-            steps.append({"logprobs": batch["old_logprobs"], "loss": stats["loss"], "grad_norm": stats["grad_norm"]})
+            steps.append({"logprobs": platform.to_host(batch["old_logprobs"]), "loss": stats["loss"], "grad_norm": stats["grad_norm"]})
         weights = dict(policy.hf_named_tensors())  # HF names: layouts of different backends compare
         return {"steps": steps, "weights": weights, "world_size": world}
     finally:

@@ -9,32 +9,41 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from matrix.schema import Layout, Model
-from trainer.backends import cpu_compat
 from trainer.models.families import family
 from trainer.parallel.tp import padded_vocab
+from trainer.platform import CPU, Platform, Precision
+
+# recipe run.recompute → megatron's config. "full": keep each layer's input only and recompute the whole layer in
+# backward (the DeepSeek-V3 recipe's setting); "selective": recompute core attention only (megatron's default
+# module list), the memory-heavy, compute-light part.
+RECOMPUTE = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective"),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
 
 
 def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pre_process: bool | None = None,
-                    post_process: bool | None = None, full_recompute: bool = False) -> GPTModel:
-    """A freshly initialised ``GPTModel`` (this rank's TP/PP/EP part) on CPU; the same seed gives the same weights.
+                    post_process: bool | None = None, recompute: str = "none", platform: Platform = CPU,
+                    precision: Precision | None = None) -> GPTModel:
+    """A freshly initialised ``GPTModel`` (this rank's TP/PP/EP part) on the platform's device, its parameters
+    in ``precision`` (default: the model's dtype); the same seed gives the same weights.
 
     The output layer keeps its logits vocab-parallel (``trainer.parallel.tp`` turns them into log-probs);
     the vocabulary is padded to a multiple of TP. ``pre_process`` / ``post_process`` default to whether this
     rank is the first / last pipeline stage.
 
-    megatron's CPU initialisation (``use_cpu_initialization``) draws from torch's default CPU generator,
-    so it is seeded here and restored afterwards. Needs ``parallel_state`` initialised (the backend does
-    it; tests use a fixture). A family with no bundle raises ``NotImplementedError`` naming it.
+    The platform says where megatron initialises (on the host with the CPU platform: torch's default
+    generator, seeded here and restored afterwards), the dtype, the MoE dispatch and the spec provider.
+    Needs ``parallel_state`` initialised (the backend does it; tests use a fixture). A family with no bundle
+    raises ``NotImplementedError`` naming it.
     """
     bundle = family(model.family)
-    cpu_compat.install()
+    platform.install()
     layout = layout or Layout()
     config = bundle.transformer_config(model, layout)
-    if full_recompute:
-        # recipe run.full_recompute: keep each layer's input only and recompute its activations in backward,
-        # trading compute for activation memory (the DeepSeek-V3 recipe's setting).
-        config = dataclasses.replace(config, recompute_granularity="full", recompute_method="uniform",
-                                     recompute_num_layers=1)
+    config = dataclasses.replace(config, **RECOMPUTE[recompute], **platform.megatron_fields(
+        precision or model.dtype, moe=bool(config.num_moe_experts)))
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -51,7 +60,7 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     try:
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=bundle.layer_specs(model, config),
+            transformer_layer_spec=bundle.layer_specs(model, config, platform.spec_provider()),
             vocab_size=padded_vocab(shape.vocab, layout.tp),
             max_sequence_length=shape.max_position,
             pre_process=pre_process,

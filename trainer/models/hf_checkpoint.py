@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
+from trainer.platform import HOST
+
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -64,5 +66,5 @@ def load_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor],
         raise FileNotFoundError(f"{root} has neither {WEIGHTS} nor {INDEX}")
     tensors: dict[str, Tensor] = {}
     for shard in shards:
-        tensors.update(load_file(root / shard, device="cpu"))
+        tensors.update(load_file(root / shard, device=HOST.type))
     return tensors, config

@@ -1,8 +1,10 @@
 """The backend provider every family's layer specs are built through (``trainer.models.families``).
 
-``CpuSpecProvider`` is megatron's ``LocalSpecProvider`` with two fields swapped: our SDPA core attention
+``TorchSpecProvider`` is megatron's ``LocalSpecProvider`` with two fields swapped: our SDPA core attention
 (GQA, q/k vs v head dims, a CP hook) and torch norms chosen without rewriting megatron's module-level
-``LNImpl`` global. GPU providers (TE) will sit beside it; the spec functions only ask the provider.
+``LNImpl`` global. The platform (``trainer.platform``) hands a provider to the families: this one on CPU (and on
+a GPU without Transformer Engine), megatron's ``TESpecProvider`` on a GPU with it; the spec functions only ask
+the provider.
 
 The local provider does not fuse norms into linears, so every norm is its own parameter; the family
 modules' weight rules follow exactly these names.
@@ -87,7 +89,7 @@ class DuplicatedLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight), None
 
 
-class CpuSpecProvider(LocalSpecProvider):
+class TorchSpecProvider(LocalSpecProvider):
     """Megatron-core local modules, with the project's core attention and torch norms."""
 
     def linear(self) -> type:

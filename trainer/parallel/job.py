@@ -1,7 +1,8 @@
 """Who this process is in the job, made once by the entry point and handed down.
 
 The loop asks this object, never torch.distributed, where work happens: the driver (global rank 0) hosts
-the rollout engine, writes run files and logs; ``broadcast`` hands what the driver made to every rank.
+the rollout engine, writes run files and logs; ``broadcast`` hands what the driver made to every rank;
+``platform`` is the device this rank computes on (``trainer.platform``, chosen by the entry point).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from trainer.parallel.layout import ParallelLayout
+from trainer.platform import CPU, Platform
 
 T = TypeVar("T")
 
@@ -21,6 +23,7 @@ T = TypeVar("T")
 class Job:
     layout: ParallelLayout
     rank: int = 0
+    platform: Platform = CPU
 
     @property
     def world_size(self) -> int:

@@ -1,8 +1,9 @@
-"""torch.distributed (gloo) and megatron ``parallel_state`` set-up and tear-down for one layout.
+"""torch.distributed and megatron ``parallel_state`` set-up and tear-down for one layout.
 
-Each process of a run calls ``init_process_groups`` once, at its entry point, with its rank and the world
-size: gloo, megatron's model-parallel groups from the layout's degrees, and for an FSDP layout the device
-meshes the FSDP2 backend shards over (``fsdp_meshes``).
+Each process of a run calls ``init_process_groups`` once, at its entry point, with its rank, the world size
+and its platform: the rank's device bound first, the default group on the platform's collective backend,
+megatron's model-parallel groups from the layout's degrees, and for an FSDP layout the device meshes the
+FSDP2 backend shards over (``fsdp_meshes``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from matrix.schema import Layout
-from trainer.backends import cpu_compat
+from trainer.platform import CPU, Platform
 
 
 def free_port() -> int:
@@ -72,42 +73,45 @@ def fsdp_meshes() -> FSDPMeshes:
     return _FSDP
 
 
-def _init_fsdp_meshes(layout: Layout) -> None:
+def _init_fsdp_meshes(layout: Layout, device_type: str) -> None:
     global _FSDP
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
     if world % layout.ulysses:
         raise ValueError(f"world size {world} is not a multiple of ulysses={layout.ulysses}")
-    _FSDP = FSDPMeshes(shard=init_device_mesh("cpu", (world,), mesh_dim_names=("shard",)),
-                       dp_sp=init_device_mesh("cpu", (world // layout.ulysses, layout.ulysses),
+    _FSDP = FSDPMeshes(shard=init_device_mesh(device_type, (world,), mesh_dim_names=("shard",)),
+                       dp_sp=init_device_mesh(device_type, (world // layout.ulysses, layout.ulysses),
                                               mesh_dim_names=("dp", "sp")))
 
 
-def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -> None:
-    """Initialise gloo and megatron's model-parallel groups with the layout's degrees.
+def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1, platform: Platform = CPU) -> None:
+    """Bind the platform's device, then initialise the default group on its collective backend and megatron's
+    model-parallel groups with the layout's degrees (the CPU platform when none is given: tests and tools).
 
     Idempotent for the process: an existing default group is reused (its world size must match), and
     megatron's groups are kept when their degrees already match the layout.
     """
-    cpu_compat.install()
+    platform.install()
+    platform.bind()  # before any group: NCCL communicators attach to the current device
     if not dist.is_initialized():
+        backend = platform.collective_backend
         if world_size == 1:
             # An in-memory store: no port to collide with another run, and no MASTER_PORT written into
             # os.environ for child processes to inherit while this process still holds it.
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:
                 os.environ["MASTER_PORT"] = str(free_port())
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
     if dist.get_world_size() != world_size:
         raise RuntimeError(
             f"torch.distributed already has world size {dist.get_world_size()}, "
             f"this layout asks for {world_size}"
         )
     if layout.fsdp and (_FSDP is None or _FSDP.dp_sp.size(1) != layout.ulysses):
-        _init_fsdp_meshes(layout)
+        _init_fsdp_meshes(layout, platform.mesh_device_type)
     if parallel_state.model_parallel_is_initialized():
         if _degrees_now() == _degrees(layout):
             return  # a second backend in the process (policy + reference) shares the groups
@@ -132,9 +136,9 @@ def destroy_process_groups() -> None:
 
 
 @contextlib.contextmanager
-def process_groups(layout: Layout | None = None) -> Iterator[None]:
+def process_groups(layout: Layout | None = None, platform: Platform = CPU) -> Iterator[None]:
     """``init_process_groups`` for a block, torn down afterwards (tests, one-off conversions)."""
-    init_process_groups(layout or Layout())
+    init_process_groups(layout or Layout(), platform=platform)
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ from megatron.core.transformer.moe import moe_utils
 from trainer.backends import cpu_compat
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="cpu_compat patches only hosts without CUDA; install() is a no-op here"
+    torch.cuda.is_available(), reason="cpu_compat patches torch.cuda process-wide: not on a machine whose other tests use CUDA"
 )
 
 

@@ -1,4 +1,5 @@
-"""run.full_recompute: megatron's full activation recomputation, same outputs and gradients on CPU."""
+"""run.full_recompute / run.selective_recompute: megatron's activation recomputation, same outputs and gradients
+on CPU (bit for bit: recomputation replays the same operations)."""
 
 import pytest
 import torch
@@ -6,14 +7,17 @@ import torch
 from trainer.models.build import build_gpt_model
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2.5"])
-def test_full_recompute_gives_the_same_gradients(matrix, groups, name):
+@pytest.mark.parametrize(
+    "name,recompute",
+    [("tiny-qwen2.5", "full"), ("tiny-qwen2.5", "selective"), ("tiny-moonlight", "selective")],
+)
+def test_recompute_gives_the_same_gradients(matrix, groups, name, recompute):
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(10).expand(2, 10)
     grads, outputs = [], []
-    for recompute in (False, True):
-        gpt = build_gpt_model(matrix.models[name], seed=0, full_recompute=recompute)
-        assert (gpt.config.recompute_granularity == "full") == recompute
+    for mode in ("none", recompute):
+        gpt = build_gpt_model(matrix.models[name], seed=0, recompute=mode)
+        assert gpt.config.recompute_granularity == (None if mode == "none" else mode)
         gpt.train()
         out = gpt(ids, pos, None)
         out.float().square().mean().backward()

@@ -112,9 +112,9 @@ def mla_down_projections_column_parallel():
     """MLA's q/kv down projections split over TP (megatron's local spec): the rope key's gradient stays partial."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    from trainer.models.specs import CpuSpecProvider
+    from trainer.models.specs import TorchSpecProvider
 
-    CpuSpecProvider.linear = lambda self: ColumnParallelLinear
+    TorchSpecProvider.linear = lambda self: ColumnParallelLinear
 
 
 def tied_embedding_gradients_not_summed():

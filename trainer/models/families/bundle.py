@@ -37,8 +37,9 @@ class FamilyBundle:
     """The Shape blocks the family needs (mla / moe / linear_attention); () for dense."""
     transformer_config: Callable[[Model, Layout], Any]
     """→ megatron ``TransformerConfig`` (or a subclass such as ``MLATransformerConfig``)"""
-    layer_specs: Callable[[Model, Any], Any]
-    """(model, TransformerConfig) → the ``transformer_layer_spec`` GPTModel takes for this pipeline stage"""
+    layer_specs: Callable[[Model, Any, Any], Any]
+    """(model, TransformerConfig, spec provider) → the ``transformer_layer_spec`` GPTModel takes for this
+    pipeline stage; the provider comes from the platform (``trainer.platform``), never built by the family"""
     gpt_kwargs: Callable[[Model], dict]
     """rope arguments of ``GPTModel`` (position_embedding_type, rotary_base, rotary_percent)"""
     hf_config: Callable[[Model], Any]
@@ -61,7 +62,10 @@ def head_dim(shape: Shape) -> int:
 
 
 def cpu_config_kwargs(model: Model, layout: Layout | None) -> dict:
-    """``TransformerConfig`` fields every family shares: sizes, RMSNorm + SwiGLU, no fusions, degrees, dtype."""
+    """``TransformerConfig`` fields every family shares: sizes, RMSNorm + SwiGLU, no fusions, degrees, dtype.
+
+    Where weights are initialised and the training dtype are the platform's (``Platform.megatron_fields``,
+    applied by ``trainer.models.build``); the dtype here is the model's own, for configs read without a build."""
     shape, layout = model.shape, layout or Layout()
     dtype = torch_dtype(model)
     return dict(
@@ -84,7 +88,6 @@ def cpu_config_kwargs(model: Model, layout: Layout | None) -> dict:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        use_cpu_initialization=True,
         params_dtype=dtype,
         pipeline_dtype=dtype,  # what pipeline stages exchange; megatron requires it as soon as pp > 1
         bf16=dtype == torch.bfloat16,
@@ -103,8 +106,8 @@ def cpu_config_kwargs(model: Model, layout: Layout | None) -> dict:
 
 
 def moe_config_kwargs(moe) -> dict:
-    """megatron MoE fields every MoE family sets the same way: sizes, top-k, shared experts, the RL router settings
-    of the matrix, and the CPU path (allgather dispatcher, no grouped GEMM or fused permute)."""
+    """megatron MoE fields every MoE family sets the same way: sizes, top-k, shared experts and the RL router
+    settings of the matrix. The token dispatcher and grouped GEMMs are the platform's (``Platform.moe_fields``)."""
     return dict(
         num_moe_experts=moe.experts,
         moe_ffn_hidden_size=moe.ffn_hidden,
@@ -113,9 +116,6 @@ def moe_config_kwargs(moe) -> dict:
         moe_router_load_balancing_type=moe.router_load_balancing,
         moe_aux_loss_coeff=moe.aux_loss_coeff,
         moe_router_dtype=moe.router_dtype,
-        moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
-        moe_permute_fusion=False,
     )
 
 

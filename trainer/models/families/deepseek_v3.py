@@ -33,6 +33,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 
+from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.transformer.enums import AttnMaskType
@@ -57,7 +58,6 @@ from trainer.models.families.bundle import (
     moe_config_kwargs,
 )
 from trainer.models.families.dense import layer_norm_rules, pre_norm_layer
-from trainer.models.specs import CpuSpecProvider
 from trainer.models.weight_map import Rule, embedding_rules, one_to_one, swiglu_rules
 
 
@@ -131,7 +131,7 @@ def transformer_config(model: Model, layout: Layout | None = None) -> MLATransfo
     )
 
 
-def _mla_spec(backend: CpuSpecProvider) -> ModuleSpec:
+def _mla_spec(backend: BackendSpecProvider) -> ModuleSpec:
     norm = backend.layer_norm(rms_norm=True, for_qk=True)
     return ModuleSpec(
         module=MLASelfAttention,
@@ -150,13 +150,13 @@ def _mla_spec(backend: CpuSpecProvider) -> ModuleSpec:
     )
 
 
-def layer_specs(model: Model, config: MLATransformerConfig) -> TransformerBlockSubmodules:
+def layer_specs(model: Model, config: MLATransformerConfig, backend: BackendSpecProvider) -> TransformerBlockSubmodules:
     """Dense-MLP layers first, MoE layers after; sliced to this pipeline stage's layers."""
-    backend = CpuSpecProvider()
     attention = _mla_spec(backend)
     dense = pre_norm_layer(backend, attention, get_mlp_module_spec_for_backend(backend=backend))
     moe = pre_norm_layer(
-        backend, attention, get_moe_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts)
+        backend, attention, get_moe_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts,
+                                          moe_grouped_gemm=config.moe_grouped_gemm)
     )
     every = [moe if is_moe else dense for is_moe in _moe_layer_pattern(model.shape)]
     offset = get_transformer_layer_offset(config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -36,7 +37,6 @@ from torch import Tensor
 from matrix.schema import Layout, Model, Shape
 from trainer.models import flops
 from trainer.models.families.bundle import FamilyBundle, HFConfigReader, cpu_config_kwargs, head_dim
-from trainer.models.specs import CpuSpecProvider
 from trainer.models.weight_map import Rule, embedding_rules, one_to_one, swiglu_rules
 
 
@@ -50,7 +50,7 @@ def transformer_config(model: Model, layout: Layout | None = None) -> Transforme
     )
 
 
-def gqa_attention_spec(backend: CpuSpecProvider, *, qk_norm: bool) -> ModuleSpec:
+def gqa_attention_spec(backend: BackendSpecProvider, *, qk_norm: bool) -> ModuleSpec:
     """GQA self-attention with fused QKV (rope applied by GPTModel); optional per-head QK RMSNorm."""
     qk = backend.layer_norm(rms_norm=True, for_qk=True) if qk_norm else IdentityOp
     return ModuleSpec(
@@ -66,7 +66,7 @@ def gqa_attention_spec(backend: CpuSpecProvider, *, qk_norm: bool) -> ModuleSpec
     )
 
 
-def pre_norm_layer(backend: CpuSpecProvider, attention: ModuleSpec, mlp: ModuleSpec) -> ModuleSpec:
+def pre_norm_layer(backend: BackendSpecProvider, attention: ModuleSpec, mlp: ModuleSpec) -> ModuleSpec:
     """RMSNorm → attention → residual → RMSNorm → MLP → residual."""
     norm = backend.layer_norm(rms_norm=True)
     return ModuleSpec(
@@ -82,10 +82,9 @@ def pre_norm_layer(backend: CpuSpecProvider, attention: ModuleSpec, mlp: ModuleS
     )
 
 
-def layer_spec(model: Model, config: TransformerConfig) -> TransformerBlockSubmodules:
+def layer_spec(model: Model, config: TransformerConfig, backend: BackendSpecProvider) -> TransformerBlockSubmodules:
     """The stage's layers (one spec repeated) and the final norm, both from the provider: left to megatron,
     the final norm would come from its module-level ``LNImpl`` (a torch norm without sequence parallelism)."""
-    backend = CpuSpecProvider()
     layer = pre_norm_layer(
         backend,
         gqa_attention_spec(backend, qk_norm=model.shape.qk_norm),

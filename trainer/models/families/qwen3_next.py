@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Mapping
 
 import torch
+from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -60,7 +61,7 @@ from trainer.models.families.bundle import (
 )
 from trainer.models.families.deepseek_v3 import RouterSettingWarning, router_warnings
 from trainer.models.families.dense import gqa_attention_spec, layer_norm_rules, pre_norm_layer
-from trainer.models.specs import CpuSpecProvider, TorchNorm
+from trainer.models.specs import TorchNorm
 from trainer.models.weight_map import Rule, embedding_rules, one_to_one, swiglu_rules
 
 __all__ = ["BUNDLE", "RouterSettingWarning"]
@@ -117,7 +118,7 @@ class ShardedGatedDeltaNet(GatedDeltaNet):
         self.conv1d.weight.partition_sections = (qk, qk, v)
 
 
-def _gated_delta_net_spec(backend: CpuSpecProvider) -> ModuleSpec:
+def _gated_delta_net_spec(backend: BackendSpecProvider) -> ModuleSpec:
     """megatron's ``get_gated_delta_net_module_spec`` with local modules: the input norm stays the layer's own
     (no fused norm+linear on CPU), and the output norm keeps a plain weight (see the module docstring)."""
     return ModuleSpec(
@@ -130,10 +131,10 @@ def _gated_delta_net_spec(backend: CpuSpecProvider) -> ModuleSpec:
     )
 
 
-def layer_specs(model: Model, config: TransformerConfig) -> TransformerBlockSubmodules:
+def layer_specs(model: Model, config: TransformerConfig, backend: BackendSpecProvider) -> TransformerBlockSubmodules:
     """Linear-attention and gated full-attention layers, each with the MoE MLP; sliced to this stage's layers."""
-    backend = CpuSpecProvider()
-    moe = get_moe_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts)
+    moe = get_moe_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts,
+                                          moe_grouped_gemm=config.moe_grouped_gemm)
     linear = pre_norm_layer(backend, _gated_delta_net_spec(backend), moe)
     full = pre_norm_layer(backend, gqa_attention_spec(backend, qk_norm=True), moe)
     every = [full if is_full_attention(model.shape, i) else linear for i in range(model.shape.layers)]

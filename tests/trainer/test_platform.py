@@ -1,0 +1,66 @@
+"""The platform seam (``trainer.platform``): one place names devices and collective backends, chosen once."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.platform import CPU, CpuPlatform, PlatformUnavailable, choose_platform
+
+TRAINER = Path(__file__).resolve().parents[2] / "trainer"
+# The only modules that may name a device or a collective backend: the platform itself, and the CPU compat
+# layer (it patches megatron's literal ``device="cuda"`` allocations, so it must name them).
+ALLOWED = {"platform.py", "backends/cpu_compat.py"}
+LITERAL = re.compile(r"^(cpu|cuda|gloo|nccl)(:\d+)?$", re.IGNORECASE)
+
+
+def device_names(source: str) -> list[tuple[int, str]]:
+    """(line, what) for each string literal that is a device or backend name, and each use of ``torch.cuda``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and LITERAL.match(node.value):
+            found.append((node.lineno, repr(node.value)))
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "cuda"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ):
+            found.append((node.lineno, "torch.cuda"))
+    return sorted(found)
+
+
+def test_nothing_below_the_entry_point_names_a_device_or_backend():
+    offenders = [
+        f"trainer/{path.relative_to(TRAINER)}:{line}: {what}"
+        for path in sorted(TRAINER.rglob("*.py"))
+        if str(path.relative_to(TRAINER)) not in ALLOWED
+        for line, what in device_names(path.read_text())
+    ]
+    assert not offenders, "ask the platform (trainer.platform) instead:\n" + "\n".join(offenders)
+
+
+def test_the_scan_sees_each_kind_of_name():
+    source = 'x.to("cuda:1")\ndist.init_process_group("gloo")\ntorch.cuda.is_available()\nb = "NCCL"\nok = "cpus"\n'
+    assert [line for line, _ in device_names(source)] == [1, 2, 3, 4]
+
+
+def test_auto_and_cpu_choose_the_cpu_platform_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_platform("auto") is CPU and choose_platform("cpu") is CPU
+    assert isinstance(CPU, CpuPlatform) and CPU.collective_backend == "gloo"
+
+
+def test_cuda_without_a_device_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PlatformUnavailable, match=r"run.device: cuda.*use run.device=auto or cpu"):
+        choose_platform("cuda")
+
+
+def test_cpu_platform_keeps_the_cpu_choices_of_megatron():
+    fields = CPU.megatron_fields("bf16", moe=True)
+    assert fields["use_cpu_initialization"] and fields["params_dtype"] == torch.bfloat16 and fields["bf16"]
+    assert fields["moe_token_dispatcher_type"] == "allgather" and not fields["moe_grouped_gemm"]
+    assert "moe_token_dispatcher_type" not in CPU.megatron_fields("fp32", moe=False)

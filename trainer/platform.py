@@ -1,0 +1,236 @@
+"""What differs between a CPU rank and a GPU rank, chosen once at the entry point and handed down (DESIGN §5).
+
+A ``Platform`` answers everything device-specific: the rank's device, the collective backend, how megatron
+allocates and which spec provider builds its layers, the dtypes of a precision, FSDP2's mixed-precision
+policy, memory statistics and seeding. The rest of the trainer asks the object it was given and never names a
+device or a backend (``tests/trainer/test_platform.py`` enforces that).
+
+    CpuPlatform   gloo; megatron's CPU initialisation with the CPU compat layer (``trainer.backends.cpu_compat``);
+                  the torch spec provider; allgather MoE dispatch (gloo has no uneven all_to_all); RSS memory.
+    CudaPlatform  ``cuda:LOCAL_RANK`` bound before any group; nccl for tensors, gloo for CPU-side objects;
+                  Transformer Engine's spec provider when it imports (else the torch one); alltoall MoE dispatch
+                  with grouped-GEMM experts; CUDA allocator statistics. (GPU) not verified here.
+
+``choose_platform`` picks one from ``run.device`` (auto | cpu | cuda) and what the process sees.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import sys
+from typing import Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16"]
+HOST = torch.device("cpu")
+"""Host memory: where files are read into and results leave a rank, whatever the platform computes on."""
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class PlatformUnavailable(ValueError):
+    """``run.device`` asks for a device this process does not have (bad input: one line, exit 2)."""
+
+
+class Platform:
+    """The interface every platform implements; the shared parts are here."""
+
+    name: str
+    device: torch.device
+    collective_backend: str
+    """``torch.distributed.init_process_group``'s backend (a per-device map where two are needed)."""
+
+    def install(self) -> None:
+        """Process-wide set-up before any model or group is built (the CPU compat patches on CPU)."""
+
+    def bind(self) -> None:
+        """Make this rank's device the current one; called before any process group exists."""
+
+    @property
+    def mesh_device_type(self) -> str:
+        """The device type of FSDP2's device meshes."""
+        return self.device.type
+
+    def param_dtype(self, precision: Precision) -> torch.dtype:
+        return DTYPES[precision]
+
+    def megatron_fields(self, precision: Precision, *, moe: bool) -> dict:
+        """``TransformerConfig`` fields that depend on the device: where weights are initialised, their dtype,
+        and for MoE the token dispatcher and expert GEMMs."""
+        dtype = self.param_dtype(precision)
+        fields = dict(
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            use_cpu_initialization=self.megatron_initialises_on_host,
+        )
+        return fields | (self.moe_fields() if moe else {})
+
+    megatron_initialises_on_host: bool
+
+    def moe_fields(self) -> dict:
+        raise NotImplementedError
+
+    def spec_provider(self):
+        """An instance of megatron's ``BackendSpecProvider`` the families build their layer specs through."""
+        raise NotImplementedError
+
+    def fsdp_policy(self, param_dtype: Precision, reduce_dtype: Precision):
+        """FSDP2's ``MixedPrecisionPolicy``: parameters gathered in ``param_dtype``, gradients reduced in
+        ``reduce_dtype``; the sharded master weights stay fp32."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's tensors on this rank's device (the same tensors where they are there already)."""
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    @staticmethod
+    def to_host(tensor: torch.Tensor) -> torch.Tensor:
+        """A result that leaves the rank (returned to the launcher, written to a file) in host memory."""
+        return tensor.to(HOST)
+
+    def seed(self, seed: int) -> None:
+        """Seed torch's generators for this device (megatron's TP tracker is seeded by the model builder)."""
+        torch.manual_seed(seed)
+
+    def memory(self) -> dict[str, float]:
+        """Memory of this process now, MiB: ``peak`` (since the last ``reset_peak``) and ``allocated``."""
+        raise NotImplementedError
+
+    def reset_peak(self) -> None:
+        """Start a new peak (a stage's own peak); a no-op where the platform cannot reset it."""
+
+    def memory_metrics(self) -> dict[str, float]:
+        """The process-wide peak metrics of an episode row."""
+        raise NotImplementedError
+
+
+def _rss_mib() -> tuple[float, float]:
+    """(peak since the process started, current) resident set size in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    try:
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak is the best this process can say
+        current = peak
+    return peak, current
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device = HOST
+    collective_backend = "gloo"
+    megatron_initialises_on_host = True
+
+    def install(self) -> None:
+        from trainer.backends import cpu_compat
+
+        cpu_compat.install()
+
+    def moe_fields(self) -> dict:
+        # gloo has no uneven all_to_all: the allgather dispatcher, experts one GEMM each, no fused permute.
+        return dict(moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_permute_fusion=False)
+
+    def spec_provider(self):
+        from trainer.models.specs import TorchSpecProvider
+
+        return TorchSpecProvider()
+
+    def memory(self) -> dict[str, float]:
+        # ru_maxrss cannot be reset: a stage's peak on CPU is the process's peak so far.
+        peak, current = _rss_mib()
+        return {"peak": peak, "allocated": current}
+
+    def memory_metrics(self) -> dict[str, float]:
+        return {"memory/peak_rss_mib": _rss_mib()[0]}
+
+
+class CudaPlatform(Platform):
+    """One GPU per rank: ``cuda:local_rank``. (GPU) not verified here."""
+
+    name = "cuda"
+    # CUDA tensors go through nccl, CPU tensors (object collectives, CPU-side counters) through gloo, in the
+    # same groups: torch's per-device backend map.
+    collective_backend = "cpu:gloo,cuda:nccl"
+    megatron_initialises_on_host = False
+
+    def __init__(self, local_rank: int):
+        self.local_rank = local_rank
+        self.device = torch.device("cuda", local_rank)
+        self.has_te = importlib.util.find_spec("transformer_engine") is not None
+
+    def bind(self) -> None:
+        torch.cuda.set_device(self.device)
+
+    def moe_fields(self) -> dict:
+        # The seeds' dispatch: alltoall; experts as TE's grouped GEMM where TE is present (without TE megatron's
+        # grouped experts need the separate grouped_gemm package, so each expert is its own GEMM).
+        return dict(
+            moe_token_dispatcher_type="alltoall", moe_grouped_gemm=self.has_te, moe_permute_fusion=False
+        )
+
+    def spec_provider(self):
+        if self.has_te:
+            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+            return TESpecProvider()
+        from trainer.models.specs import TorchSpecProvider
+
+        return TorchSpecProvider()
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+    def memory(self) -> dict[str, float]:
+        return {
+            "peak": torch.cuda.max_memory_allocated(self.device) / 2**20,
+            "allocated": torch.cuda.memory_allocated(self.device) / 2**20,
+        }
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def memory_metrics(self) -> dict[str, float]:
+        return {
+            "memory/peak_rss_mib": _rss_mib()[0],
+            "memory/peak_device_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
+        }
+
+
+CPU = CpuPlatform()
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def visible_gpus() -> int:
+    """GPUs this process can use (0 without CUDA): what the preflight compares a recipe's ``gpus`` with."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_platform(device: str = "auto", local_rank: int | None = None) -> Platform:
+    """The platform of this process: ``run.device`` (auto | cpu | cuda) against what the process sees.
+
+    ``auto`` takes a GPU when CUDA is available; ``cuda`` without one is refused in one line naming the fix.
+    ``local_rank`` defaults to the launcher's ``LOCAL_RANK`` (0 for a single process).
+    """
+    if device not in DEVICES:
+        raise PlatformUnavailable(f"run.device: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return CPU
+    if not torch.cuda.is_available():
+        raise PlatformUnavailable(
+            "run.device: cuda, but this process sees no CUDA device (torch "
+            f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+            "use run.device=auto or cpu, or a CUDA build of torch on a GPU machine"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    if local_rank >= torch.cuda.device_count():
+        raise PlatformUnavailable(
+            f"run.device: local rank {local_rank} has no GPU (this machine shows "
+            f"{torch.cuda.device_count()}); start at most that many ranks per machine"
+        )
+    return CudaPlatform(local_rank)
