@@ -97,7 +97,7 @@ def tests(session: nox.Session) -> None:
     session.run(python, "-m", "pytest", *session.posargs, external=True)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def smoke(session: nox.Session) -> None:
     """Every family's tiny recipe, fp32 and bf16, on this machine's device; `-- --wheelhouse DIR` instead
     downloads the wheels a bare GPU machine (Python 3.12, torch) needs to run it offline."""
@@ -106,11 +106,11 @@ def smoke(session: nox.Session) -> None:
     parser = argparse.ArgumentParser(prog="nox -s smoke --")
     parser.add_argument("--wheelhouse", metavar="DIR", help="download the GPU machine's wheels into DIR and stop")
     args, rest = parser.parse_known_args(session.posargs)
-    session.install("-e", ".")
+    python = _install_heavy(session)
     if args.wheelhouse:
-        session.run("python", "-m", "trainer.wheelhouse", args.wheelhouse)
+        session.run(python, "-m", "trainer.wheelhouse", args.wheelhouse, external=True)
     else:
-        session.run("python", "-m", "trainer.smoke", *rest)
+        session.run(python, "-m", "trainer.smoke", *rest, external=True)
 
 
 @nox.session(python=PYTHON)
