@@ -36,8 +36,7 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
         built = ", ".join(sorted(BUILT_FAMILIES.get(recipe.trainer, ()))) or "none"
         problems.append(f"the {recipe.trainer} trainer backend does not build family {r.model.family} yet "
                         f"(built: {built})")
-    gpu_recipe = recipe.image != "cpu" or recipe.rollout.engine != "torch"
-    if gpu_recipe:
+    if recipe.image != "cpu":  # a cpu-image recipe may name vLLM: its CPU build runs it (trainer.rollout.vllm_cpu)
         have = _gpu_count()
         if have < recipe.gpus:
             problems.append(f"{recipe.gpus} GPUs (layout {recipe.layout}, min {r.min_gpus}), this machine has {have}")
@@ -46,7 +45,9 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
             problems.append(f"image {recipe.image} (running {'in ' + inside if inside else 'outside any image'}; "
                             f"build it with `nox -s build -- {recipe.image}`)")
     if recipe.rollout.engine in ("vllm", "sglang") and importlib.util.find_spec(recipe.rollout.engine) is None:
-        problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; it ships in image {recipe.image})")
+        where = (f"vLLM's CPU build: run it in its environment, `nox -s tests_vllm -- --train {r.name}`"
+                 if recipe.image == "cpu" else f"it ships in image {recipe.image}")
+        problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; {where})")
     if r.model.hf_id and not r.model.weights and _hub_snapshot(r.model.hf_id) is None:
         problems.append(f"weights of {r.model.hf_id} (not in the Hugging Face cache; download them first, e.g. "
                         f"`huggingface-cli download {r.model.hf_id}`)")
