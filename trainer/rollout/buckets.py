@@ -9,6 +9,7 @@ drops them; the receiver rebuilds the tensors as views of the buffer, without a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -71,8 +72,8 @@ def flat_buckets(
         size = tensor.numel() * tensor.element_size()
         if size > limit_bytes:
             raise BucketTooSmall(
-                f"{setting}={limit_bytes / MB:g}: tensor {name} alone is {size / MB:.2f} MB; "
-                f"set {setting} to at least {-(-size // MB)}"
+                f"{setting}={limit_bytes / MB:.3g}: tensor {name} alone is {size / MB:.3g} MB; "
+                f"set {setting} to at least {math.ceil(size / MB * 100) / 100:g}"
             )
         if _aligned(used) + size > limit_bytes:
             yield _packed(pending)
