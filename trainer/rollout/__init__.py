@@ -1,9 +1,9 @@
 """Rollout engines behind one interface (``base.RolloutEngine``): sample n completions per prompt, take weight
 updates, sleep and wake when colocated, shut down.
 
-``torch_engine.TorchEngine`` is the in-process CPU engine; ``vllm_engine.VllmEngine`` (vLLM 0.8.5) and
-``sglang_engine.SglangEngine`` (SGLang 0.5.2) run their engine in a process of their own
-(``process.EngineProcess``) and receive weights in bounded buckets (``buckets``). ``factory.build_engine`` picks
+``torch_engine.TorchEngine`` is the in-process CPU engine; ``vllm_engine.VllmEngine`` (vLLM 0.8.5) runs its
+engine in a process of its own (``process.ProcessEngine``, the driver-side half an SGLang 0.5.2 adapter will share)
+and receives weights in bounded buckets (``buckets``). ``factory.build_engine`` picks
 one by ``recipe.rollout.engine``, in one place.
 """
 

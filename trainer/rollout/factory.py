@@ -1,8 +1,8 @@
 """The rollout engine a recipe names (``recipe.rollout.engine``), built in one place, and checked once started.
 
 torch: in the driver's process (CPU). vllm: vLLM 0.8.5 in a process of its own (its CPU build runs here, V0).
-sglang: SGLang 0.5.2 in a process of its own (GPU only). The preflight has already refused a recipe whose
-engine does not import on this machine.
+sglang (SGLang 0.5.2): its adapter is not built yet. The preflight has already refused a recipe whose engine
+does not import on this machine.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ def _process_engine(module: str, cls: str) -> Callable[[ResolvedRecipe, Task], R
 ENGINES: dict[str, Callable[[ResolvedRecipe, Task], RolloutEngine]] = {
     "torch": _torch_engine,
     "vllm": _process_engine("trainer.rollout.vllm_engine", "VllmEngine"),
-    "sglang": _process_engine("trainer.rollout.sglang_engine", "SglangEngine"),
 }
 
 
@@ -66,8 +65,11 @@ def logprob_problem(kind: str, engine: str, r: ResolvedRecipe) -> str | None:
 def build_engine(r: ResolvedRecipe, task: Task) -> RolloutEngine:
     """Start the recipe's engine; raises EngineError (one line) when it fails to start or does not fit the recipe,
     with nothing of it left running."""
-    engine = ENGINES[r.recipe.rollout.engine](r, task)
-    problem = logprob_problem(engine.logprob_kind, r.recipe.rollout.engine, r)
+    name = r.recipe.rollout.engine
+    if name not in ENGINES:
+        raise EngineError(f"rollout engine {name}: its adapter is not built yet; built: {', '.join(ENGINES)}")
+    engine = ENGINES[name](r, task)
+    problem = logprob_problem(engine.logprob_kind, name, r)
     if problem:
         engine.shutdown()
         raise EngineError(problem)
