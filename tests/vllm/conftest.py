@@ -6,6 +6,7 @@ GRPO_REQUIRE_VLLM=1 so that a vLLM that does not import there fails the session 
 
 import importlib.util
 import os
+import time
 
 import psutil
 import pytest
@@ -27,14 +28,20 @@ def matrix():
 def engine_processes():
     """Live processes whose environment has GRPO_TEST_MARK=mark: the engine processes a test started."""
 
-    def find(mark: str) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get("GRPO_TEST_MARK") == mark and proc.pid != os.getpid():
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+    def find(mark: str, wait: float = 5.0) -> list[psutil.Process]:
+        """Those still alive after ``wait`` seconds (helpers such as torch's compile workers exit about 1 s after
+        their parent)."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = []
+            for proc in psutil.process_iter():
+                try:
+                    if proc.environ().get("GRPO_TEST_MARK") == mark and proc.pid != os.getpid():
+                        found.append(proc)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            if not found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
 
     return find

@@ -106,3 +106,13 @@ def test_a_failing_start_is_one_line_and_leaves_no_process(resolved, monkeypatch
     assert message.startswith("vllm engine failed to start: ") and "max_model_len" in message
     assert "\n" not in message
     assert engine_processes(mark) == []
+
+
+def test_rehearsals_keep_vllm_only_where_its_cpu_kernels_take_the_head_size(matrix):
+    from trainer.rehearse import rehearsal
+
+    resolved = matrix.resolve("demo-vllm")
+    assert rehearsal(matrix, resolved) == (resolved, [])  # vLLM runs it here as it is
+    rehearsed, changes = rehearsal(matrix, matrix.resolve("qwen2.5-7b"))  # its stand-in has heads of 16
+    assert rehearsed.recipe.rollout.engine == "torch"
+    assert "rollout vllm (tp 1) → torch (vLLM's CPU kernels take head sizes 32, 64" in "\n".join(changes)

@@ -28,6 +28,21 @@ from trainer.rollout.base import EngineError
 from trainer.rollout.buckets import MB
 
 POLL_SECONDS = 0.5
+# Set by torch's elastic launcher in every trainer rank; an engine that inherits them joins the trainer's rendezvous
+# (vLLM's distributed init waits there for WORLD_SIZE ranks and never starts).
+LAUNCHER_ENV = {
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
 STOP_SECONDS = 10.0
 
 
@@ -42,6 +57,11 @@ def _serve(conn, server_class, args: tuple) -> None:
 
     die_with_parent()
     os.setpgid(0, 0)  # its own process group: shutdown stops whatever the engine started with it
+    for name in list(
+        os.environ
+    ):  # the trainer's launcher variables describe the trainer's job, not the engine's
+        if name in LAUNCHER_ENV or name.startswith("TORCHELASTIC_"):
+            del os.environ[name]
     try:
         server = server_class(*args)
     except BaseException as exc:  # noqa: BLE001 - any failure to start is reported, in one line
