@@ -66,6 +66,8 @@ def test_a_sync_gives_the_engine_the_trainers_weights(engine, policy, resolved):
     params = SamplingParams(max_tokens=12, seed=5, n=2)
     before = engine.generate(PROMPTS, params)
     assert trainer_gap(policy, before) > 1e-2  # dummy weights: the test can fail
+    # dummy weights give uniform logits, so each sample is its random stream: none may share one
+    assert len({tuple(o.token_ids) for o in before}) == len(before)
     version = engine.weight_version
     engine.update_weights(policy.hf_named_tensors())
     assert engine.weight_version == version + 1

@@ -120,11 +120,11 @@ class VllmServer:
     ) -> list[tuple[list[int], list[float], str]]:
         from vllm.inputs import TokensPrompt
 
-        # one seed per prompt (a request's n samples share its generator): the same prompt twice in a batch
-        # still gets its own samples
+        # V0 turns a request of n samples into n requests seeded seed, seed + 1, ..., seed + n - 1: prompt i's
+        # requests start at seed + i·n, so no two samples of a batch share a random stream
         requests = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts],
-            [sampling_params(params, i) for i in range(len(prompts))],
+            [sampling_params(params, i * params.n) for i in range(len(prompts))],
             use_tqdm=False,
         )
         results = []
