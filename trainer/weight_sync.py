@@ -3,7 +3,7 @@
 The engine consumes the backend's iterator as it is produced, so a backend that gathers lazily (FSDP2: one
 parameter per step) never has more than one whole tensor alive on the driver; the other ranks drain the same
 iterator, taking part in every gather. A backend that gathers everything first (megatron-core) goes through
-the same path.
+the same path. An engine in another process receives the stream in bounded buckets (``rollout.sync_bucket_mb``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ def sync_weights(policy: TrainingBackend, engine: RolloutEngine | None, job: Job
             yield name, tensor
             del tensor  # before the next one is gathered
 
+    def load(stream: Iterator[tuple[str, Tensor]]) -> None:
+        engine.wake(("weights",))  # a colocated engine: weights first, then the KV cache once they are loaded
+        engine.update_weights(stream)
+        engine.wake(("kv_cache",))
+
     stream = counted(policy.hf_named_tensors())
-    job.on_driver(lambda: engine.update_weights(stream))
+    job.on_driver(lambda: load(stream))
     for _ in stream:  # the other ranks take part in every gather (and the driver in any the engine left)
         pass
     return sent

@@ -94,10 +94,11 @@ def run_rank(request: RunRequest) -> dict:
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
     from trainer.passes import passes
     from trainer.platform import choose_platform
+    from trainer.rollout.base import EngineError
     from trainer.rollout.factory import build_engine
     from trainer.tasks import build_task
 
-    r = request.resolved
+    r, engine = request.resolved, None
     platform = choose_platform(r.recipe.run.device)
     job = Job(ParallelLayout.of(r.layout, world), rank, platform)
     init_process_groups(r.layout, rank=rank, world_size=world, platform=platform)
@@ -110,16 +111,20 @@ def run_rank(request: RunRequest) -> dict:
         policy = build_backend(r, seed=r.recipe.run.seed, **start)
         # no reference model when nothing reads it (kl_coef 0, no log_reference_kl): its weights' memory saved
         ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, **start) if passes(r).reference else None
-        engine = job.on_driver(lambda: build_engine(r, task))
         try:
+            engine = job.on_driver(lambda: build_engine(r, task))
             summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,
                             resume=request.resume)
-        except RunStopped as exc:
+        except (RunStopped, EngineError) as exc:
+            if isinstance(exc, EngineError) and world > 1:
+                raise  # the launcher stops every rank (they wait in a collective) and reports this one line
             if getattr(log, "mllog", None):
                 log.mllog.close("aborted")
             log.write_summary({"recipe": r.name, "run_dir": str(request.run_dir), "status": f"stopped: {exc}"})
             return {"status": "stopped", "message": str(exc)}
         return {"status": "finished", "summary": summary}
     finally:
+        if engine is not None:
+            engine.shutdown()  # no engine process outlives its run
         log.close()
         destroy_process_groups()

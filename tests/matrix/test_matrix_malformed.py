@@ -39,8 +39,19 @@ EDITS = [
      "expected an exact pin 'name==version'"),
     ("duplicate-key", "    layout: moonlight-8\n", "    layout: moonlight-8\n    layout: moonlight-8\n",
      "recipes.moonlight.layout", "duplicate key"),
-    ("engine-mismatch", "rollout: {engine: sglang, tp: 4}", "rollout: {engine: vllm, tp: 4}",
+    ("engine-mismatch", "rollout: {engine: sglang, tp: 4,", "rollout: {engine: vllm, tp: 4,",
      "recipes.qwen3-next.rollout.engine", "images with it: vllm-te27"),
+    ("sglang-on-cpu-image", "rollout: {engine: vllm, colocate: false", "rollout: {engine: sglang, colocate: false",
+     "recipes.demo-vllm.rollout.engine", "sglang rollout needs an image with that engine; image cpu has no engine"),
+    ("colocated-engines-not-gpus", "rollout: {engine: vllm, tp: 2, engines: 4,", "rollout: {engine: vllm, tp: 2, engines: 3,",
+     "recipes.moonlight.rollout.engines", "tp 2 × engines 3 = 6 != gpus=8; use engines: 4 or colocate: false"),
+    ("gpu-memory-utilization-above-one", "engines: 4, gpu_memory_utilization: 0.6,", "engines: 4, gpu_memory_utilization: 1.5,",
+     "recipes.moonlight.rollout.gpu_memory_utilization", "less than or equal to 1"),
+    ("sleep-level-three", "colocate: true, sleep_level: 1, sync_bucket_mb: 1024}\n    layout: moonlight-8",
+     "colocate: true, sleep_level: 3, sync_bucket_mb: 1024}\n    layout: moonlight-8",
+     "recipes.moonlight.rollout.sleep_level", "Input should be 0, 1 or 2"),
+    ("sync-bucket-zero", "colocate: false, sync_bucket_mb: 0.05}", "colocate: false, sync_bucket_mb: 0}",
+     "recipes.demo-vllm.rollout.sync_bucket_mb", "greater than 0"),
     ("expert-parallel-on-dense", "    layout: single\n    gpus: 1\n    grpo: {prompts_per_episode: 8",
      "    layout: ep2\n    gpus: 2\n    grpo: {prompts_per_episode: 8", "layouts.ep2.ep", "is dense"),
     ("fsdp-trainer-on-megatron-layout", "    layout: fsdp-8\n", "    layout: qwen2.5-7b-8\n",
@@ -134,8 +145,10 @@ def test_cli_exit_2_one_line_per_problem_no_traceback(tmp_path, matrix_text, rep
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and out.stdout == ""
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith(f"{bad}:") for line in lines)
+    # qwen3-next's 8 GPUs are also too few for its colocated engines (tp 4 × 8 engines): its own line
+    assert len(lines) == 3 and all(line.startswith(f"{bad}:") for line in lines)
     assert any("recipes.qwen3-next.gpus: 8 is too few" in line for line in lines)
+    assert any("recipes.qwen3-next.rollout.engines: colocated engines" in line for line in lines)
     assert any("recipes.qwen3-8b-fsdp.model: 'qwen3-9b' is not defined" in line for line in lines)
 
 

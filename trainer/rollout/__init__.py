@@ -1,15 +1,20 @@
-"""Rollout engines behind one interface (``base.RolloutEngine``): sample completions, take weight updates.
+"""Rollout engines behind one interface (``base.RolloutEngine``): sample n completions per prompt, take weight
+updates, sleep and wake when colocated, shut down.
 
-``torch_engine.TorchEngine`` is the CPU engine. The GPU adapters (vLLM 0.8.5, SGLang 0.5.2) will be
-``vllm_engine.py`` / ``sglang_engine.py`` beside it, implementing the same Protocol: ``generate`` maps
-``SamplingParams`` onto the engine's own (their ``logprobs`` are raw-model log-probs too),
-``update_weights`` forwards the HF-named tensors of a backend's ``hf_named_tensors`` (streamed by
-``trainer.weight_sync``) to the engine's ``load_weights`` / ``update_weights_from_tensor``, and
-``sleep`` / ``wake`` map to their memory-release calls when trainer and engine share GPUs. The loop picks
-the engine by ``recipe.rollout.engine`` in one place.
+``torch_engine.TorchEngine`` is the in-process CPU engine; ``vllm_engine.VllmEngine`` (vLLM 0.8.5) runs its
+engine in a process of its own (``process.ProcessEngine``, the driver-side half an SGLang 0.5.2 adapter will share)
+and receives weights in bounded buckets (``buckets``). ``factory.build_engine`` picks
+one by ``recipe.rollout.engine``, in one place.
 """
 
-from trainer.rollout.base import RolloutEngine, RolloutOutput, SamplingParams
-from trainer.rollout.torch_engine import TorchEngine
+from trainer.rollout.base import EngineError, RolloutEngine, RolloutOutput, SamplingParams
 
-__all__ = ["RolloutEngine", "RolloutOutput", "SamplingParams", "TorchEngine"]
+__all__ = ["EngineError", "RolloutEngine", "RolloutOutput", "SamplingParams", "TorchEngine"]
+
+
+def __getattr__(name: str):
+    if name == "TorchEngine":  # imports transformers and the model families: only when asked for
+        from trainer.rollout.torch_engine import TorchEngine
+
+        return TorchEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

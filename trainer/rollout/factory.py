@@ -1,7 +1,8 @@
-"""The rollout engine a recipe names (``recipe.rollout.engine``), built in one place.
+"""The rollout engine a recipe names (``recipe.rollout.engine``), built in one place, and checked once started.
 
-The torch engine runs here; vLLM and SGLang adapters will register beside it (GPU, not built yet — the
-preflight refuses recipes that need them before anything is started).
+torch: in the driver's process (CPU). vllm: vLLM 0.8.5 in a process of its own (its CPU build runs here, V0).
+sglang (SGLang 0.5.2): its adapter is not built yet. The preflight has already refused a recipe whose engine
+does not import on this machine.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from matrix import ResolvedRecipe
-from trainer.rollout.base import RolloutEngine
+from trainer.rollout.base import EngineError, RolloutEngine, SamplingParams
 from trainer.tasks import Task
 
 
@@ -19,11 +20,57 @@ def _torch_engine(r: ResolvedRecipe, task: Task) -> RolloutEngine:
     return TorchEngine(r.model, decode=task.decode, eos_token_id=task.eos_id, pad_token_id=task.pad_id)
 
 
-ENGINES: dict[str, Callable[[ResolvedRecipe, Task], RolloutEngine]] = {"torch": _torch_engine}
+def engine_rollout(r: ResolvedRecipe):
+    """The recipe's ``rollout`` settings with the derived ones filled in (max_model_len: prompt + response)."""
+    rollout, grpo = r.recipe.rollout, r.recipe.grpo
+    if rollout.max_model_len is None:
+        rollout = rollout.model_copy(update={"max_model_len": grpo.max_prompt_len + grpo.max_response_len})
+    return rollout
+
+
+def _process_engine(module: str, cls: str) -> Callable[[ResolvedRecipe, Task], RolloutEngine]:
+    def build(r: ResolvedRecipe, task: Task) -> RolloutEngine:
+        import importlib
+
+        from trainer.models.config import hf_config
+
+        engine_class = getattr(importlib.import_module(module), cls)
+        return engine_class(hf_config(r.model), engine_rollout(r), decode=task.decode, seed=r.recipe.run.seed)
+
+    return build
+
+
+ENGINES: dict[str, Callable[[ResolvedRecipe, Task], RolloutEngine]] = {
+    "torch": _torch_engine,
+    "vllm": _process_engine("trainer.rollout.vllm_engine", "VllmEngine"),
+}
+
+
+def logprob_problem(kind: str, engine: str, r: ResolvedRecipe) -> str | None:
+    """Why ``r`` cannot use an engine whose log-probs are of ``kind`` (None: it can). The trainer's log-probs are
+    raw; the mismatch metrics (always) and TIS (``grpo.tis_cap``) compare them with the engine's, which is only
+    meaningful when both are the same distribution."""
+    s = r.recipe.grpo.sampling  # eval's sampling compares no log-probs
+    if kind == "raw" or not SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k).filtered:
+        return None
+    uses = "TIS (grpo.tis_cap) and the mismatch metrics" if r.recipe.grpo.tis_cap else "the mismatch metrics"
+    return (
+        f"rollout engine {engine} returns processed log-probs (after temperature / top-k / top-p), but "
+        f"grpo.sampling has temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}: {uses} would compare "
+        f"them with the trainer's raw ones; sample at temperature 1, top_p 1, top_k -1, or use an engine with raw "
+        f"log-probs (vLLM V1, the torch engine)"
+    )
 
 
 def build_engine(r: ResolvedRecipe, task: Task) -> RolloutEngine:
+    """Start the recipe's engine; raises EngineError (one line) when it fails to start or does not fit the recipe,
+    with nothing of it left running."""
     name = r.recipe.rollout.engine
     if name not in ENGINES:
-        raise NotImplementedError(f"rollout engine {name!r} is not built yet; built: {', '.join(ENGINES)}")
-    return ENGINES[name](r, task)
+        raise EngineError(f"rollout engine {name}: its adapter is not built yet; built: {', '.join(ENGINES)}")
+    engine = ENGINES[name](r, task)
+    problem = logprob_problem(engine.logprob_kind, name, r)
+    if problem:
+        engine.shutdown()
+        raise EngineError(problem)
+    return engine

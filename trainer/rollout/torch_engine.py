@@ -5,7 +5,9 @@ so the weights the trainer pushes under HF names (``weight_map``) load by name, 
 Decoding: one prefill of the left-padded batch, then one token per step for every live sequence, with the cache
 the model creates for itself (a ``DynamicCache``; Qwen3-Next's also holds conv and recurrent states); a sequence
 stops at EOS / a stop token ("stop") or after ``max_tokens`` ("length").
-Sampling draws from one ``torch.Generator`` seeded by ``SamplingParams.seed``, so runs are repeatable.
+Sampling draws from one ``torch.Generator`` seeded by ``SamplingParams.seed``, so runs are repeatable; ``n`` samples
+per prompt are the prompt repeated n times in the batch (rows in the order prompt 0 × n, prompt 1 × n, ...).
+Log-probs are raw (``log_softmax`` of the logits, before temperature / top-k / top-p), as the trainer's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from matrix.schema import Model
 from trainer.models.config import hf_config as hf_config_of
-from trainer.rollout.base import NonFiniteLogitsError, RolloutOutput, SamplingParams
+from trainer.rollout.base import NonFiniteLogitsError, RolloutOutput, SamplingParams, WakeTag
 
 
 def filter_logits(logits: Tensor, *, top_k: int, top_p: float) -> Tensor:
@@ -56,6 +58,8 @@ class TorchEngine:
     sequence, in addition to ``SamplingParams.stop_token_ids``.
     """
 
+    logprob_kind = "raw"
+
     def __init__(
         self,
         model: Model | PretrainedConfig,
@@ -77,6 +81,7 @@ class TorchEngine:
         self.decode = decode
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        self.weight_version = 0
 
     # ------------------------------------------------------------------ weights
 
@@ -94,12 +99,19 @@ class TorchEngine:
                     )
                 params[name].copy_(tensor)
                 del tensor  # a streamed sync gathers the next one while this loop waits: hold one at a time
+        self.weight_version += 1  # no prefix cache outlives a generate call: nothing to reset
 
     def sleep(self) -> None:
         """No-op: the KV cache lives only inside ``generate`` and the CPU shares no device with the trainer."""
 
-    def wake(self) -> None:
+    def wake(self, tags: Sequence[WakeTag] = ("weights", "kv_cache")) -> None:
         """No-op, see ``sleep``."""
+
+    def check_health(self) -> None:
+        """Always healthy: the engine is this process."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop: no process of its own."""
 
     # ------------------------------------------------------------------ generation
 
@@ -117,9 +129,10 @@ class TorchEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[RolloutOutput]:
-        """Sample up to ``params.max_tokens`` tokens after each prompt; see ``RolloutOutput``."""
+        """Sample ``params.n`` times up to ``params.max_tokens`` tokens after each prompt; see ``RolloutOutput``."""
         if not prompts:
             return []
+        prompts = [prompt for prompt in prompts for _ in range(params.n)]
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         generator = torch.Generator().manual_seed(seed)
         stop_ids = set(params.stop_token_ids) | (

