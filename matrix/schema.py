@@ -24,6 +24,8 @@ _OP_VERSION = r"\s*(==|!=|<=|>=|<|>|~=)\s*[A-Za-z0-9.*+!\-]+"
 Bound = Annotated[str, Field(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._\-]*{_OP_VERSION}(\s*,{_OP_VERSION})*$")]
 GitCommit = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 PythonVersion = Annotated[str, Field(pattern=r"^3\.\d+$")]
+# An entry's name becomes a directory (runs/<recipe>-..., build/images/<image>/) and a command-line word.
+EntryName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._\-]{0,99}$")]
 
 LOSS_CAP = 3.0  # ChatLearn's constant cap on the per-token policy loss (REFERENCE §4)
 
@@ -33,7 +35,8 @@ def pattern_names() -> dict[str, str]:
     wording = {Pin: "an exact pin 'name==version' (extras allowed: 'ray[default]==2.46.0')",
                Bound: "a version bound 'name<26' or 'name>=1,<2'",
                Digest: "'sha256:' followed by 64 hex digits", GitCommit: "a full 40-hex-digit commit",
-               PythonVersion: "a quoted Python version such as \"3.12\""}
+               PythonVersion: "a quoted Python version such as \"3.12\"",
+               EntryName: "a name of at most 100 letters, digits, '.', '_' or '-', not starting with '.' or '-'"}
     return {t.__metadata__[0].metadata[0].pattern: words for t, words in wording.items()}
 
 
@@ -513,12 +516,12 @@ class Benchmark(Strict):
 
 
 class Matrix(Strict):
-    images: dict[str, Image]
-    models: dict[str, Model]
-    layouts: dict[str, Layout]
-    recipes: dict[str, Recipe]
-    gates: dict[str, Gate] = {}
-    benchmarks: dict[str, Benchmark] = {}
+    images: dict[EntryName, Image]
+    models: dict[EntryName, Model]
+    layouts: dict[EntryName, Layout]
+    recipes: dict[EntryName, Recipe]
+    gates: dict[EntryName, Gate] = {}
+    benchmarks: dict[EntryName, Benchmark] = {}
 
     def resolve(self, recipe_name: str) -> ResolvedRecipe:
         """The recipe with its references replaced by the entries they name, plus derived sizes."""
