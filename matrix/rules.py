@@ -79,6 +79,11 @@ def check_model(name: str, model: Model) -> Iterator[Finding]:
     if s.moe is not None:
         if s.moe.topk > s.moe.experts:
             yield at + ("moe", "topk"), f"{s.moe.topk} > experts={s.moe.experts}; topk must be ≤ experts"
+        if s.moe.shared_ffn_hidden is not None and not s.moe.shared_experts:
+            yield at + ("moe", "shared_ffn_hidden"), "sizes shared experts, but shared_experts is 0; set it to 1"
+        if s.moe.shared_ffn_hidden is not None and model.family != "qwen3_next":
+            yield at + ("moe", "shared_ffn_hidden"), (f"family {model.family} sizes its shared experts as "
+                                                      "shared_experts × ffn_hidden; remove shared_ffn_hidden")
         if s.moe.first_dense_layers >= s.layers:
             yield at + ("moe", "first_dense_layers"), f"{s.moe.first_dense_layers} leaves no MoE layer of {s.layers}"
 

@@ -149,6 +149,9 @@ class MoE(Strict):
     topk: PositiveInt
     ffn_hidden: PositiveInt
     shared_experts: NonNegativeInt = 0
+    shared_ffn_hidden: PositiveInt | None = None
+    """Total hidden size of the shared experts where it is not ``shared_experts × ffn_hidden`` (Qwen3-Next's
+    ``shared_expert_intermediate_size`` may be any size megatron-core accepts); needs ``shared_experts`` ≥ 1."""
     first_dense_layers: NonNegativeInt = 0
     groups: PositiveInt = 1
     """Group-limited routing (DeepSeek-V3 ``n_group``): experts split into this many groups ..."""
@@ -164,6 +167,11 @@ class MoE(Strict):
     ships (DeepSeek-V3's ``e_score_correction_bias``) routes either way, kept fixed when this is off."""
     bias_update_rate: Annotated[float, Field(ge=0)] = 0.0
     router_dtype: Literal["fp32", "fp64"] = "fp32"
+
+    @property
+    def shared_hidden(self) -> int:
+        """Total hidden size of the shared experts (0: none)."""
+        return (self.shared_ffn_hidden or self.ffn_hidden * self.shared_experts) if self.shared_experts else 0
 
 
 class YaRN(Strict):
