@@ -40,7 +40,8 @@ def matrix(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def train(session: nox.Session) -> None:
     """Train a recipe (default: the embedded CPU demo): `nox -s train -- RECIPE key=value ...`."""
-    session.install("-e", ".")
+    loggers = any(a.split("=")[0] in ("--tensorboard", "--wandb") for a in session.posargs)
+    session.install("-e", ".[logging]" if loggers else ".")
     session.run("python", "-m", "trainer", *(session.posargs or ["demo"]))
 
 

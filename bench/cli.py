@@ -16,14 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
+def _here(text: str) -> Path:
+    """A path argument resolved against the working directory: the trainer runs started from here run in ROOT."""
+    return Path(text).absolute()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark suites of matrix.yaml and reports.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run suites; one result JSON per suite")
     run.add_argument("suites", nargs="*", default=["cpu"], help="suite names of the matrix (default: cpu)")
-    run.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX_PATH, help="matrix file (default: matrix.yaml)")
-    run.add_argument("--results", type=Path, default=RESULTS, help="where results go (default: bench/results/)")
-    run.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="parent of the run directories")
+    run.add_argument("--matrix", type=_here, default=DEFAULT_MATRIX_PATH, help="matrix file (default: matrix.yaml)")
+    run.add_argument("--results", type=_here, default=RESULTS, help="where results go (default: bench/results/)")
+    run.add_argument("--runs", type=_here, default=ROOT / "runs" / "bench", help="parent of the run directories")
     run.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take before it is killed")
     rep = sub.add_parser("report", help="compare results (baseline = first); default: the two newest results")
     rep.add_argument("results", nargs="*", type=Path, help="result JSON files, baseline first")

@@ -12,8 +12,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+INT32_MAX = 2**31 - 1  # every size ends up in a tensor shape or a megatron-core config: an int32 holds it
+PositiveInt = Annotated[int, Field(gt=0, le=INT32_MAX)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT32_MAX)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
@@ -389,7 +390,8 @@ class Data(Strict):
 
 
 class Run(Strict):
-    episodes: PositiveInt
+    episodes: Annotated[int, Field(gt=0, le=1_000_000)]
+    """Training episodes; a million is ~100× the longest published GRPO run, more is a typo."""
     seed: int = 1234
     checkpoint_every: NonNegativeInt = 0
     """Episodes between checkpoints; 0 → only at the end."""
@@ -417,8 +419,8 @@ class Recipe(Strict):
     trainer: Literal["megatron", "fsdp"]
     rollout: Rollout
     layout: NonEmptyStr
-    gpus: PositiveInt
-    """Devices the recipe runs on (processes, on CPU)."""
+    gpus: Annotated[int, Field(gt=0, le=100_000)]
+    """Devices the recipe runs on (processes, on CPU); the largest clusters have ~100k."""
     grpo: GRPO
     data: Data
     run: Run
