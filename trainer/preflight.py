@@ -50,6 +50,10 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
     if r.model.hf_id and not r.model.weights and _hub_snapshot(r.model.hf_id) is None:
         problems.append(f"weights of {r.model.hf_id} (not in the Hugging Face cache; download them first, e.g. "
                         f"`huggingface-cli download {r.model.hf_id}`)")
+    if recipe.data.source == "math-lighteval" and not r.model.hf_id:
+        problems.append(f"a tokenizer for data.source math-lighteval: model {recipe.model} has no hf_id to take it "
+                        "from (the character tokenizer serves data.source demo only); use a model with an hf_id "
+                        "or data.source demo")
     if recipe.data.path and not (root / recipe.data.path).is_file():
         problems.append(f"data file {recipe.data.path} (preprocess MATH-lighteval into it first)")
     problems += _grader(recipe.grpo.grader)
@@ -67,12 +71,15 @@ def _grader(name: str) -> list[str]:
 
 
 def _task_problems(r: ResolvedRecipe, root: Path) -> list[str]:
+    from trainer.data.math_lighteval import MathDataError
     from trainer.tasks import BUILDERS
 
     grpo, source = r.recipe.grpo, r.recipe.data.source
     logging.disable(logging.WARNING)  # the count of dropped over-long prompts is in the message below
     try:
         task = BUILDERS[source](r, root)
+    except MathDataError as exc:
+        return [f"usable data ({exc})"]
     finally:
         logging.disable(logging.NOTSET)
     usable = len(task.train)
