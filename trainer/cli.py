@@ -120,7 +120,7 @@ def _check_resume(run_dir: Path, world: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may sit between overrides
     # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:

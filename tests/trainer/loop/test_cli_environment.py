@@ -30,6 +30,8 @@ CASES = [
     ),
     (["demo", f"gpus={10**8}"], "gpus: 100000000: Input should be less than or equal to 100000"),
     (["demo", f"model.shape.hidden={10**11}"], "Input should be less than or equal to 2147483647"),
+    # an option between the recipe and its overrides (argparse took the overrides for unknown arguments)
+    (["demo", "--mllog", f"run.episodes={10**12}"], "Input should be less than or equal to 1000000"),
 ]
 
 
