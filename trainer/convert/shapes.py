@@ -29,8 +29,11 @@ def expected_mcore_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     from trainer.models.weight_map import rules
 
     hf = expected_hf_shapes(model)
-    return {rule.mcore: tuple(rule.to_mcore(*(torch.empty(hf[n], device="meta") for n in rule.hf)).shape)
-            for rule in rules(model) if all(n in hf for n in rule.hf)}
+    return {
+        rule.mcore: tuple(rule.to_mcore(*(torch.empty(hf[n], device="meta") for n in rule.hf)).shape)
+        for rule in rules(model)
+        if all(n in hf for n in rule.hf)
+    }
 
 
 def check_shapes(root: Path, mapping: dict[str, str], expected: dict[str, tuple[int, ...]]) -> None:
@@ -44,6 +47,8 @@ def check_shapes(root: Path, mapping: dict[str, str], expected: dict[str, tuple[
             for name in sorted(names):
                 stored = tuple(f.get_slice(name).get_shape())
                 if stored != expected[name]:
-                    raise ConvertError(f"{root / shard}: tensor {name!r} has shape {list(stored)}, but config.json "
-                                       f"describes {list(expected[name])}; the weights and config.json are of "
-                                       "different models")
+                    raise ConvertError(
+                        f"{root / shard}: tensor {name!r} has shape {list(stored)}, but config.json "
+                        f"describes {list(expected[name])}; the weights and config.json are of "
+                        "different models"
+                    )

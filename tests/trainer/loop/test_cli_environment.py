@@ -68,4 +68,6 @@ def test_a_reader_that_closed_the_pipe_gets_no_traceback(repo, command):
         )
     finally:
         os.close(write)
-    assert out.returncode == 1 and out.stderr == "", out.stderr[-3000:]  # 1: Python's advice, rich's own choice
+    assert out.returncode == 1 and out.stderr == "", out.stderr[
+        -3000:
+    ]  # 1: Python's advice, rich's own choice
