@@ -73,7 +73,8 @@ def matrix(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def train(session: nox.Session) -> None:
     """Train a recipe (default: the embedded CPU demo): `nox -s train -- RECIPE key=value ...`."""
-    python = _install_heavy(session)
+    loggers = any(a.split("=")[0] in ("--tensorboard", "--wandb") for a in session.posargs)
+    python = _install_heavy(session, "logging" if loggers else "")
     session.run(python, "-m", "trainer", *(session.posargs or ["demo"]), external=True)
 
 

@@ -16,16 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
+def _here(text: str) -> Path:
+    """A path argument resolved against the working directory: the trainer runs started from here run in ROOT."""
+    return Path(text).absolute()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark suites of matrix.yaml and reports.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run suites; one result JSON per suite")
     run.add_argument("suites", nargs="*", default=["cpu"], help="suite names of the matrix (default: cpu)")
-    run.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX_PATH, help="matrix file (default: matrix.yaml)")
-    run.add_argument("--results", type=Path, default=RESULTS, help="where results go (default: bench/results/)")
-    run.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="parent of the run directories")
+    run.add_argument("--matrix", type=_here, default=DEFAULT_MATRIX_PATH, help="matrix file (default: matrix.yaml)")
+    run.add_argument("--results", type=_here, default=RESULTS, help="where results go (default: bench/results/)")
+    run.add_argument("--runs", type=_here, default=ROOT / "runs" / "bench", help="parent of the run directories")
     run.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take before it is killed")
-    rep = sub.add_parser("report", help="compare results (baseline = first); default: the two newest results")
+    rep = sub.add_parser("report", help="compare results (baseline = first); default: the two newest results of "
+                                        "the suite run last, by the time recorded in each")
     rep.add_argument("results", nargs="*", type=Path, help="result JSON files, baseline first")
     rep.add_argument("--threshold", type=float, default=0.10, help="relative change flagged (default 0.10 = 10%%)")
     rep.add_argument("--out", type=Path, help="report directory (default: reports/<baseline id>[--<last candidate id>])")
@@ -33,11 +39,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _newest(directory: Path, count: int) -> list[Path]:
-    found = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"no result in {directory}; run `nox -s bench` first or name result files")
-    return found[-count:]
+def _newest_pair(directory: Path) -> list:
+    """The two newest results of one suite by the time recorded inside each (file times are checkout order on a
+    fresh clone): of the suite run most recently among those with two results or more."""
+    from datetime import datetime
+
+    from bench.result import load_result
+
+    by_suite: dict[str, list] = {}
+    for path in directory.glob("*.json"):
+        result = load_result(path)
+        by_suite.setdefault(result.suite, []).append((datetime.fromisoformat(result.created), result))
+    pairs = [sorted(found, key=lambda x: x[0])[-2:] for found in by_suite.values() if len(found) >= 2]
+    if not pairs:
+        raise FileNotFoundError(f"no suite with two results in {directory}; run `nox -s bench` twice or name "
+                                "result files (baseline first)")
+    (base_time, base), (cand_time, cand) = max(pairs, key=lambda pair: pair[-1][0])
+    print(f"comparing the two newest results of suite {base.suite} by their recorded time: baseline {base.id} "
+          f"({base_time.isoformat()}), candidate {cand.id} ({cand_time.isoformat()})")
+    return [base, cand]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not 0 < args.threshold < 1:
             raise ValueError(f"--threshold {args.threshold}: expected a fraction in (0, 1), e.g. 0.1 for 10%")
-        results = [load_result(p) for p in (args.results or _newest(RESULTS, 2))]
+        results = [load_result(p) for p in args.results] if args.results else _newest_pair(RESULTS)
     except (SuiteError, ResultError, MatrixError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from tqdm import tqdm
 
 from bench import plots
-from bench.compare import cell_table, compare, curves, failures, flagged, verdicts
+from bench.compare import cell_table, compare, curves, failures, flagged, one_peak_per_machine, verdicts
 from bench.result import Result
 from trainer.atomic import write_bytes
 
@@ -53,6 +53,7 @@ def _md(table: pd.DataFrame) -> str:
 
 def write_report(results: list[Result], out: Path, *, threshold: float) -> dict[str, list]:
     """Write the report of `results` (baseline first) into `out`; returns the flagged rows per candidate."""
+    results = one_peak_per_machine(results)
     names = ["baseline"] + [f"candidate {i}" for i in range(1, len(results))]
     named = dict(zip(names, results, strict=True))
     title = "Bench report: " + " vs ".join(r.id for r in results)

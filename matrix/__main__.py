@@ -1,5 +1,4 @@
-import sys
-
 from matrix.cli import main
+from matrix.errors import exit_with
 
-sys.exit(main())
+exit_with(main)

@@ -7,6 +7,7 @@ line and YAML path, so a user fixes the whole file in one pass.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,55 @@ TOP_LEVEL = ", ".join(Matrix.model_fields)
 YamlPath = tuple[str | int, ...]
 KEY_ERRORS = ("missing", "extra_forbidden")
 
+# The committed matrix is ~28 kB and ~2.4k YAML nodes; these bounds leave room for any real one and refuse a file
+# built to exhaust memory (a 490-byte alias bomb expands to billions of nodes, 100k brackets recurse past Python's
+# stack) before anything expands it.
+MAX_FILE_BYTES = 1 << 20
+MAX_EXPANDED_NODES = 200_000
+MAX_FLOW_DEPTH = 64  # PyYAML's scanner is quadratic in the bracket depth: 100k brackets take minutes
+
+
+def _flow_depth(text: str) -> int:
+    """Nesting of [ ] and { } where it first passes the cap, else at the end (brackets inside strings count too: a
+    real matrix is nowhere near the cap)."""
+    depth = 0
+    for bracket in re.finditer(r"[\[\]{}]", text):
+        depth = depth + 1 if bracket.group() in "[{" else max(depth - 1, 0)
+        if depth > MAX_FLOW_DEPTH:
+            break
+    return depth
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes the document has once every alias is expanded, counting each distinct node once (memoised), and
+    stopping as soon as the count passes MAX_EXPANDED_NODES; an alias inside its own anchor counts as too large."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_EXPANDED_NODES:
+                raise _TooLarge
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise _TooLarge
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
 
 class _Located:
     """Line of every node of a YAML document, by path; duplicate keys are recorded as problems."""
@@ -33,10 +83,14 @@ class _Located:
     def __init__(self, root: yaml.Node):
         self.lines: dict[YamlPath, int] = {}
         self.duplicates: list[tuple[YamlPath, int]] = []
+        self._seen: set[int] = set()
         self._walk(root, ())
 
     def _walk(self, node: yaml.Node, path: YamlPath) -> None:
         self.lines[path] = node.start_mark.line + 1
+        if id(node) in self._seen:  # an alias: a problem inside it is reported at the alias
+            return
+        self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: set = set()
             for key, value in node.value:
@@ -127,9 +181,20 @@ def _parse(text: str, file: str) -> tuple[dict, _Located]:
 
     if not text.strip():
         raise fail(1, f"the file is empty; expected a mapping with keys {TOP_LEVEL}")
+    too_deep = fail(1, "nested too deeply for a matrix file (thousands of brackets or indents); entries are at most "
+                       "a few levels deep")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise too_deep
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _expanded_size(node)
         data = yaml.safe_load(text)
+    except _TooLarge:
+        raise fail(1, f"YAML aliases expand to more than {MAX_EXPANDED_NODES} nodes (or an alias sits inside its "
+                      "own anchor); write the entries out or use fewer nested aliases") from None
+    except RecursionError:
+        raise too_deep from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
@@ -148,10 +213,15 @@ def load_matrix(path: str | Path = DEFAULT_MATRIX_PATH) -> Matrix:
     path = Path(path)
     file = path.name if path.resolve() == DEFAULT_MATRIX_PATH else str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise MatrixError([Problem(file, 1, "", f"cannot read the file ({exc.__class__.__name__}); "
                                                 "pass an existing UTF-8 YAML file")]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise MatrixError([Problem(file, 1, "", f"the file is larger than {MAX_FILE_BYTES} bytes (the limit for a "
+                                                "matrix file); pass the matrix, not another file")])
     data, where = _parse(text, file)
     problems = [Problem(file, line, _dotted(p), "duplicate key; each key may appear once")
                 for p, line in where.duplicates]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from matrix.errors import did_you_mean
 from matrix.schema import Benchmark, Gate, Layout, Matrix, Model, Recipe
 from trainer.parallel.layout import ParallelLayout
 
@@ -35,15 +36,18 @@ def check_references(data: dict) -> Iterator[Finding]:
         for key in ("model", "image", "layout"):
             table, target = section(key + "s"), r.get(key)
             if isinstance(target, str) and target not in table:
-                yield ("recipes", name, key), f"'{target}' is not defined under {key}s; defined: {_names(table)}"
+                yield ("recipes", name, key), (f"'{target}' is not defined under {key}s; defined: {_names(table)}"
+                                               + did_you_mean(target, table))
     for name, g in entries("gates"):
         if isinstance(g.get("recipe"), str) and g["recipe"] not in recipes:
-            yield ("gates", name, "recipe"), f"'{g['recipe']}' is not a recipe; recipes: {_names(recipes)}"
+            yield ("gates", name, "recipe"), (f"'{g['recipe']}' is not a recipe; recipes: {_names(recipes)}"
+                                              + did_you_mean(g["recipe"], recipes))
     for name, b in entries("benchmarks"):
         for i, item in enumerate(b.get("recipes") or []):
             recipe, at = (item.get("recipe"), ("recipe",)) if isinstance(item, dict) else (item, ())
             if isinstance(recipe, str) and recipe not in recipes:
-                yield ("benchmarks", name, "recipes", i, *at), f"'{recipe}' is not a recipe; recipes: {_names(recipes)}"
+                yield ("benchmarks", name, "recipes", i, *at), (f"'{recipe}' is not a recipe; recipes: "
+                                                                f"{_names(recipes)}" + did_you_mean(recipe, recipes))
         layouts = section("layouts")
         lists = [((), b.get("layouts"))] + [(("recipes", i), item.get("layouts"))
                                             for i, item in enumerate(b.get("recipes") or []) if isinstance(item, dict)]
@@ -79,6 +83,11 @@ def check_model(name: str, model: Model) -> Iterator[Finding]:
     if s.moe is not None:
         if s.moe.topk > s.moe.experts:
             yield at + ("moe", "topk"), f"{s.moe.topk} > experts={s.moe.experts}; topk must be ≤ experts"
+        if s.moe.shared_ffn_hidden is not None and not s.moe.shared_experts:
+            yield at + ("moe", "shared_ffn_hidden"), "sizes shared experts, but shared_experts is 0; set it to 1"
+        if s.moe.shared_ffn_hidden is not None and model.family != "qwen3_next":
+            yield at + ("moe", "shared_ffn_hidden"), (f"family {model.family} sizes its shared experts as "
+                                                      "shared_experts × ffn_hidden; remove shared_ffn_hidden")
         if s.moe.first_dense_layers >= s.layers:
             yield at + ("moe", "first_dense_layers"), f"{s.moe.first_dense_layers} leaves no MoE layer of {s.layers}"
 

@@ -20,8 +20,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+INT32_MAX = 2**31 - 1  # every size ends up in a tensor shape or a megatron-core config: an int32 holds it
+PositiveInt = Annotated[int, Field(gt=0, le=INT32_MAX)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT32_MAX)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
@@ -33,6 +34,8 @@ Bound = Annotated[str, Field(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._\-]*{_OP_VERSION
 GitCommit = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 PythonVersion = Annotated[str, Field(pattern=r"^3\.\d+$")]
 FunctionRef = Annotated[str, Field(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")]
+# An entry's name becomes a directory (runs/<recipe>-..., build/images/<image>/) and a command-line word.
+EntryName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._\-]{0,99}$")]
 
 LOSS_CAP = 3.0  # ChatLearn's constant cap on the per-token policy loss (REFERENCE §4)
 
@@ -43,7 +46,8 @@ def pattern_names() -> dict[str, str]:
                Bound: "a version bound 'name<26' or 'name>=1,<2'",
                Digest: "'sha256:' followed by 64 hex digits", GitCommit: "a full 40-hex-digit commit",
                PythonVersion: "a quoted Python version such as \"3.12\"",
-               FunctionRef: "a function 'pkg.module:fn' (dotted module, a colon, the function's name)"}
+               FunctionRef: "a function 'pkg.module:fn' (dotted module, a colon, the function's name)",
+               EntryName: "a name of at most 100 letters, digits, '.', '_' or '-', not starting with '.' or '-'"}
     return {t.__metadata__[0].metadata[0].pattern: words for t, words in wording.items()}
 
 
@@ -156,6 +160,9 @@ class MoE(Strict):
     topk: PositiveInt
     ffn_hidden: PositiveInt
     shared_experts: NonNegativeInt = 0
+    shared_ffn_hidden: PositiveInt | None = None
+    """Total hidden size of the shared experts where it is not ``shared_experts × ffn_hidden`` (Qwen3-Next's
+    ``shared_expert_intermediate_size`` may be any size megatron-core accepts); needs ``shared_experts`` ≥ 1."""
     first_dense_layers: NonNegativeInt = 0
     groups: PositiveInt = 1
     """Group-limited routing (DeepSeek-V3 ``n_group``): experts split into this many groups ..."""
@@ -171,6 +178,11 @@ class MoE(Strict):
     ships (DeepSeek-V3's ``e_score_correction_bias``) routes either way, kept fixed when this is off."""
     bias_update_rate: Annotated[float, Field(ge=0)] = 0.0
     router_dtype: Literal["fp32", "fp64"] = "fp32"
+
+    @property
+    def shared_hidden(self) -> int:
+        """Total hidden size of the shared experts (0: none)."""
+        return (self.shared_ffn_hidden or self.ffn_hidden * self.shared_experts) if self.shared_experts else 0
 
 
 class YaRN(Strict):
@@ -428,7 +440,8 @@ class Data(Strict):
 
 
 class Run(Strict):
-    episodes: PositiveInt
+    episodes: Annotated[int, Field(gt=0, le=1_000_000)]
+    """Training episodes; a million is ~100× the longest published GRPO run, more is a typo."""
     seed: int = 1234
     checkpoint_every: NonNegativeInt = 0
     """Episodes between checkpoints; 0 → only at the end."""
@@ -461,8 +474,8 @@ class Recipe(Strict):
     trainer: Literal["megatron", "fsdp"]
     rollout: Rollout
     layout: NonEmptyStr
-    gpus: PositiveInt
-    """Devices the recipe runs on (processes, on CPU)."""
+    gpus: Annotated[int, Field(gt=0, le=100_000)]
+    """Devices the recipe runs on (processes, on CPU); the largest clusters have ~100k."""
     grpo: GRPO
     data: Data
     run: Run
@@ -572,12 +585,12 @@ class Benchmark(Strict):
 
 
 class Matrix(Strict):
-    images: dict[str, Image]
-    models: dict[str, Model]
-    layouts: dict[str, Layout]
-    recipes: dict[str, Recipe]
-    gates: dict[str, Gate] = {}
-    benchmarks: dict[str, Benchmark] = {}
+    images: dict[EntryName, Image]
+    models: dict[EntryName, Model]
+    layouts: dict[EntryName, Layout]
+    recipes: dict[EntryName, Recipe]
+    gates: dict[EntryName, Gate] = {}
+    benchmarks: dict[EntryName, Benchmark] = {}
     prepared: NonEmptyStr = "prepared"
     """Where `nox -s prepare` puts each model's weights (``<prepared>/<model>/``, relative to the repository or
     absolute) and where `nox -s train` finds them; a recipe's data goes to its ``data.path``."""

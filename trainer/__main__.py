@@ -1,5 +1,4 @@
-import sys
-
+from matrix.errors import exit_with
 from trainer.cli import main
 
-sys.exit(main())
+exit_with(main)

@@ -9,6 +9,7 @@ Multi-process layouts start one process per `gpus` (processes on CPU) through `t
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 import warnings
@@ -89,6 +90,19 @@ def _refuse_drift(ignore: bool) -> None:
                                     "anyway): " + "; ".join(drifted))
 
 
+def _refuse_missing_loggers(args) -> None:
+    """--tensorboard / --wandb need their packages (the `logging` extra): refused before a run directory exists,
+    not at the first metric of every rank."""
+    for asked, flag, package in ((args.tensorboard, "--tensorboard", "tensorboard"), (args.wandb, "--wandb", "wandb")):
+        if not asked:
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise TrainerInputError(f"{flag}: the {package} package is not installed; install the logging extra "
+                                    "(pip install -e '.[logging]'; `nox -s train` does when given this flag)") from None
+
+
 def _checked_weights(resolved) -> Path | None:
     """The pretrained directory the run starts from (None: random init), refused here, before any rank starts,
     when it is missing or describes another model."""
@@ -111,7 +125,7 @@ def _check_resume(run_dir: Path, world: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may sit between overrides
     # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:
@@ -134,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rehearsal of {args.recipe} on CPU, layout {args.recipe} degrees kept ({degrees}); substitutions:")
             for line in substitutions:
                 print(f"  - {line}")
+        _refuse_missing_loggers(args)
         lacking = missing(resolved, root=ROOT)
         _refuse_drift(args.ignore_drift)
         if lacking:

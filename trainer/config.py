@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from matrix import DEFAULT_MATRIX_PATH, MatrixError, ResolvedRecipe, load_matrix
+from matrix.errors import did_you_mean
 from matrix.rules import check_recipe
 from matrix.schema import Model, Recipe
 
@@ -92,7 +93,8 @@ def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | P
     except MatrixError as exc:
         raise TrainerInputError(str(exc)) from None
     if recipe_name not in m.recipes:
-        raise TrainerInputError(f"unknown recipe '{recipe_name}'; recipes: {', '.join(m.recipes)}")
+        raise TrainerInputError(f"unknown recipe '{recipe_name}'; recipes: {', '.join(m.recipes)}"
+                                + did_you_mean(recipe_name, m.recipes))
     data = m.recipes[recipe_name].model_dump()
     model_overrides = {k.removeprefix(MODEL_PREFIX): v for k, v in overrides.items() if k.startswith(MODEL_PREFIX)}
     for key, value in overrides.items():
@@ -105,7 +107,7 @@ def resolve(recipe_name: str, overrides: dict[str, object], matrix_path: str | P
         table = getattr(m, key + "s")
         if getattr(recipe, key) not in table:
             raise TrainerInputError(f"override {shown}: {key} '{getattr(recipe, key)}' is not defined; "
-                                    f"defined: {', '.join(table)}")
+                                    f"defined: {', '.join(table)}" + did_you_mean(getattr(recipe, key), table))
     if model_overrides:
         model_data = m.models[recipe.model].model_dump()
         for key, value in model_overrides.items():

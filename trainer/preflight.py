@@ -52,6 +52,10 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
     if r.model.hf_id and not r.model.weights and _hub_snapshot(r.model.hf_id) is None:
         problems.append(f"weights of {r.model.hf_id} (neither prepared nor in the Hugging Face cache; make them with "
                         f"`nox -s prepare -- {r.name}`)")
+    if recipe.data.source == "math-lighteval" and not (r.model.hf_id or r.model.weights):
+        problems.append(f"a tokenizer for data.source math-lighteval: model {recipe.model} has no hf_id or weights to "
+                        "take it from (the character tokenizer serves data.source demo only); use a model with an "
+                        "hf_id or data.source demo")
     if recipe.data.path and not (root / recipe.data.path).is_file():
         how = f"make it with `nox -s prepare -- {r.name}`" if recipe.data.source == "math-lighteval" else \
             f"a parquet file in verl's layout; a relative path is read from {root}"

@@ -2,6 +2,7 @@
 MFU and peak memory; a report (markdown, self-contained HTML, PNG, CSV) of it; failed runs recorded."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -78,6 +79,25 @@ def test_failed_cells_are_recorded_and_the_suite_goes_on(bench_matrix, tmp_path,
     (path,) = (tmp_path / "results").glob("failing-*.json")
     (cell,) = load_result(path).cells
     assert cell.status == "failed" and cell.returncode == 2 and "data file data/absent.parquet" in cell.stderr_tail
+
+
+@pytest.mark.slow
+def test_relative_paths_are_resolved_against_the_working_directory(bench_matrix, tmp_path, repo):
+    """`--matrix`, `--results` and `--runs` relative to where the command is typed, though the trainer runs it
+    starts work in the repository: its cell must read this matrix (whose recipe `here-only` the committed one lacks;
+    it then stops in the preflight on the absent data file, a quick failure recorded in the result)."""
+    recipe = ('  here-only:\n    <<: *tiny\n    data: {source: math-lighteval, path: data/absent.parquet}\n'
+              '    run: {episodes: 2}\n\n  demo:\n')
+    text = bench_matrix.read_text().replace("\n  demo:\n", "\n" + recipe, 1)
+    (tmp_path / "here.yaml").write_text(text + "  relative:\n    recipes: [here-only]\n    episodes: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", "relative", "--matrix", "here.yaml",
+                           "--results", "results", "--runs", "runs"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = (tmp_path / "results").glob("relative-*.json")
+    (cell,) = load_result(path).cells
+    assert cell.status == "failed" and "data file data/absent.parquet" in cell.stderr_tail, cell.stderr_tail
+    assert Path(cell.run_dir).is_relative_to(tmp_path / "runs")
 
 
 @pytest.mark.parametrize(("args", "words"), [

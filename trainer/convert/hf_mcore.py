@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from matrix.schema import Model
 from trainer.convert import ConvertError
+from trainer.convert.shapes import check_shapes, expected_hf_shapes
 from trainer.convert.shards import (
     HF_INDEX,
     MCORE_INDEX,
@@ -81,6 +82,7 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path) -> Path:
     mapping = weight_map(hf_dir)
     table = rules(model)
     check_names(set(mapping), table, model, where=hf_dir)
+    check_shapes(hf_dir, mapping, expected_hf_shapes(model))
     rule_of = {name: rule for rule in table for name in rule.hf}
     shards = shards_in_order(mapping)
     with atomic_directory(out_dir) as tmp:

@@ -188,6 +188,7 @@ def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str) -> Path:
     """Convert an HF checkpoint into megatron-core state sharded for a matrix layout's TP/PP/EP/ETP degrees
     (a layout whose degrees are all 1, such as ``single``, writes the unsharded form)."""
     from trainer.convert.hf_mcore import check_names, hf_to_mcore, model_from_hf_config
+    from trainer.convert.shapes import check_shapes, expected_hf_shapes
     from trainer.models.weight_map import rules
 
     layout = matrix_layout(layout_name)
@@ -197,6 +198,7 @@ def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str) -> Path:
     model = model_from_hf_config(config, where=hf_dir / "config.json")
     mapping = weight_map(hf_dir)
     check_names(set(mapping), rules(model), model, where=hf_dir)
+    check_shapes(hf_dir, mapping, expected_hf_shapes(model))
     layout, world = conversion_world(layout)
     _check_fits(layout, layout_name, model, world, hf_dir)
     with atomic_directory(out_dir) as tmp:

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -26,12 +26,38 @@ MCORE_INDEX, MCORE_META = "mcore.safetensors.index.json", "mcore.json"
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object file (config.json, an index, mcore.json); anything else is one ConvertError line."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConvertError(f"{path}: not found") from None
+    except NotADirectoryError:
+        raise ConvertError(f"{path.parent}: a file, where a checkpoint directory was expected") from None
+    except IsADirectoryError:
+        raise ConvertError(f"{path}: a directory, where a JSON file was expected") from None
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path}: not UTF-8 (byte {e.start}); JSON files are UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: a JSON {type(value).__name__}, where a JSON object {{...}} was expected")
+    return value
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` with a truncated, oversized or otherwise broken header as one ConvertError line."""
+    try:
+        f = safe_open(path, "pt")
+    except IsADirectoryError:
+        raise ConvertError(f"{path}: a directory, where a safetensors file was expected") from None
+    except (SafetensorError, OSError) as e:
+        raise ConvertError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]}); "
+                           "download or convert it again") from None
+    with f:
+        yield f
 
 
 def weight_map(root: Path, *, index: str = HF_INDEX, single: str | None = HF_SINGLE) -> dict[str, str]:
@@ -44,8 +70,11 @@ def weight_map(root: Path, *, index: str = HF_INDEX, single: str | None = HF_SIN
         if missing:
             raise ConvertError(f"{root}: shard {missing[0]} listed in {index} is missing")
         return mapping
+    if not root.is_dir():
+        raise ConvertError(f"{root}: " + ("a file, where a checkpoint directory was expected" if root.exists()
+                                          else "not found"))
     if single and (root / single).exists():
-        with safe_open(root / single, "pt") as f:
+        with open_safetensors(root / single) as f:
             return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     raise ConvertError(f"{root}: neither {index}" + (f" nor {single}" if single else "") + " found")
 
@@ -56,13 +85,13 @@ def shards_in_order(mapping: dict[str, str]) -> list[str]:
 
 def iter_shard(root: Path, shard: str) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) of one shard, loaded one tensor at a time."""
-    with safe_open(root / shard, "pt") as f:
+    with open_safetensors(root / shard) as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             yield name, f.get_tensor(name)
 
 
 def read_tensor(root: Path, shard: str, name: str) -> Tensor:
-    with safe_open(root / shard, "pt") as f:
+    with open_safetensors(root / shard) as f:
         return f.get_tensor(name)
 
 

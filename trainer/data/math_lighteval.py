@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,21 +57,31 @@ def _read_table(path: Path, columns: tuple[str, ...]) -> pa.Table:
     return table
 
 
-def _check_strings(path: Path, col: str, values: list) -> None:
-    """Every value of column ``col`` must be a string."""
-    for i, v in enumerate(values):
-        if not isinstance(v, str):
-            raise MathDataError(
-                f"{path}: column {col!r} row {i} is {type(v).__name__} {v!r:.40}; expected a string"
-            )
+def _strings(path: Path, table: pa.Table, col: str) -> list[str]:
+    """Column ``col`` as Python strings; a value that is not a string, or not valid UTF-8, names its row."""
+    column = table.column(col)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        values = column.to_pylist()
+        i, v = next((i, v) for i, v in enumerate(values) if not isinstance(v, str))
+        raise MathDataError(f"{path}: column {col!r} row {i} is {type(v).__name__} {v!r:.40}; expected a string")
+    values = []
+    # read as bytes and decode here: pyarrow's own conversion fails on bad UTF-8 without saying where
+    for i, raw in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        if raw is None:
+            raise MathDataError(f"{path}: column {col!r} row {i} is empty (null); expected a string")
+        try:
+            values.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise MathDataError(f"{path}: column {col!r} row {i} is not valid UTF-8 (byte {exc.start}: "
+                                f"{raw[exc.start:exc.start + 1]!r}); re-encode the file as UTF-8") from None
+    return values
 
 
 def preprocess(src: str | Path, split: str) -> list[dict]:
     """Rows of one split from a MATH-lighteval parquet file; solutions without a box are skipped (logged)."""
     src = Path(src)
-    data = _read_table(src, COLUMNS).to_pydict()
-    for col in COLUMNS:
-        _check_strings(src, col, data[col])
+    table = _read_table(src, COLUMNS)
+    data = {col: _strings(src, table, col) for col in COLUMNS}
     rows, skipped = [], 0
     for i, (problem, level, kind, solution) in enumerate(zip(*(data[c] for c in COLUMNS), strict=True)):
         answer = last_boxed(solution)
@@ -88,6 +99,9 @@ def preprocess(src: str | Path, split: str) -> list[dict]:
                 "type": kind,
             }
         )
+    if not rows:
+        raise MathDataError(f"{src}: none of its {len(data['problem'])} rows has a \\boxed{{}} answer in its "
+                            "solution, so none can be graded; expected a MATH-lighteval parquet file")
     if skipped:
         logger.warning(
             "%s: skipped %d of %d rows whose solution has no \\boxed{} answer",
@@ -125,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output parquet path")
     parser.add_argument("--split", default="train", help="split name written into every row")
     args = parser.parse_args(argv)
-    rows = preprocess(args.src, args.split)
+    try:
+        rows = preprocess(args.src, args.split)
+    except MathDataError as exc:  # bad input: its one line, nothing written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{len(rows)} rows -> {write_rows(rows, args.out)}")
     return 0
 

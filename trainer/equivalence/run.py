@@ -1,8 +1,8 @@
 """`python -m trainer.equivalence [GATE ...]` (what `nox -s equivalence` runs): every gate of the matrix.
 
-For each gate: prepare one rollout of its recipe (cached by recipe), replay it with the reference layout and
-each candidate layout (every layout a real multi-process launch), compare, and write
-``runs/gates/<gate>/verdict.json`` and ``verdict.md``; print the table. Exit 1 when a gate fails, 2 on bad input.
+For each gate: prepare one rollout of its recipe (cached by recipe and code), replay it with the reference layout
+and each candidate layout on every run (every layout a real multi-process launch, never a cached record), compare,
+and write ``runs/gates/<gate>/verdict.json`` and ``verdict.md``; print the table. Exit 1 when a gate fails, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ SOURCES = ("trainer", "matrix")  # the code whose output the cache holds
 @functools.cache
 def code_fingerprint() -> str:
     """The trainer's source and the libraries that compute with it: a cached record made by other code is stale
-    (a reference record from yesterday's trainer would hide today's regression, and a batch of an older format
+    (a rollout prepared by yesterday's trainer would not be today's warm start, and a batch of an older format
     would not load)."""
     digest = hashlib.sha256()
     for package in ("torch", "megatron-core", "transformers"):
@@ -69,11 +69,15 @@ def _key(*parts) -> str:
 
 
 class Runner:
-    """Runs layouts of gates; prepared rollouts and reference records are cached on disk by content and by
-    `code_fingerprint` (entries made by other code are deleted when a runner starts)."""
+    """Runs layouts of gates. Only the prepared rollout (warm start + one collected episode, the slow part that no
+    layout under test takes part in) is cached on disk, by content and by `code_fingerprint`; entries made by other
+    code are deleted when a runner starts. The reference and every candidate are replayed on every run: a record
+    kept from an earlier run would hide whatever the fingerprint cannot see (a driver, NCCL, an environment
+    variable, a patched collective, another machine) and print yesterday's verdict."""
 
     def __init__(self, m: Matrix, cache: Path, plant: str | None = None):
         self.m, self.cache, self.plant = m, cache, plant
+        self.references: dict[str, dict] = {}  # in memory, this run only: gates of one recipe share a reference
         cache.mkdir(parents=True, exist_ok=True)
         self.code = code_fingerprint()
         for stale in cache.glob("*.pt"):
@@ -103,14 +107,18 @@ class Runner:
 
         initial, batch = self.inputs(resolved.name)
         job = Replay(resolved, initial, batch, steps)
-        if candidate and self.plant:
-            os.environ[FAULT_ENV] = self.plant  # inherited by the candidate's ranks only
-            try:
-                return launch(replay_rank, resolved.recipe.gpus, job)
-            finally:
-                del os.environ[FAULT_ENV]
-        key = f"record-{_key(resolved.model_dump(mode='json'), steps)}"
-        return self._cached(key, lambda: launch(replay_rank, resolved.recipe.gpus, job))
+        if not candidate:
+            key = _key(resolved.model_dump(mode="json"), steps)
+            if key not in self.references:
+                self.references[key] = launch(replay_rank, resolved.recipe.gpus, job)
+            return self.references[key]
+        if not self.plant:
+            return launch(replay_rank, resolved.recipe.gpus, job)
+        os.environ[FAULT_ENV] = self.plant  # inherited by the candidate's ranks only
+        try:
+            return launch(replay_rank, resolved.recipe.gpus, job)
+        finally:
+            del os.environ[FAULT_ENV]
 
 
 def run_gate(runner: Runner, name: str, gate: Gate, out: Path, console: Console,
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("gates", nargs="*", help="gate names (default: every gate of the matrix)")
     p.add_argument("--matrix", default=str(DEFAULT_MATRIX_PATH))
     p.add_argument("--out", default=str(ROOT / "runs" / "gates"), help="verdicts go to OUT/<gate>/")
-    p.add_argument("--cache", help="where prepared rollouts and reference records are kept (default: OUT/.cache)")
+    p.add_argument("--cache", help="where prepared rollouts are kept (default: OUT/.cache)")
     p.add_argument("--candidate", type=int, action="append", metavar="N",
                    help="run only candidate N (0-based, repeatable) of each named gate; default: all")
     p.add_argument("--plant", metavar="FILE:FUNCTION", help=argparse.SUPPRESS)  # tests: a fault in the candidates

@@ -163,11 +163,17 @@ def _check_complete(directory: Path, k: str, model: Model) -> None:
         except ConvertError as exc:
             raise WeightsError(str(exc)) from None
         return
-    present = set(_files(directory, k))
+    files = _files(directory, k)
     wanted = [n for r in rules(model) if not r.buffer for n in (r.hf if k == HF else (r.mcore,))]
-    missing = [n for n in wanted if n not in present]
+    missing = [n for n in wanted if n not in files]
     if missing:
         raise WeightsError(f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} of {len(wanted)} absent)")
+    from trainer.convert.shapes import check_shapes, expected_hf_shapes, expected_mcore_shapes
+
+    try:  # a tensor of another size would load into a traceback on every rank, after the run directory exists
+        check_shapes(directory, files, expected_hf_shapes(model) if k == HF else expected_mcore_shapes(model))
+    except ConvertError as exc:
+        raise WeightsError(str(exc)) from None
 
 
 # ------------------------------------------------------------------ reading, lazily

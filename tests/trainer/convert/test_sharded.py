@@ -131,7 +131,8 @@ def test_bad_layout_is_one_line_exit_2_and_writes_nothing(hf_dirs, tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failing_rank_is_one_line_and_leaves_no_temporary_directory(hf_dirs, tmp_path, capsys):
+def test_a_config_that_contradicts_the_tensors_is_one_line_before_any_rank_starts(hf_dirs, tmp_path, capsys):
+    """(Until the shape check, this contradiction reached the ranks, and each rank's own-shard check failed.)"""
     src = tmp_path / "hf"
     src.mkdir()
     for f in hf_dirs["tiny-qwen3"].iterdir():
@@ -141,5 +142,5 @@ def test_a_failing_rank_is_one_line_and_leaves_no_temporary_directory(hf_dirs, t
     (src / "config.json").write_text(json.dumps(config))
     assert cli(["hf-to-mcore", str(src), str(tmp_path / "out"), "--layout", "tp2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not fit this rank's 'decoder.layers.0.mlp.linear_fc1.weight'" in err[0], err
+    assert len(err) == 1 and "has shape [128, 64], but config.json describes [96, 64]" in err[0], err
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]

@@ -38,7 +38,6 @@ def test_config_json_reads_back_to_the_shape(matrix, name):
         ("qwen3_next", "layer_types", ["full_attention"] * 4),
         ("qwen3_next", "mlp_only_layers", [0]),
         ("qwen3_next", "norm_topk_prob", False),
-        ("qwen3_next", "shared_expert_intermediate_size", 48),
     ],
 )
 def test_unsupported_config_field_is_named(matrix, name, field, value):

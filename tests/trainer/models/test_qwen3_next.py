@@ -159,3 +159,23 @@ def test_same_seed_same_weights_after_other_builds(matrix, groups):
     build_gpt_model(model, seed=5)
     again = full_state(build_gpt_model(model, seed=0))
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_shared_expert_of_any_size_converts(matrix, groups, randomize):
+    """config.json's shared_expert_intermediate_size need not be a multiple of moe_intermediate_size (32 here):
+    megatron-core takes any size, so 48 reads, builds and gives transformers' logits."""
+    from trainer.models.families import family
+
+    tiny = matrix.models["tiny-qwen3-next"]
+    shape = family("qwen3_next").shape_from_hf({**hf_config(tiny).to_dict(), "shared_expert_intermediate_size": 48})
+    assert shape.moe.shared_hidden == 48
+    model = tiny.model_copy(update={"shape": shape})
+    gpt = perturbed(model, randomize)
+    state = full_state(gpt)
+    assert state["decoder.layers.0.mlp.shared_experts.linear_fc2.weight"].shape == (64, 48)
+    hf_model = hf_twin(model, state)
+    assert hf_model.config.shared_expert_intermediate_size == 48
+    ids = tokens(model)
+    with torch.no_grad():
+        diff = (gpt(ids, torch.arange(SEQ).expand(3, SEQ), None) - hf_model(ids).logits).abs().max().item()
+    assert diff < TOLERANCE

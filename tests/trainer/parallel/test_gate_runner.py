@@ -1,4 +1,4 @@
-"""The gate runner without running a gate: its disk cache (prepared rollouts, reference records) is keyed by the
+"""The gate runner without running a gate: its disk cache (prepared rollouts only) is keyed by the
 trainer's code, so an entry made by other code is never read and is deleted when a runner starts; bad arguments
 get one line and exit 2."""
 

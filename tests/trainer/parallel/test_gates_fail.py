@@ -1,10 +1,12 @@
 """The equivalence gates pass on the real code and fail, on the right quantity, when a fault is planted.
 
-One cache (prepared rollout, reference record) is shared by every test here; each planted fault is a real
-multi-process launch of the candidate layout with one function of the parallel code replaced (faults.py).
+One cache (prepared rollouts) is shared by every test here; each planted fault is a real multi-process launch of
+the candidate layout with one function of the parallel code replaced (faults.py), or, in planted_env/, a collective
+broken through `sitecustomize` with no file of the trainer changed.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 FAULTS = Path(__file__).with_name("faults.py")
+PLANTED_ENV = Path(__file__).with_name("planted_env")  # its sitecustomize makes multi-rank SUM all-reduces 1% large
 
 CASES = [  # (fault, gate, its candidate that the fault reaches, the quantity that must fail)
     ("label_shift_at_chunk_boundaries", "cp-equivalence", 0, "logprobs at CP chunk boundaries, max abs"),
@@ -29,20 +32,20 @@ CASES = [  # (fault, gate, its candidate that the fault reaches, the quantity th
 ]
 
 
-def gate(repo, cache, out, name, *extra):
+def gate(repo, cache, out, name, *extra, env=None):
     return subprocess.run([sys.executable, "-m", "trainer.equivalence", name, "--cache", str(cache), "--out", str(out),
-                           *extra], cwd=repo, capture_output=True, text=True, timeout=900)
+                           *extra], cwd=repo, capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture
 def cache(repo):
     """The cache `nox -s equivalence` uses too (keyed by the code, so never stale): CI's gate session then
-    reuses the rollouts and reference records prepared here instead of warm-starting them again."""
+    reuses the rollouts prepared here instead of warm-starting them again."""
     return repo / "runs" / "gates" / ".cache"
 
 
 @pytest.mark.slow
-def test_cp_gate_passes_on_the_real_code(repo, cache, tmp_path):
+def test_cp_gate_passes_on_the_real_code_and_fails_with_all_reduce_broken_in_the_environment(repo, cache, tmp_path):
     result = gate(repo, cache, tmp_path, "cp-equivalence")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     verdict = json.loads((tmp_path / "cp-equivalence" / "verdict.json").read_text())
@@ -50,6 +53,15 @@ def test_cp_gate_passes_on_the_real_code(repo, cache, tmp_path):
         "logprobs max abs", "logprobs at CP chunk boundaries, max abs", "loss rel", "grad norm rel",
         "weights after last step, max abs"}
     assert "| cp=2 gpus=2 | loss rel |" in (tmp_path / "cp-equivalence" / "verdict.md").read_text()
+
+    # The same command and cache with all-reduce broken in the environment: the gate replays and turns red (it
+    # printed the cached green verdict when reference records were cached by a fingerprint of the source).
+    pythonpath = os.pathsep.join(p for p in (str(PLANTED_ENV), os.environ.get("PYTHONPATH")) if p)
+    planted = gate(repo, cache, tmp_path, "cp-equivalence", env=os.environ | {"PYTHONPATH": pythonpath})
+    assert planted.returncode == 1, planted.stdout[-3000:] + planted.stderr[-3000:]
+    verdict = json.loads((tmp_path / "cp-equivalence" / "verdict.json").read_text())
+    assert not verdict["passed"] and {"logprobs max abs", "grad norm rel"} <= {r["quantity"] for r in verdict["rows"]
+                                                                       if not r["passed"]}, verdict["rows"]
 
 
 @pytest.mark.slow

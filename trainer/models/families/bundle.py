@@ -112,7 +112,7 @@ def moe_config_kwargs(moe) -> dict:
         num_moe_experts=moe.experts,
         moe_ffn_hidden_size=moe.ffn_hidden,
         moe_router_topk=moe.topk,
-        moe_shared_expert_intermediate_size=moe.ffn_hidden * moe.shared_experts or None,
+        moe_shared_expert_intermediate_size=moe.shared_hidden or None,
         moe_router_load_balancing_type=moe.router_load_balancing,
         moe_aux_loss_coeff=moe.aux_loss_coeff,
         moe_router_dtype=moe.router_dtype,

@@ -330,7 +330,7 @@ def mla_flops(shape: Shape, seq_len: int) -> float:
 def moe_flops(shape: Shape) -> float:
     """Router, the top-k routed experts a token uses, and the shared experts."""
     moe, h = shape.moe, shape.hidden
-    return 2.0 * h * moe.experts + flops.swiglu(h, moe.ffn_hidden * (moe.topk + moe.shared_experts))
+    return 2.0 * h * moe.experts + flops.swiglu(h, moe.ffn_hidden * moe.topk + moe.shared_hidden)
 
 
 def flops_per_token(shape: Shape, seq_len: int) -> float:

@@ -172,7 +172,7 @@ def hf_config(model: Model) -> Qwen3NextConfig:
         decoder_sparse_step=1,
         mlp_only_layers=[],
         moe_intermediate_size=moe.ffn_hidden,
-        shared_expert_intermediate_size=moe.ffn_hidden * moe.shared_experts,
+        shared_expert_intermediate_size=moe.shared_hidden,
         num_experts_per_tok=moe.topk,
         num_experts=moe.experts,
         norm_topk_prob=True,
@@ -199,9 +199,8 @@ def shape_from_hf(config: Mapping) -> Shape:
         raise UnsupportedConfig("layer_types", f"only every full_attention_interval={interval}-th layer full")
     experts_ffn = reader.require("moe_intermediate_size")
     shared_ffn = reader.get("shared_expert_intermediate_size") or 0
-    if shared_ffn % experts_ffn:
-        raise UnsupportedConfig("shared_expert_intermediate_size",
-                                f"{shared_ffn} is not a multiple of moe_intermediate_size={experts_ffn}")
+    # one gated shared expert of any size (megatron's moe_shared_expert_intermediate_size takes any positive one)
+    shared_experts, odd = divmod(shared_ffn, experts_ffn)
     shape = Shape(
         **fields,
         head_dim=reader.get("head_dim") or fields["hidden"] // fields["heads"],
@@ -211,7 +210,8 @@ def shape_from_hf(config: Mapping) -> Shape:
             experts=reader.require("num_experts"),
             topk=reader.require("num_experts_per_tok"),
             ffn_hidden=experts_ffn,
-            shared_experts=shared_ffn // experts_ffn,
+            shared_experts=1 if odd else shared_experts,
+            shared_ffn_hidden=shared_ffn if odd else None,
         ),
         linear_attention=LinearAttention(
             key_heads=reader.require("linear_num_key_heads"),
@@ -341,7 +341,7 @@ def gated_attention_flops(shape: Shape, seq_len: int) -> float:
 def moe_flops(shape: Shape) -> float:
     """Router, the top-k routed experts, the shared expert(s) and their scalar gate."""
     moe, h = shape.moe, shape.hidden
-    routed_and_shared = flops.swiglu(h, moe.ffn_hidden * (moe.topk + moe.shared_experts))
+    routed_and_shared = flops.swiglu(h, moe.ffn_hidden * moe.topk + moe.shared_hidden)
     return 2.0 * h * moe.experts + routed_and_shared + (2.0 * h if moe.shared_experts else 0.0)
 
 
