@@ -19,6 +19,7 @@ from images.backends import Backend
 from images.common import UsageError
 from images.runtime import Mount, Needs, check_built, commands, find, run, shown
 from matrix import ResolvedRecipe, load_matrix
+from matrix.schema import CPU_IMAGE
 from trainer.config import TrainerInputError
 from trainer.prepare.places import data_file, weights_dir
 
@@ -35,7 +36,7 @@ def host_gpus() -> int:
 
 
 def needs_gpus(r: ResolvedRecipe) -> int:
-    return r.recipe.gpus if r.recipe.image != "cpu" or r.recipe.rollout.engine != "torch" else 0
+    return r.recipe.gpus if r.recipe.image != CPU_IMAGE else 0  # the cpu image's engines (torch, vLLM's CPU build) too
 
 
 def _hf_cache() -> Path | None:
