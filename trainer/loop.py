@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from matrix import ResolvedRecipe
 from matrix.schema import Sampling
-from trainer import checkpoint
+from trainer import checkpoint, interrupts
 from trainer.algo import group_outcome_ratios
 from trainer.algo.mismatch import mismatch_metrics, scatter_responses
 from trainer.backends.base import TrainingBackend
@@ -185,19 +185,33 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             raise RunStopped(f"the checkpoint of episode {start} holds no reference model (its run had "
                              "none: kl_coef 0 without log_reference_kl), but this recipe needs one")
         checkpoint.restore(directory, state, models)
-        log.truncate_after(start)
-    elif run.warm_start_steps:
-        warm_start(policy, task, r, show=job.is_driver)
-        if ref is not None:
-            ref.copy_weights_from(policy)
+        # the row of the checkpoint's episode rides in it: a kill between the checkpoint and the row loses nothing
+        if log.truncate_after(start) != start and state.get("row") is not None:
+            log.log(start, state["row"])
+    else:
+        log.truncate_after(0)  # a run killed before its first checkpoint starts over in place
+        if run.warm_start_steps:
+            warm_start(policy, task, r, show=job.is_driver)
+            if ref is not None:
+                ref.copy_weights_from(policy)
     sync_weights(policy, engine, job)
 
-    def save(episode: int) -> None:
+    def save(episode: int, row: dict | None) -> None:
         if not policy.weights_finite():
             raise RunStopped(f"episode {episode}: the policy's weights are no longer finite, so they were "
                              f"not checkpointed ({_kept(run_dir)})")
-        checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size}, job, models)
+        checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size, "row": row}, job,
+                        models)
 
+    def stop_if_interrupted(episode: int, row: dict | None, checkpointed: bool) -> None:
+        """The safe point: every rank learns whether any got a signal; if so, all checkpoint and stop."""
+        signum = job.max(interrupts.received())
+        if signum:
+            if not checkpointed:
+                save(episode, row)
+            raise interrupts.RunInterrupted(episode, signum)
+
+    stop_if_interrupted(start, None, checkpointed=saved is not None)
     bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
                disable=not job.is_driver)
     for episode in bar:
@@ -209,13 +223,18 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
             with timer("eval"):
                 row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
-        if (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes:
+
+        def finished(row: dict = row, timer: StageTimer = timer, started: float = started) -> dict:
+            tokens = row["tokens/prompt"] + row["tokens/response"]
+            return row | timer.as_metrics() | peak_memory_metrics() | {
+                "throughput/tokens_per_s": tokens / (time.perf_counter() - started)}
+
+        checkpointed = (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes
+        if checkpointed:
             with timer("checkpoint"):
-                save(episode)
-        row |= timer.as_metrics() | peak_memory_metrics()
-        row["throughput/tokens_per_s"] = (row["tokens/prompt"] + row["tokens/response"]) / (
-            time.perf_counter() - started
-        )
-        log.log(episode, row)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", len=f"{row['response_length/mean']:.1f}")
+                save(episode, finished())
+        done = finished()
+        log.log(episode, done)
+        bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")
+        stop_if_interrupted(episode, done, checkpointed)
     return log.write_summary({"recipe": r.name, "run_dir": str(run_dir), "status": "finished"})

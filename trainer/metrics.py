@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.atomic import write_bytes, write_json
+from trainer.atomic import write_json
 
 STAGES = ("rollout", "old_logprob", "ref_logprob", "reward", "train", "sync", "eval", "checkpoint")
 
@@ -77,13 +77,23 @@ class MetricsLog:
         for _, close in self._sinks:
             close()
 
-    def truncate_after(self, episode: int) -> None:
-        """Drop rows past `episode` (a resumed run rewrites what followed its checkpoint)."""
+    def truncate_after(self, episode: int) -> int:
+        """Drop rows past ``episode`` (a resumed run rewrites what followed its checkpoint) and a torn last line
+        (a kill in mid-write), in place so that it needs no free space; returns the last episode kept (0: none)."""
         if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["episode"] <= episode]
-        write_bytes(self.path, "".join(r + "\n" for r in rows).encode())
+            return 0
+        keep, last = 0, 0
+        with self.path.open("rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    break
+                if not line.endswith(b"\n") or not isinstance(row, dict) or row.get("episode", episode + 1) > episode:
+                    break
+                keep, last = keep + len(line), row["episode"]
+        os.truncate(self.path, keep)
+        return last
 
     def log(self, episode: int, row: dict) -> None:
         row = {"episode": episode, **row}
@@ -118,8 +128,8 @@ class DiscardLog:
     def log(self, episode: int, row: dict) -> None:
         pass
 
-    def truncate_after(self, episode: int) -> None:
-        pass
+    def truncate_after(self, episode: int) -> int:
+        return episode
 
     def write_summary(self, extra: dict) -> dict:
         return extra

@@ -49,9 +49,11 @@ def plant_fault_if_asked() -> None:
 
 def start_rank() -> tuple[int, int]:
     """Per-process set-up: rank, threads, parent-death signal, quiet megatron, planted fault (tests)."""
+    from trainer import interrupts
     from trainer.parallel.launcher import die_with_parent, rank_and_world
 
     rank, world = rank_and_world()
+    interrupts.install(world)
     if world > 1:
         die_with_parent()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -82,9 +84,11 @@ def initial_weights(resolved: ResolvedRecipe) -> dict[str, torch.Tensor]:
 
 @record
 def run_rank(request: RunRequest) -> dict:
-    """Train ``request`` as this rank; returns {"status": "finished"|"stopped", ...} (the driver's matters)."""
+    """Train ``request`` as this rank; returns {"status": "finished"|"stopped"|"interrupted", ...} (the
+    driver's matters)."""
     rank, world = start_rank()
     from trainer.backends.base import build_backend
+    from trainer.interrupts import RunInterrupted
     from trainer.loop import RunStopped, train
     from trainer.metrics import DiscardLog, MetricsLog
     from trainer.parallel.job import Job
@@ -115,6 +119,9 @@ def run_rank(request: RunRequest) -> dict:
                 log.mllog.close("aborted")
             log.write_summary({"recipe": r.name, "run_dir": str(request.run_dir), "status": f"stopped: {exc}"})
             return {"status": "stopped", "message": str(exc)}
+        except RunInterrupted as exc:
+            log.write_summary({"recipe": r.name, "run_dir": str(request.run_dir), "status": str(exc)})
+            return {"status": "interrupted", "episode": exc.episode, "signal": exc.signum}
         return {"status": "finished", "summary": summary}
     finally:
         log.close()

@@ -50,8 +50,11 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
                           monitor_interval=MONITOR_INTERVAL, start_method="spawn")
     # The agent logs each failure with a traceback of its own polling; the one line below says it all.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    from trainer.interrupts import forwarding
+
     try:
-        results = elastic_launch(config, fn)(*args)
+        with forwarding():
+            results = elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
         raise RankFailed(_first_failure(exc)) from None
     return results[0]

@@ -1,0 +1,157 @@
+"""MUST SHOW (issue 21): a run directory that nothing corrupts and a resume that trusts the run.
+
+One trainer per directory (RUN/.lock); no metrics row lost to a kill between a checkpoint and its row; a resume
+takes its recipe and overrides from RUN/config.json; damaged checkpoints and a torn metrics line are skipped with a
+reason; a run killed before its first checkpoint starts again in place. Each ends in the rows and weights of an
+uninterrupted run (`same_run`).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli import main
+
+KILL_POINTS = Path(__file__).with_name("kill_points.py")
+REPO = Path(__file__).resolve().parents[3]
+ARGS = ["tiny-qwen2.5", "run.episodes=4", "run.checkpoint_every=2", "run.seed=7", "grpo.lr=2e-3"]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def deterministic(row):
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "memory/"))}
+
+
+def weights(run_dir, episode):
+    state = torch.load(run_dir / "checkpoints" / f"episode-{episode:06d}" / "rank-00000.pt", weights_only=False)
+    return state["policy"]["model"]
+
+
+def same_run(run_dir, straight, episodes=4):
+    """The rows (but timings) and the final weights of the uninterrupted run, bit for bit."""
+    got, want = rows(run_dir), rows(straight)
+    assert [r["episode"] for r in got] == list(range(1, episodes + 1))
+    assert [deterministic(r) for r in got] == [deterministic(r) for r in want[:episodes]]
+    ours, theirs = weights(run_dir, episodes), weights(straight, episodes)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def trainer(repo, *args, fault=None, timeout=300):
+    env = {**os.environ, "GRPO_STACK_PLANT_FAULT": f"{KILL_POINTS}:{fault}"} if fault else None
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=repo, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def one_error_line(out, code=2):
+    assert out.returncode == code and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = out.stderr.strip().splitlines()
+    return line
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    out = trainer(REPO, *ARGS, "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def finished(straight, tmp_path):
+    """A copy of the uninterrupted run (checkpoints of episodes 2 and 4)."""
+    return Path(shutil.copytree(straight, tmp_path / "run"))
+
+
+def test_a_second_trainer_on_a_running_directory_is_refused(repo, tmp_path):
+    """A scheduler restarting a job whose old copy still runs: today both train and interleave metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "trainer", "tiny-qwen2.5", "run.episodes=100000",
+                              "run.checkpoint_every=1", "--run-dir", str(run_dir)], cwd=repo,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints" / "latest").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        out = trainer(repo, "--resume", str(run_dir), timeout=60)
+        line = one_error_line(out)
+        assert f"{run_dir} is in use by another trainer (pid {first.pid})" in line
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_kill_between_the_checkpoint_and_its_row_loses_no_row(repo, tmp_path, straight):
+    run_dir = tmp_path / "run"
+    out = trainer(repo, *ARGS, "--run-dir", str(run_dir), fault="kill_before_row_2")
+    assert out.returncode == -9 and [r["episode"] for r in rows(run_dir)] == [1]
+    assert (run_dir / "checkpoints" / "episode-000002").is_dir()
+    out = trainer(repo, "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    same_run(run_dir, straight)
+
+
+def test_a_bare_resume_continues_the_runs_own_recipe_and_overrides(repo, finished, straight):
+    """Today a bare --resume trains the default demo recipe whatever the run was."""
+    out = trainer(repo, "--resume", str(finished), "run.episodes=5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["episode"] for r in rows(finished)] == [1, 2, 3, 4, 5]
+    assert [deterministic(r) for r in rows(finished)[:4]] == [deterministic(r) for r in rows(straight)]
+    assert json.loads((finished / "summary.json").read_text())["recipe"] == "tiny-qwen2.5"
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (["grpo.lr=5e-4"], "grpo.lr is 0.002 in the run"),
+    (["tiny-qwen3"], "the run is recipe tiny-qwen2.5, not tiny-qwen3"),
+    (["tiny-qwen2.5", "run.seed=8"], "run.seed is 7 in the run"),
+    (["model.shape.hidden=128"], "model.shape.hidden is 64 in the run"),
+])
+def test_a_resume_that_changes_the_run_is_refused_naming_both_values(finished, capsys, given, expected):
+    before = (finished / "metrics.jsonl").read_bytes()
+    assert main(["--resume", str(finished), *given]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert expected in line and ("only run.episodes may change" in line or "no recipe (or tiny-qwen2.5)" in line)
+    assert (finished / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("config", ["", "{not json", '{"recipe": "tiny-qwen2.5"}', "[1, 2]"])
+def test_a_garbage_config_json_is_an_error(finished, capsys, config):
+    (finished / "config.json").write_text(config)
+    assert main(["--resume", str(finished)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{finished / 'config.json'}: not a run's config" in line
+
+
+def test_a_damaged_newest_checkpoint_and_a_torn_metrics_line_resume_from_the_one_before(repo, finished, straight):
+    """Today: `PytorchStreamReader failed` on the truncated rank file, `JSONDecodeError` on the torn line."""
+    rank_file = finished / "checkpoints" / "episode-000004" / "rank-00000.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:1000])
+    with (finished / "metrics.jsonl").open("a") as f:
+        f.write('{"episode": 5, "reward/me')
+    (finished / "checkpoints" / "latest").write_bytes(b"\x00garbage")
+    out = trainer(repo, "--resume", str(finished))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (f"skipped checkpoint {finished / 'checkpoints' / 'episode-000004'}: rank-00000.pt has 1000 bytes, "
+            "its manifest says") in out.stderr
+    same_run(finished, straight)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(repo, tmp_path, straight):
+    """Today --resume says there is no checkpoint and --run-dir says the directory holds a run."""
+    run_dir = tmp_path / "run"
+    out = trainer(repo, *ARGS, "--run-dir", str(run_dir), fault="kill_in_first_save")
+    assert out.returncode == -9 and [r["episode"] for r in rows(run_dir)] == [1]
+    out = trainer(repo, "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no complete checkpoint, so the run starts again from episode 0" in out.stderr
+    same_run(run_dir, straight)
