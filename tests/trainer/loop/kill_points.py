@@ -31,3 +31,37 @@ def kill_in_first_save():
         _kill_self()
 
     checkpoint.save = save
+
+
+def _after_row(episode, act):
+    from trainer.metrics import MetricsLog
+
+    original = MetricsLog.log
+
+    def log(self, logged, row):
+        original(self, logged, row)
+        if logged == episode:
+            act()
+
+    MetricsLog.log = log
+
+
+def ctrl_c_after_row_1():
+    """Ctrl-C in the terminal once episode 1 is logged: SIGINT to the whole process group (launcher and ranks)."""
+    _after_row(1, lambda: os.killpg(os.getpgrp(), signal.SIGINT))
+
+
+def ctrl_c_twice_after_row_1():
+    def twice():
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        os.killpg(os.getpgrp(), signal.SIGINT)
+
+    _after_row(1, twice)
+
+
+def sigterm_to_launcher_after_row_1():
+    """A scheduler's SIGTERM to the job's process (the launcher; in a one-process run, the rank itself)."""
+    from trainer.parallel.launcher import rank_and_world
+
+    _, world = rank_and_world()
+    _after_row(1, lambda: os.kill(os.getppid() if world > 1 else os.getpid(), signal.SIGTERM))

@@ -155,3 +155,69 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(repo, tm
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no complete checkpoint, so the run starts again from episode 0" in out.stderr
     same_run(run_dir, straight)
+
+
+# --- signals: Ctrl-C and SIGTERM stop after the episode with a checkpoint, one line, exit 130 / 143 -----------------
+
+MULTI = [*ARGS, "layout=dp2", "gpus=2"]
+
+
+def interrupted(repo, run_dir, args, fault):
+    """The run under a planted signal, in its own session (its process group is the terminal's foreground)."""
+    env = {**os.environ, "GRPO_STACK_PLANT_FAULT": f"{KILL_POINTS}:{fault}"}
+    return subprocess.run([sys.executable, "-m", "trainer", *args, "--run-dir", str(run_dir)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+
+
+def stopped_line(out, run_dir, code):
+    assert out.returncode == code and "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (f"interrupted at episode 1; kept {run_dir / 'checkpoints' / 'episode-000001'}; resume with: "
+                    f"python -m trainer --resume {run_dir}")
+
+
+@pytest.mark.parametrize(("fault", "code"), [("ctrl_c_after_row_1", 130), ("sigterm_to_launcher_after_row_1", 143)])
+def test_a_signal_checkpoints_and_the_run_resumes_exactly(repo, tmp_path, straight, fault, code):
+    """Today: 99 lines of KeyboardInterrupt (SIGINT), or a silent death (SIGTERM), and nothing kept."""
+    run_dir = tmp_path / "run"
+    stopped_line(interrupted(repo, run_dir, ARGS, fault), run_dir, code)
+    assert [r["episode"] for r in rows(run_dir)] == [1]
+    out = trainer(repo, "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    same_run(run_dir, straight)
+
+
+def test_a_second_ctrl_c_stops_at_once(repo, tmp_path):
+    run_dir = tmp_path / "run"
+    out = interrupted(repo, run_dir, ARGS, "ctrl_c_twice_after_row_1")
+    assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == "SIGINT again: stopped at once, without a checkpoint"
+    assert not (run_dir / "checkpoints" / "episode-000001").exists()
+
+
+@pytest.fixture(scope="module")
+def straight_multi(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight-multi") / "run"
+    out = trainer(REPO, *MULTI, "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_two_processes_checkpoints_every_rank_and_resumes_exactly(repo, tmp_path, straight_multi):
+    """Today: `SignalException` labelled [rank0], exit 1, no checkpoint."""
+    run_dir = tmp_path / "run"
+    stopped_line(interrupted(repo, run_dir, MULTI, "ctrl_c_after_row_1"), run_dir, 130)
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000001").glob("rank-*")) == [
+        "rank-00000.pt", "rank-00001.pt"]
+    out = trainer(repo, "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    same_run(run_dir, straight_multi)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_of_two_processes_stops_every_rank_with_a_checkpoint(repo, tmp_path):
+    run_dir = tmp_path / "run"
+    stopped_line(interrupted(repo, run_dir, MULTI, "sigterm_to_launcher_after_row_1"), run_dir, 143)
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000001").glob("rank-*")) == [
+        "rank-00000.pt", "rank-00001.pt"]
