@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from trainer.atomic import write_bytes, write_json
+from trainer.atomic import DiskFull, is_disk_full, write_bytes, write_json
 from trainer.parallel.job import Job
 
 KEEP = 2
@@ -67,10 +67,16 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
 
     job.on_driver(prepare)
     job.barrier()
-    state = state | {name: model.save(tmp / name) if model is not None else None
-                     for name, model in (models or {}).items()}
     part = _rank_file(tmp, job.rank)
-    torch.save(state, part.with_suffix(".partial"))
+    try:
+        state = state | {name: model.save(tmp / name) if model is not None else None
+                         for name, model in (models or {}).items()}
+        torch.save(state, part.with_suffix(".partial"))
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays `latest`
+        raise DiskFull(root, _nbytes(state), f"the checkpoint of episode {episode} (this rank's part)") from None
     part.with_suffix(".partial").rename(part)
     job.barrier()
 
@@ -87,6 +93,17 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
     job.on_driver(publish)
     job.barrier()
     return final
+
+
+def _nbytes(state: object) -> int:
+    """Bytes of the tensors in ``state``: what its file will need, about."""
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, Mapping):
+        return sum(_nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_nbytes(v) for v in state)
+    return 0
 
 
 def _sha256(path: Path) -> str:

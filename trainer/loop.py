@@ -37,6 +37,7 @@ from matrix.schema import Sampling
 from trainer import checkpoint, interrupts
 from trainer.algo import group_outcome_ratios
 from trainer.algo.mismatch import mismatch_metrics, scatter_responses
+from trainer.atomic import DiskFull
 from trainer.backends.base import TrainingBackend
 from trainer.backends.errors import NonFiniteLossError
 from trainer.batching import pack
@@ -200,8 +201,11 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         if not policy.weights_finite():
             raise RunStopped(f"episode {episode}: the policy's weights are no longer finite, so they were "
                              f"not checkpointed ({_kept(run_dir)})")
-        checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size, "row": row}, job,
-                        models)
+        try:
+            checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size, "row": row}, job,
+                            models)
+        except DiskFull as exc:
+            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
 
     def stop_if_interrupted(episode: int, row: dict | None, checkpointed: bool) -> None:
         """The safe point: every rank learns whether any got a signal; if so, all checkpoint and stop."""
@@ -234,7 +238,10 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             with timer("checkpoint"):
                 save(episode, finished())
         done = finished()
-        log.log(episode, done)
+        try:
+            log.log(episode, done)
+        except DiskFull as exc:
+            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
         bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")
         stop_if_interrupted(episode, done, checkpointed)
     return log.write_summary({"recipe": r.name, "run_dir": str(run_dir), "status": "finished"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.atomic import write_json
+from trainer.atomic import DiskFull, is_disk_full, write_json
 
 STAGES = ("rollout", "old_logprob", "ref_logprob", "reward", "train", "sync", "eval", "checkpoint")
 
@@ -97,10 +98,16 @@ class MetricsLog:
 
     def log(self, episode: int, row: dict) -> None:
         row = {"episode": episode, **row}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps(row, sort_keys=True) + "\n"
+        try:
+            with self.path.open("a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if is_disk_full(exc):  # a torn line, if any, is dropped on resume (truncate_after)
+                raise DiskFull(self.run_dir, len(line), f"the metrics row of episode {episode}") from None
+            raise
         for sink, _ in self._sinks:
             sink(episode, row)
 
@@ -118,7 +125,10 @@ class MetricsLog:
                         "reward/first_10pct_mean": sum(rewards[:tenth]) / tenth,
                         "reward/last_10pct_mean": sum(rewards[-tenth:]) / tenth,
                         "throughput/tokens_per_s_mean": sum(r["throughput/tokens_per_s"] for r in rows) / len(rows)}
-        write_json(self.run_dir / "summary.json", summary)
+        try:
+            write_json(self.run_dir / "summary.json", summary)
+        except DiskFull as exc:  # the run's outcome is said on the console all the same
+            print(f"warning: summary.json not written: {exc}", file=sys.stderr)
         return summary
 
 

@@ -58,6 +58,12 @@ def one_error_line(out, code=2):
     return line
 
 
+def last_line(out, code):
+    """The line a run ends with (the progress bar is on stderr too); no traceback anywhere."""
+    assert out.returncode == code and "Traceback" not in out.stderr + out.stdout, out.stderr[-2000:]
+    return out.stderr.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
@@ -221,3 +227,77 @@ def test_sigterm_to_the_launcher_of_two_processes_stops_every_rank_with_a_checkp
     stopped_line(interrupted(repo, run_dir, MULTI, "sigterm_to_launcher_after_row_1"), run_dir, 143)
     assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000001").glob("rank-*")) == [
         "rank-00000.pt", "rank-00001.pt"]
+
+
+# --- a full disk and bad run paths ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 2 MiB (one checkpoint of the tiny run fits, two do not), made and removed here (root only)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(repo, small_disk, straight):
+    """Today: a torch `enforce fail ... unexpected pos` traceback, then resume fails in truncate_after."""
+    run_dir = small_disk / "run"
+    out = trainer(repo, *ARGS, "--run-dir", str(run_dir))
+    line = last_line(out, code=1)
+    assert line.startswith(f"error: episode 4: no space left on the device of {run_dir / 'checkpoints'}: the "
+                           "checkpoint of episode 4 (this rank's part) needs about 1.1 MiB, ")
+    assert line.endswith(f"last good checkpoint: episode 2 in {run_dir / 'checkpoints'})")
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    out = trainer(repo, "--resume", str(run_dir))  # the disk is still full: the same line, nothing lost
+    assert last_line(out, code=1) == line
+    subprocess.run(["mount", "-o", "remount,size=8M", str(small_disk)], check=True)
+    out = trainer(repo, "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    same_run(run_dir, straight)
+
+
+def test_a_metrics_row_on_a_full_disk_is_a_disk_full_error(small_disk):
+    from trainer.atomic import DiskFull
+    from trainer.metrics import MetricsLog
+
+    log = MetricsLog(small_disk)
+    with pytest.raises(OSError):  # fill the disk
+        (small_disk / "filler").write_bytes(b"x" * (3 << 20))
+    with pytest.raises(DiskFull, match=f"no space left on the device of {small_disk}: the metrics row of episode 1"):
+        log.log(1, {"reward/mean": 0.5, "padding": "y" * 8192})
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.parametrize(("flag", "where", "expected"), [
+    ("--run-dir", "file/run", "{file} is not a directory"),
+    ("--run-dir", "file", "{file} is not a directory"),
+    ("--runs", "file", "{file} is not a directory"),
+    ("--run-dir", "/dev/null", "/dev/null is not a directory"),
+    ("--runs", "/dev/null/runs", "/dev/null is not a directory"),
+    ("--run-dir", "RO/run", "cannot write there (a read-only file system)"),
+    ("--runs", "RO", "cannot write there (a read-only file system)"),
+    ("--runs", "/proc/grpo-stack-runs", "cannot write there"),
+])
+def test_a_bad_run_path_is_one_line(tmp_path, read_only, capsys, flag, where, expected):
+    """Today: NotADirectoryError, OSError [Errno 30] tracebacks."""
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    path = where.replace("RO", str(read_only)).replace("file", str(file)) if not where.startswith("/") else where
+    assert main(["tiny-qwen2.5", flag, path]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {flag} {path}") and expected.format(file=file) in line, line
+    assert file.read_text() == "not a directory"
