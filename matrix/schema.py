@@ -385,6 +385,9 @@ class Run(Strict):
     full_recompute: bool = False
     warm_start_steps: NonNegativeInt = 0
     """Supervised steps on the demo task's answer format before GRPO (the embedded demo's tiny model)."""
+    stall_timeout_s: PositiveFloat = 300.0
+    """A multi-process run in which no rank progresses (finishes an episode) for this long is stopped, the stuck
+    rank named (trainer.heartbeat): a few minutes on CPU; GPU recipes set their longest episode plus checkpoint."""
 
 
 class FSDPOptions(Strict):

@@ -205,9 +205,10 @@ def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:
     request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
                          wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
     try:
-        outcome = launch(run_rank, world, request)
+        outcome = launch(run_rank, world, request, stall_timeout_s=resolved.recipe.run.stall_timeout_s)
     except RankFailed as exc:
-        print(f"error: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)
+        # on a line of its own: the driver's progress bar may have been cut short mid-line
+        print(f"\nerror: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)
         return 1
     if outcome["status"] == "stopped":
         print(f"error: {outcome['message']}", file=sys.stderr)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from matrix import ResolvedRecipe
 from matrix.schema import Sampling
-from trainer import checkpoint, interrupts
+from trainer import checkpoint, heartbeat, interrupts
 from trainer.algo import group_outcome_ratios
 from trainer.algo.mismatch import mismatch_metrics, scatter_responses
 from trainer.atomic import DiskFull
@@ -215,6 +215,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
                 save(episode, row)
             raise interrupts.RunInterrupted(episode, signum)
 
+    heartbeat.beat()
     stop_if_interrupted(start, None, checkpointed=saved is not None)
     bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
                disable=not job.is_driver)
@@ -243,5 +244,6 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         except DiskFull as exc:
             raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
         bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")
+        heartbeat.beat()
         stop_if_interrupted(episode, done, checkpointed)
     return log.write_summary({"recipe": r.name, "run_dir": str(run_dir), "status": "finished"})

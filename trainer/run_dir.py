@@ -124,9 +124,9 @@ def _flat(tree: object, prefix: tuple = ()) -> dict[tuple, object]:
 def check_same(run_dir: Path, saved: SavedRun, resolved: dict) -> None:
     """The resumed run's resolved recipe is the run's, but for ``run.episodes``; else one line naming both."""
     before, now = _flat(saved.resolved), _flat(resolved)
-    for key in sorted(set(before) | set(now), key=str):
-        if key not in MAY_DIFFER and before.get(key, "(absent)") != now.get(key, "(absent)"):
+    for key in sorted(before, key=str):  # a field added since the run started has its default: not compared
+        if key not in MAY_DIFFER and before[key] != now.get(key, "(absent)"):
             name = ".".join(map(str, key[1:] if key[0] == "recipe" else key))
-            raise TrainerInputError(f"--resume {run_dir}: {name} is {before.get(key, '(absent)')!r} in the run "
+            raise TrainerInputError(f"--resume {run_dir}: {name} is {before[key]!r} in the run "
                                     f"({run_dir / CONFIG}) but {now.get(key, '(absent)')!r} here; only "
                                     "run.episodes may change on resume")

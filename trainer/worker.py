@@ -100,7 +100,8 @@ def run_rank(request: RunRequest) -> dict:
 
     r = request.resolved
     job = Job(ParallelLayout.of(r.layout, world), rank)
-    init_process_groups(r.layout, rank=rank, world_size=world)
+    # a collective waits a little longer than the launcher's stall watch (trainer.heartbeat), which names the rank
+    init_process_groups(r.layout, rank=rank, world_size=world, timeout_s=r.recipe.run.stall_timeout_s + 60)
     log = (MetricsLog(request.run_dir, tensorboard=request.tensorboard, wandb_project=request.wandb_project,
                       config=r.model_dump(mode="json"), mllog=request.mllog) if job.is_driver else DiscardLog())
     try:

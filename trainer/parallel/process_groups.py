@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -84,8 +85,10 @@ def _init_fsdp_meshes(layout: Layout) -> None:
                                               mesh_dim_names=("dp", "sp")))
 
 
-def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -> None:
-    """Initialise gloo and megatron's model-parallel groups with the layout's degrees.
+def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1, timeout_s: float | None = None
+                        ) -> None:
+    """Initialise gloo and megatron's model-parallel groups with the layout's degrees; ``timeout_s`` bounds a
+    collective's wait (torch's default is 30 minutes).
 
     Idempotent for the process: an existing default group is reused (its world size must match), and
     megatron's groups are kept when their degrees already match the layout.
@@ -100,7 +103,8 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:
                 os.environ["MASTER_PORT"] = str(free_port())
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, **timeout)
     if dist.get_world_size() != world_size:
         raise RuntimeError(
             f"torch.distributed already has world size {dist.get_world_size()}, "
@@ -118,6 +122,7 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1) -
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
+        **({"distributed_timeout_minutes": max(1, round(timeout_s / 60))} if timeout_s else {}),
     )
 
 

@@ -301,3 +301,35 @@ def test_a_bad_run_path_is_one_line(tmp_path, read_only, capsys, flag, where, ex
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {flag} {path}") and expected.format(file=file) in line, line
     assert file.read_text() == "not a directory"
+
+
+# --- a stuck rank ends the run within run.stall_timeout_s, named --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_within_the_stall_timeout_naming_it(repo, tmp_path):
+    """Today gloo's 1,800 s default applies, and the final error blames rank 0."""
+    import psutil
+
+    run_dir, stall = tmp_path / "run", 8
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "tiny-qwen2.5", "run.episodes=100000", "layout=dp2",
+                             "gpus=2", f"run.stall_timeout_s={stall}", "--run-dir", str(run_dir)], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 2) and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        ranks = dict(enumerate(sorted(workers, key=lambda p: (p.create_time(), p.pid))))  # spawned in rank order
+        ranks[1].suspend()  # SIGSTOP
+        stopped = time.time()
+        _, err = proc.communicate(timeout=stall + 60)
+        took = time.time() - stopped
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: no rank made progress for {stall} s (run.stall_timeout_s); stuck: rank 1 "
+                           "(stopped by a signal); every rank was stopped"), last
+    assert took < stall + 30, took  # the watch polls each second; the rest is the shared machine's slack
+    assert not [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
