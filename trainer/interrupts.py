@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+AGENT_SIGNALS = "SIGHUP,SIGQUIT"  # what torch's elastic agent may still handle (its default adds SIGINT, SIGTERM)
 _received: int = 0
 
 
@@ -73,7 +74,8 @@ def reset() -> None:
 @contextmanager
 def forwarding() -> Iterator[None]:
     """In the launcher's process while its ranks run: pass a signal on to every rank; a second Ctrl-C kills
-    them and exits. Torch's elastic agent is told to leave these signals alone (it would kill the ranks)."""
+    them and exits. Torch's elastic agent must leave these signals alone (``AGENT_SIGNALS``): it would kill the
+    ranks."""
     global _received
 
     def handle(signum: int, frame) -> None:
@@ -92,14 +94,8 @@ def forwarding() -> Iterator[None]:
                 os.kill(proc.pid, signum)
 
     previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
-    env = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if env is None:
-            os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
-        else:
-            os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = env

@@ -47,14 +47,14 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, stall_timeout_s:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from trainer.heartbeat import StallWatch
+    from trainer.interrupts import AGENT_SIGNALS, forwarding
+
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=MONITOR_INTERVAL, start_method="spawn")
+                          monitor_interval=MONITOR_INTERVAL, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
     # The agent logs each failure with a traceback of its own polling; the one line below says it all.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    from trainer.heartbeat import StallWatch
-    from trainer.interrupts import forwarding
-
     watch = StallWatch(world_size, stall_timeout_s) if stall_timeout_s else nullcontext()
     try:
         with forwarding(), watch:
