@@ -20,7 +20,7 @@ from trainer.atomic import write_json
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
-from trainer.run_dir import LOCK, RunLock, check_same, make_dir, resume_arguments, saved_run
+from trainer.run_dir import LOCK, RunLock, check_same, make_dir, record_session, resume_arguments, saved_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(run_dir / "config.json", {"recipe": resolved.name, "overrides": overrides,
                                                  "rehearse": rehearse, "world_size": world,
                                                  "resolved": resolved.model_dump(mode="json")})
+        record_session(run_dir, ROOT, sys.argv[1:] if argv is None else argv)
         return _train(args, resolved, run_dir, weights)
     except TrainerInputError as exc:
         if args.debug:

@@ -232,7 +232,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         def finished(row: dict = row, timer: StageTimer = timer, started: float = started) -> dict:
             tokens = row["tokens/prompt"] + row["tokens/response"]
             return row | timer.as_metrics() | peak_memory_metrics() | {
-                "throughput/tokens_per_s": tokens / (time.perf_counter() - started)}
+                "throughput/tokens_per_s": tokens / (time.perf_counter() - started), "clock/unix": round(time.time(), 3)}
 
         checkpointed = (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes
         if checkpointed:

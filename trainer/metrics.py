@@ -54,6 +54,7 @@ class MetricsLog:
                  config: dict | None = None, mllog: bool = False):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        self.started = time.time()
         self._sinks: list[tuple[Callable[[int, dict], object], Callable[[], object]]] = []  # (log, close)
         self.mllog = None
         if mllog:  # `:::MLLOG` lines on stdout and in mllog.txt; close it with "aborted" first when a run stops
@@ -97,7 +98,7 @@ class MetricsLog:
         return last
 
     def log(self, episode: int, row: dict) -> None:
-        row = {"episode": episode, **row}
+        row = {"episode": episode, "clock/unix": round(time.time(), 3), **row}  # a re-appended row keeps its own
         line = json.dumps(row, sort_keys=True) + "\n"
         try:
             with self.path.open("a") as f:
@@ -119,7 +120,13 @@ class MetricsLog:
         rows = self.rows()
         rewards = [r["reward/mean"] for r in rows]
         tenth = max(1, len(rewards) // 10)
-        summary = {"episodes": len(rows), **extra}
+        summary = {"episodes": len(rows), "wall_time_s": time.time() - self.started, **extra}
+        evals = [r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r]
+        if evals:
+            summary["eval/reward_last"] = evals[-1]
+        for key in ("memory/peak_rss_mib", "memory/peak_device_mib"):
+            if any(key in r for r in rows):
+                summary[key] = max(r.get(key, 0.0) for r in rows)
         if rewards:
             summary |= {"reward/first": rewards[0], "reward/last": rewards[-1],
                         "reward/first_10pct_mean": sum(rewards[:tenth]) / tenth,

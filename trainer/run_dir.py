@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import platform
+import subprocess
+import time
+from contextlib import suppress
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+from trainer.atomic import write_json
 from trainer.config import TrainerInputError
 
 LOCK = ".lock"
@@ -130,3 +137,38 @@ def check_same(run_dir: Path, saved: SavedRun, resolved: dict) -> None:
             raise TrainerInputError(f"--resume {run_dir}: {name} is {before[key]!r} in the run "
                                     f"({run_dir / CONFIG}) but {now.get(key, '(absent)')!r} here; only "
                                     "run.episodes may change on resume")
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance(root: Path, argv: list[str]) -> dict:
+    """What produced this session of a run: the command, the code's git revision and whether it had local
+    changes, the image's fingerprint (None outside an image) and the versions of the libraries that compute."""
+    from images.fingerprint import FINGERPRINT_NAME, IMAGE_DIR
+
+    fingerprint = IMAGE_DIR / FINGERPRINT_NAME
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "megatron-core", "transformers", "vllm", "sglang", "transformer-engine", "flash-attn"):
+        with suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": argv, "git_revision": _git(root, "rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status), "host": platform.node(),
+            "image_fingerprint": hashlib.sha256(fingerprint.read_bytes()).hexdigest() if fingerprint.is_file() else None,
+            "versions": versions}
+
+
+def record_session(run_dir: Path, root: Path, argv: list[str]) -> None:
+    """Append this session (a start or a resume) to RUN/provenance.json."""
+    path = run_dir / "provenance.json"
+    try:
+        sessions = json.loads(path.read_text())["sessions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sessions = []
+    write_json(path, {"sessions": [*sessions, provenance(root, argv)]})

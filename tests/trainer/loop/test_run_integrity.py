@@ -29,7 +29,7 @@ def rows(run_dir):
 
 
 def deterministic(row):
-    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "memory/"))}
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "memory/", "clock/"))}
 
 
 def weights(run_dir, episode):
@@ -333,3 +333,23 @@ def test_a_stopped_rank_ends_the_run_within_the_stall_timeout_naming_it(repo, tm
                            "(stopped by a signal); every rank was stopped"), last
     assert took < stall + 30, took  # the watch polls each second; the rest is the shared machine's slack
     assert not [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+# --- run directories a team can use --------------------------------------------------------------------------------
+
+
+def test_the_run_directory_records_its_provenance_and_is_readable_by_the_team(straight):
+    """Today config.json, summary.json and latest are 0600, rows carry no time, and nothing says what code ran."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "summary.json", "metrics.jsonl", "provenance.json", "checkpoints/latest",
+                 "checkpoints/episode-000004/manifest.json", "checkpoints/episode-000004/rank-00000.pt"):
+        assert (straight / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    clocks = [r["clock/unix"] for r in rows(straight)]
+    assert clocks == sorted(clocks) and time.time() - 3600 < clocks[0]
+    (session,) = json.loads((straight / "provenance.json").read_text())["sessions"]
+    assert len(session["git_revision"]) == 40 and isinstance(session["git_dirty"], bool)
+    assert session["versions"]["torch"] and session["versions"]["megatron-core"]
+    assert session["argv"][:1] == ["tiny-qwen2.5"] and "image_fingerprint" in session
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["wall_time_s"] > 0 and summary["memory/peak_rss_mib"] > 0
