@@ -18,6 +18,7 @@ from pathlib import Path
 from matrix import DEFAULT_MATRIX_PATH, load_matrix
 from trainer.atomic import write_json
 from trainer.config import TrainerInputError, parse_overrides, resolve
+from trainer.console_log import console_log
 from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
 from trainer.run_dir import LOCK, RunLock, check_same, make_dir, record_session, resume_arguments, saved_run
@@ -183,18 +184,23 @@ def main(argv: list[str] | None = None) -> int:
                                                  "rehearse": rehearse, "world_size": world,
                                                  "resolved": resolved.model_dump(mode="json")})
         record_session(run_dir, ROOT, sys.argv[1:] if argv is None else argv)
-        return _train(args, resolved, run_dir, weights)
     except TrainerInputError as exc:
+        if lock is not None:
+            lock.release()
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the ranks' handlers are in place: nothing was trained
         print("interrupted before training started; nothing to keep", file=sys.stderr)
-        return 130
-    finally:
         if lock is not None:
             lock.release()
+        return 130
+    try:
+        with console_log(run_dir / "train.log"):
+            return _train(args, resolved, run_dir, weights)
+    finally:
+        lock.release()
 
 
 def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:

@@ -38,8 +38,9 @@ def received() -> int:
 
 
 def _at_once(signum: int) -> None:
-    sys.stderr.write(f"\n{signal.Signals(signum).name} again: stopped at once, without a checkpoint\n")
-    sys.stderr.flush()
+    from trainer.console_log import say_now
+
+    say_now(f"\n{signal.Signals(signum).name} again: stopped at once, without a checkpoint\n")
     os._exit(128 + signum)
 
 

@@ -353,3 +353,7 @@ def test_the_run_directory_records_its_provenance_and_is_readable_by_the_team(st
     assert session["argv"][:1] == ["tiny-qwen2.5"] and "image_fingerprint" in session
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["wall_time_s"] > 0 and summary["memory/peak_rss_mib"] > 0
+    log = (straight / "train.log").read_text()
+    assert "\r" not in log and log.splitlines()[-1] == f"run directory: {straight}"
+    assert [line for line in log.splitlines() if line.startswith("tiny-qwen2.5:")] == [
+        next(line for line in log.splitlines() if line.startswith("tiny-qwen2.5: 100%"))]  # the bar, once
