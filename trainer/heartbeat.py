@@ -24,6 +24,18 @@ STATES = {"T": "stopped by a signal", "t": "stopped by a debugger",
           "D": "waiting on the kernel (a hung file system or device?)"}
 
 
+CPU_DEFAULT_S, GPU_DEFAULT_S = 300.0, 1800.0
+
+
+def stall_timeout_s(resolved) -> float:
+    """The recipe's ``run.stall_timeout_s``, or the default of where it runs (the preflight's CPU/GPU test)."""
+    recipe = resolved.recipe
+    if recipe.run.stall_timeout_s is not None:
+        return recipe.run.stall_timeout_s
+    on_cpu = recipe.image == "cpu" and recipe.rollout.engine == "torch"
+    return CPU_DEFAULT_S if on_cpu else GPU_DEFAULT_S
+
+
 def beat() -> None:
     """This rank made progress (a no-op outside a watched multi-process run)."""
     directory = os.environ.get(ENV)

@@ -31,8 +31,9 @@ from trainer.config import TrainerInputError
 
 LOCK = ".lock"
 CONFIG = "config.json"
-# What may differ between a run and its resume: everything else is the run's.
-MAY_DIFFER = {("recipe", "run", "episodes")}
+# What may differ between a run and its resume: everything else is the run's. A resumed run starts from its
+# checkpoint, never from the pretrained weights it was initialised with, so those may have moved since.
+MAY_DIFFER = {("recipe", "run", "episodes"), ("model", "weights")}
 
 
 class RunLock:

@@ -88,6 +88,7 @@ def run_rank(request: RunRequest) -> dict:
     driver's matters)."""
     rank, world = start_rank()
     from trainer.backends.base import build_backend
+    from trainer.heartbeat import stall_timeout_s
     from trainer.interrupts import RunInterrupted
     from trainer.loop import RunStopped, train
     from trainer.metrics import DiscardLog, MetricsLog
@@ -101,7 +102,7 @@ def run_rank(request: RunRequest) -> dict:
     r = request.resolved
     job = Job(ParallelLayout.of(r.layout, world), rank)
     # a collective waits a little longer than the launcher's stall watch (trainer.heartbeat), which names the rank
-    init_process_groups(r.layout, rank=rank, world_size=world, timeout_s=r.recipe.run.stall_timeout_s + 60)
+    init_process_groups(r.layout, rank=rank, world_size=world, timeout_s=stall_timeout_s(r) + 60)
     log = (MetricsLog(request.run_dir, tensorboard=request.tensorboard, wandb_project=request.wandb_project,
                       config=r.model_dump(mode="json"), mllog=request.mllog) if job.is_driver else DiscardLog())
     try:
