@@ -219,31 +219,35 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
     stop_if_interrupted(start, None, checkpointed=saved is not None)
     bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
                disable=not job.is_driver)
-    for episode in bar:
-        timer, started = StageTimer(), time.perf_counter()
-        try:
-            row = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
-        except (NonFiniteLossError, NonFiniteLogitsError) as exc:
-            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
-        if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
-            with timer("eval"):
-                row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
+    try:  # the bar ends its line however the loop ends, so what is printed next starts on its own
+        for episode in bar:
+            timer, started = StageTimer(), time.perf_counter()
+            try:
+                row = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
+            except (NonFiniteLossError, NonFiniteLogitsError) as exc:
+                raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
+            if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
+                with timer("eval"):
+                    row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
 
-        def finished(row: dict = row, timer: StageTimer = timer, started: float = started) -> dict:
-            tokens = row["tokens/prompt"] + row["tokens/response"]
-            return row | timer.as_metrics() | peak_memory_metrics() | {
-                "throughput/tokens_per_s": tokens / (time.perf_counter() - started), "clock/unix": round(time.time(), 3)}
+            def finished(row: dict = row, timer: StageTimer = timer, started: float = started) -> dict:
+                tokens = row["tokens/prompt"] + row["tokens/response"]
+                return row | timer.as_metrics() | peak_memory_metrics() | {
+                    "throughput/tokens_per_s": tokens / (time.perf_counter() - started),
+                    "clock/unix": round(time.time(), 3)}
 
-        checkpointed = (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes
-        if checkpointed:
-            with timer("checkpoint"):
-                save(episode, finished())
-        done = finished()
-        try:
-            log.log(episode, done)
-        except DiskFull as exc:
-            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
-        bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")
-        heartbeat.beat()
-        stop_if_interrupted(episode, done, checkpointed)
+            checkpointed = (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes
+            if checkpointed:
+                with timer("checkpoint"):
+                    save(episode, finished())
+            done = finished()
+            try:
+                log.log(episode, done)
+            except DiskFull as exc:
+                raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
+            bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")
+            heartbeat.beat()
+            stop_if_interrupted(episode, done, checkpointed)
+    finally:
+        bar.close()
     return log.write_summary({"recipe": r.name, "run_dir": str(run_dir), "status": "finished"})
