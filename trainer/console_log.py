@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 _terminal_stderr: int | None = None  # while console_log runs: the real stderr, for a message that cannot wait
@@ -23,19 +23,27 @@ def say_now(text: str) -> None:
 
 
 def _pump(source: int, terminal: int, log, lock: threading.Lock) -> None:
-    pending = b""
+    pending, logging = b"", True
     while chunk := os.read(source, 65536):
         os.write(terminal, chunk)
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        if lines:
-            with lock:
-                log.write(b"".join(line.rsplit(b"\r", 1)[-1] + b"\n" for line in lines))
-                log.flush()
-    if pending.rsplit(b"\r", 1)[-1].strip():
-        with lock:
-            log.write(pending.rsplit(b"\r", 1)[-1] + b"\n")
+        if lines and logging:
+            logging = _append(log, lock, b"".join(line.rsplit(b"\r", 1)[-1] + b"\n" for line in lines))
+    if logging and pending.rsplit(b"\r", 1)[-1].strip():
+        _append(log, lock, pending.rsplit(b"\r", 1)[-1] + b"\n")
     os.close(source)
+
+
+def _append(log, lock: threading.Lock, data: bytes) -> bool:
+    """Append to train.log; False once that fails (a full disk): the terminal still gets everything."""
+    try:
+        with lock:
+            log.write(data)
+            log.flush()
+        return True
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -66,4 +74,5 @@ def console_log(path: Path) -> Iterator[None]:
             thread.join(timeout=10)
         for original in saved.values():
             os.close(original)
-        log.close()
+        with suppress(OSError):
+            log.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -51,10 +50,11 @@ def _rank_handler(own_process_is_launcher: bool):
             _at_once(signum)
         if not _received:
             _received = signum
-            if own_process_is_launcher:
-                sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this episode with a checkpoint "
-                                 "(Ctrl-C again to stop at once)\n")
-                sys.stderr.flush()
+            if own_process_is_launcher:  # straight to the terminal, in order with a second Ctrl-C's line
+                from trainer.console_log import say_now
+
+                say_now(f"\n{signal.Signals(signum).name}: stopping after this episode with a checkpoint "
+                        "(Ctrl-C again to stop at once)\n")
 
     return handle
 
@@ -87,9 +87,10 @@ def forwarding() -> Iterator[None]:
                 proc.kill()
             _at_once(signum)
         _received = _received or signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: every rank stops after this episode with a "
-                         "checkpoint (Ctrl-C again to stop at once)\n")
-        sys.stderr.flush()
+        from trainer.console_log import say_now
+
+        say_now(f"\n{signal.Signals(signum).name}: every rank stops after this episode with a checkpoint (Ctrl-C "
+                "again to stop at once)\n")
         for proc in ranks:
             with suppress(ProcessLookupError):
                 os.kill(proc.pid, signum)

@@ -135,7 +135,8 @@ class MetricsLog:
         try:
             write_json(self.run_dir / "summary.json", summary)
         except DiskFull as exc:  # the run's outcome is said on the console all the same
-            print(f"warning: summary.json not written: {exc}", file=sys.stderr)
+            if extra.get("status") == "finished":  # a stopped run's one line already says the disk is full
+                print(f"warning: summary.json not written: {exc}", file=sys.stderr)
         return summary
 
 
