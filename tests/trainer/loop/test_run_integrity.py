@@ -78,6 +78,7 @@ def finished(straight, tmp_path):
     return Path(shutil.copytree(straight, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_running_directory_is_refused(repo, tmp_path):
     """A scheduler restarting a job whose old copy still runs: today both train and interleave metrics.jsonl."""
     run_dir = tmp_path / "run"
@@ -97,6 +98,7 @@ def test_a_second_trainer_on_a_running_directory_is_refused(repo, tmp_path):
         first.wait()
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_checkpoint_and_its_row_loses_no_row(repo, tmp_path, straight):
     run_dir = tmp_path / "run"
     out = trainer(repo, *ARGS, "--run-dir", str(run_dir), fault="kill_before_row_2")
@@ -152,6 +154,7 @@ def test_a_damaged_newest_checkpoint_and_a_torn_metrics_line_resume_from_the_one
     same_run(finished, straight)
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(repo, tmp_path, straight):
     """Today --resume says there is no checkpoint and --run-dir says the directory holds a run."""
     run_dir = tmp_path / "run"
@@ -243,6 +246,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(repo, small_disk, straight):
     """Today: a torch `enforce fail ... unexpected pos` traceback, then resume fails in truncate_after."""
     run_dir = small_disk / "run"
