@@ -5,24 +5,35 @@ per model, a subdirectory (`policy/`, `reference/`) in the format its backend ch
 torch distributed checkpoint there, the megatron-core backend keeps everything in the rank files.
 
 Every rank writes into one temporary directory that the driver made; once all have written, the driver
-renames it into place and replaces `latest` atomically, so a kill -9 at any moment leaves the previous
-checkpoint intact and loadable. A checkpoint is resumed by the same number of ranks that wrote it.
+writes `manifest.json` (every file's size and sha256) last, renames the directory into place and replaces
+`latest` atomically, so a kill -9 at any moment leaves the previous checkpoint intact and loadable. A checkpoint
+without a manifest, or whose files no longer match it (truncated, emptied), is skipped on resume with the reason,
+for the newest one that is complete. A checkpoint is resumed by the same number of ranks that wrote it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from trainer.atomic import write_bytes
+from trainer.atomic import DiskFull, is_disk_full, write_bytes, write_json
 from trainer.parallel.job import Job
 from trainer.platform import HOST
 
 KEEP = 2
+MANIFEST = "manifest.json"
+EPISODE = re.compile(r"episode-(\d{6})")
+
+
+class IncompleteCheckpoint(Exception):
+    """A checkpoint directory that cannot be resumed from; the message says why."""
 
 
 class Checkpointable(Protocol):
@@ -57,14 +68,21 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
 
     job.on_driver(prepare)
     job.barrier()
-    state = state | {name: model.save(tmp / name) if model is not None else None
-                     for name, model in (models or {}).items()}
     part = _rank_file(tmp, job.rank)
-    torch.save(state, part.with_suffix(".partial"))
+    try:
+        state = state | {name: model.save(tmp / name) if model is not None else None
+                         for name, model in (models or {}).items()}
+        torch.save(state, part.with_suffix(".partial"))
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays `latest`
+        raise DiskFull(root, _nbytes(state), f"the checkpoint of episode {episode} (this rank's part)") from None
     part.with_suffix(".partial").rename(part)
     job.barrier()
 
     def publish() -> None:
+        write_json(tmp / MANIFEST, {"episode": episode, "files": _describe(tmp)})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -78,17 +96,104 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
     return final
 
 
+def _nbytes(state: object) -> int:
+    """Bytes of the tensors in ``state``: what its file will need, about."""
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, Mapping):
+        return sum(_nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_nbytes(v) for v in state)
+    return 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe(directory: Path) -> dict[str, dict]:
+    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def check(directory: Path, *, hashes: bool = False) -> dict:
+    """The manifest of the checkpoint in ``directory``; raises IncompleteCheckpoint naming the first file that
+    is missing or differs from it (sizes always, contents too with ``hashes``)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except FileNotFoundError:
+        raise IncompleteCheckpoint(f"no {MANIFEST} (its save did not finish)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IncompleteCheckpoint(f"its {MANIFEST} is unreadable ({exc})") from None
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise IncompleteCheckpoint(f"{name} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise IncompleteCheckpoint(f"{name} has {size} bytes, its manifest says {expected['bytes']}")
+        if hashes and _sha256(path) != expected["sha256"]:
+            raise IncompleteCheckpoint(f"{name} differs from its manifest's sha256")
+    return manifest
+
+
+def episodes(run_dir: Path) -> Iterator[tuple[int, Path]]:
+    """(episode, directory) of every published checkpoint directory, newest first, complete or not."""
+    root = _dir(run_dir)
+    found = [(int(m.group(1)), p) for p in root.glob("episode-*") if (m := EPISODE.fullmatch(p.name)) and p.is_dir()]
+    return iter(sorted(found, reverse=True))
+
+
 def latest_episode(run_dir: Path) -> tuple[int, Path] | None:
-    """(episode, directory) of the newest complete checkpoint, or None."""
+    """(episode, directory) of the newest complete checkpoint (sizes checked against its manifest), or None:
+    the one `latest` names when it is complete, else the newest complete one."""
     pointer = _dir(run_dir) / "latest"
-    if not pointer.exists():
-        return None
-    directory = _dir(run_dir) / pointer.read_text().strip()
-    return int(directory.name.split("-")[1]), directory
+    try:
+        named = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    candidates = list(episodes(run_dir))
+    candidates.sort(key=lambda pair: pair[1].name != named)  # the named one first, then newest first
+    for episode, directory in candidates:
+        try:
+            check(directory)
+        except IncompleteCheckpoint:
+            continue
+        return episode, directory
+    return None
+
+
+def recover(run_dir: Path) -> list[str]:
+    """Before a resume (the driver, alone): clear what an interrupted save left (a temporary directory, partial
+    files), verify checkpoints newest first against their manifests (contents too), and point `latest` at the
+    newest complete one. Returns one line per checkpoint skipped, with the reason."""
+    root = _dir(run_dir)
+    for leftover in root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    skipped = []
+    for _, directory in episodes(run_dir):
+        try:
+            check(directory, hashes=True)
+        except IncompleteCheckpoint as exc:
+            skipped.append(f"skipped checkpoint {directory}: {exc}")
+            continue
+        pointer = root / "latest"
+        if not pointer.is_file() or pointer.read_bytes() != directory.name.encode():
+            write_bytes(pointer, directory.name.encode())
+        return skipped
+    (root / "latest").unlink(missing_ok=True)  # nothing complete: the run starts over
+    return skipped
 
 
 def ranks_in(directory: Path) -> int:
-    return len(list(directory.glob("rank-*.pt")))
+    return len([name for name in check(directory)["files"] if re.fullmatch(r"rank-\d{5}\.pt", name)])
 
 
 def read(directory: Path, rank: int = 0) -> dict:

@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from matrix import ResolvedRecipe
 from matrix.schema import Sampling
-from trainer import checkpoint
+from trainer import checkpoint, heartbeat, interrupts
 from trainer.algo import group_outcome_ratios
 from trainer.algo.mismatch import mismatch_metrics, scatter_responses
+from trainer.atomic import DiskFull
 from trainer.backends.base import TrainingBackend
 from trainer.backends.errors import NonFiniteLossError
 from trainer.batching import pack
@@ -188,37 +189,68 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             raise RunStopped(f"the checkpoint of episode {start} holds no reference model (its run had "
                              "none: kl_coef 0 without log_reference_kl), but this recipe needs one")
         checkpoint.restore(directory, state, models)
-        log.truncate_after(start)
-    elif run.warm_start_steps:
-        warm_start(policy, task, r, show=job.is_driver)
-        if ref is not None:
-            ref.copy_weights_from(policy)
+        # the row of the checkpoint's episode rides in it: a kill between the checkpoint and the row loses nothing
+        if log.truncate_after(start) != start and state.get("row") is not None:
+            log.log(start, state["row"])
+    else:
+        log.truncate_after(0)  # a run killed before its first checkpoint starts over in place
+        if run.warm_start_steps:
+            warm_start(policy, task, r, show=job.is_driver)
+            if ref is not None:
+                ref.copy_weights_from(policy)
     sync_weights(policy, engine, job)
 
-    def save(episode: int) -> None:
+    def save(episode: int, row: dict | None) -> None:
         if not policy.weights_finite():
             raise RunStopped(f"episode {episode}: the policy's weights are no longer finite, so they were "
                              f"not checkpointed ({_kept(run_dir)})")
-        checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size}, job, models)
+        try:
+            checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size, "row": row}, job,
+                            models)
+        except DiskFull as exc:
+            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
 
+    def stop_if_interrupted(episode: int, row: dict | None, checkpointed: bool) -> None:
+        """The safe point: every rank learns whether any got a signal; if so, all checkpoint and stop."""
+        signum = job.max(interrupts.received())
+        if signum:
+            if not checkpointed:
+                save(episode, row)
+            raise interrupts.RunInterrupted(episode, signum)
+
+    heartbeat.beat()
+    stop_if_interrupted(start, None, checkpointed=saved is not None)
     bar = tqdm(range(start + 1, run.episodes + 1), initial=start, total=run.episodes, desc=r.name, unit="episode",
                disable=not job.is_driver)
-    for episode in bar:
-        timer, started = StageTimer(job.platform), time.perf_counter()
-        try:
-            row = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
-        except (NonFiniteLossError, NonFiniteLogitsError) as exc:
-            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
-        if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
-            with timer("eval"):
-                row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
-        if (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes:
-            with timer("checkpoint"):
-                save(episode)
-        row |= timer.as_metrics() | job.platform.memory_metrics()
-        row["throughput/tokens_per_s"] = (row["tokens/prompt"] + row["tokens/response"]) / (
-            time.perf_counter() - started
-        )
-        log.log(episode, row)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", len=f"{row['response_length/mean']:.1f}")
+    try:  # the bar ends its line however the loop ends, so what is printed next starts on its own
+        for episode in bar:
+            timer, started = StageTimer(job.platform), time.perf_counter()
+            try:
+                row = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
+            except (NonFiniteLossError, NonFiniteLogitsError) as exc:
+                raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
+            if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
+                with timer("eval"):
+                    row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
+
+            def finished(row: dict = row, timer: StageTimer = timer, started: float = started) -> dict:
+                tokens = row["tokens/prompt"] + row["tokens/response"]
+                return row | timer.as_metrics() | job.platform.memory_metrics() | {
+                    "throughput/tokens_per_s": tokens / (time.perf_counter() - started),
+                    "clock/unix": round(time.time(), 3)}
+
+            checkpointed = (run.checkpoint_every and episode % run.checkpoint_every == 0) or episode == run.episodes
+            if checkpointed:
+                with timer("checkpoint"):
+                    save(episode, finished())
+            done = finished()
+            try:
+                log.log(episode, done)
+            except DiskFull as exc:
+                raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
+            bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")
+            heartbeat.beat()
+            stop_if_interrupted(episode, done, checkpointed)
+    finally:
+        bar.close()
     return log.write_summary({"recipe": r.name, "run_dir": str(run_dir), "status": "finished"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.atomic import write_bytes, write_json
+from trainer.atomic import DiskFull, is_disk_full, write_json
 
 STAGES = ("rollout", "old_logprob", "ref_logprob", "reward", "train", "sync", "eval", "checkpoint")
 
@@ -66,6 +67,7 @@ class MetricsLog:
                  config: dict | None = None, mllog: bool = False):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        self.started = time.time()
         self._sinks: list[tuple[Callable[[int, dict], object], Callable[[], object]]] = []  # (log, close)
         self.mllog = None
         if mllog:  # `:::MLLOG` lines on stdout and in mllog.txt; close it with "aborted" first when a run stops
@@ -90,20 +92,36 @@ class MetricsLog:
         for _, close in self._sinks:
             close()
 
-    def truncate_after(self, episode: int) -> None:
-        """Drop rows past `episode` (a resumed run rewrites what followed its checkpoint)."""
+    def truncate_after(self, episode: int) -> int:
+        """Drop rows past ``episode`` (a resumed run rewrites what followed its checkpoint) and a torn last line
+        (a kill in mid-write), in place so that it needs no free space; returns the last episode kept (0: none)."""
         if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["episode"] <= episode]
-        write_bytes(self.path, "".join(r + "\n" for r in rows).encode())
+            return 0
+        keep, last = 0, 0
+        with self.path.open("rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    break
+                if not line.endswith(b"\n") or not isinstance(row, dict) or row.get("episode", episode + 1) > episode:
+                    break
+                keep, last = keep + len(line), row["episode"]
+        os.truncate(self.path, keep)
+        return last
 
     def log(self, episode: int, row: dict) -> None:
-        row = {"episode": episode, **row}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        row = {"episode": episode, "clock/unix": round(time.time(), 3), **row}  # a re-appended row keeps its own
+        line = json.dumps(row, sort_keys=True) + "\n"
+        try:
+            with self.path.open("a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if is_disk_full(exc):  # a torn line, if any, is dropped on resume (truncate_after)
+                raise DiskFull(self.run_dir, len(line), f"the metrics row of episode {episode}") from None
+            raise
         for sink, _ in self._sinks:
             sink(episode, row)
 
@@ -115,13 +133,23 @@ class MetricsLog:
         rows = self.rows()
         rewards = [r["reward/mean"] for r in rows]
         tenth = max(1, len(rewards) // 10)
-        summary = {"episodes": len(rows), **extra}
+        summary = {"episodes": len(rows), "wall_time_s": time.time() - self.started, **extra}
+        evals = [r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r]
+        if evals:
+            summary["eval/reward_last"] = evals[-1]
+        for key in ("memory/peak_rss_mib", "memory/peak_device_mib"):
+            if any(key in r for r in rows):
+                summary[key] = max(r.get(key, 0.0) for r in rows)
         if rewards:
             summary |= {"reward/first": rewards[0], "reward/last": rewards[-1],
                         "reward/first_10pct_mean": sum(rewards[:tenth]) / tenth,
                         "reward/last_10pct_mean": sum(rewards[-tenth:]) / tenth,
                         "throughput/tokens_per_s_mean": sum(r["throughput/tokens_per_s"] for r in rows) / len(rows)}
-        write_json(self.run_dir / "summary.json", summary)
+        try:
+            write_json(self.run_dir / "summary.json", summary)
+        except DiskFull as exc:  # the run's outcome is said on the console all the same
+            if extra.get("status") == "finished":  # a stopped run's one line already says the disk is full
+                print(f"warning: summary.json not written: {exc}", file=sys.stderr)
         return summary
 
 
@@ -131,8 +159,8 @@ class DiscardLog:
     def log(self, episode: int, row: dict) -> None:
         pass
 
-    def truncate_after(self, episode: int) -> None:
-        pass
+    def truncate_after(self, episode: int) -> int:
+        return episode
 
     def write_summary(self, extra: dict) -> dict:
         return extra

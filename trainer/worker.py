@@ -51,9 +51,11 @@ def plant_fault_if_asked() -> None:
 
 def start_rank() -> tuple[int, int]:
     """Per-process set-up: rank, threads, parent-death signal, quiet megatron, planted fault (tests)."""
+    from trainer import interrupts
     from trainer.parallel.launcher import die_with_parent, rank_and_world
 
     rank, world = rank_and_world()
+    interrupts.install(world)
     if world > 1:
         die_with_parent()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -84,9 +86,12 @@ def initial_weights(resolved: ResolvedRecipe) -> dict[str, torch.Tensor]:
 
 @record
 def run_rank(request: RunRequest) -> dict:
-    """Train ``request`` as this rank; returns {"status": "finished"|"stopped", ...} (the driver's matters)."""
+    """Train ``request`` as this rank; returns {"status": "finished"|"stopped"|"interrupted", ...} (the
+    driver's matters)."""
     rank, world = start_rank()
     from trainer.backends.base import build_backend
+    from trainer.heartbeat import stall_timeout_s
+    from trainer.interrupts import RunInterrupted
     from trainer.loop import RunStopped, train
     from trainer.metrics import DiscardLog, MetricsLog
     from trainer.parallel.job import Job
@@ -101,7 +106,8 @@ def run_rank(request: RunRequest) -> dict:
     r, engine = request.resolved, None
     platform = choose_platform(r.recipe.run.device)
     job = Job(ParallelLayout.of(r.layout, world), rank, platform)
-    init_process_groups(r.layout, rank=rank, world_size=world, platform=platform)
+    # a collective waits a little longer than the launcher's stall watch (trainer.heartbeat), which names the rank
+    init_process_groups(r.layout, rank=rank, world_size=world, platform=platform, timeout_s=stall_timeout_s(r) + 60)
     log = (MetricsLog(request.run_dir, tensorboard=request.tensorboard, wandb_project=request.wandb_project,
                       config=r.model_dump(mode="json"), mllog=request.mllog) if job.is_driver else DiscardLog())
     try:
@@ -122,6 +128,9 @@ def run_rank(request: RunRequest) -> dict:
                 log.mllog.close("aborted")
             log.write_summary({"recipe": r.name, "run_dir": str(request.run_dir), "status": f"stopped: {exc}"})
             return {"status": "stopped", "message": str(exc)}
+        except RunInterrupted as exc:
+            log.write_summary({"recipe": r.name, "run_dir": str(request.run_dir), "status": str(exc)})
+            return {"status": "interrupted", "episode": exc.episode, "signal": exc.signum}
         return {"status": "finished", "summary": summary}
     finally:
         if engine is not None:

@@ -45,6 +45,16 @@ class Job:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def max(self, value: int) -> int:
+        """The largest of every rank's ``value`` (ranks agree on one decision, e.g. to stop)."""
+        if self.world_size == 1:
+            return value
+        import torch
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -14,6 +14,7 @@ import os
 import signal
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 # Seconds between the agent's health checks of its workers: a dead rank is noticed within this.
@@ -36,8 +37,9 @@ def _first_failure(exc) -> str:
     return f"rank {rank} failed (exit code {failure.exitcode}): {reason or 'see the log above'}"
 
 
-def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
-    """``fn(*args)`` on ``world_size`` local processes; returns rank 0's return value."""
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, stall_timeout_s: float | None = None) -> Any:
+    """``fn(*args)`` on ``world_size`` local processes; returns rank 0's return value. With
+    ``stall_timeout_s``, ranks that stop making progress (``trainer.heartbeat``) are stopped, the stuck one named."""
     if world_size == 1:
         return fn(*args)
     import logging
@@ -45,15 +47,20 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from trainer.heartbeat import StallWatch
+    from trainer.interrupts import AGENT_SIGNALS, forwarding
+
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=MONITOR_INTERVAL, start_method="spawn")
+                          monitor_interval=MONITOR_INTERVAL, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
     # The agent logs each failure with a traceback of its own polling; the one line below says it all.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    watch = StallWatch(world_size, stall_timeout_s) if stall_timeout_s else nullcontext()
     try:
-        results = elastic_launch(config, fn)(*args)
+        with forwarding(), watch:
+            results = elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
-        raise RankFailed(_first_failure(exc)) from None
+        raise RankFailed(getattr(watch, "verdict", None) or _first_failure(exc)) from None
     return results[0]
 
 

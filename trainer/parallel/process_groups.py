@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -85,9 +86,11 @@ def _init_fsdp_meshes(layout: Layout, device_type: str) -> None:
                                               mesh_dim_names=("dp", "sp")))
 
 
-def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1, platform: Platform = CPU) -> None:
+def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1, platform: Platform = CPU,
+                        timeout_s: float | None = None) -> None:
     """Bind the platform's device, then initialise the default group on its collective backend and megatron's
-    model-parallel groups with the layout's degrees (the CPU platform when none is given: tests and tools).
+    model-parallel groups with the layout's degrees (the CPU platform when none is given: tests and tools);
+    ``timeout_s`` bounds a collective's wait (torch's default is 30 minutes).
 
     Idempotent for the process: an existing default group is reused (its world size must match), and
     megatron's groups are kept when their degrees already match the layout.
@@ -104,7 +107,8 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1, p
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:
                 os.environ["MASTER_PORT"] = str(free_port())
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
+            timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+            dist.init_process_group(backend, rank=rank, world_size=world_size, **timeout)
     if dist.get_world_size() != world_size:
         raise RuntimeError(
             f"torch.distributed already has world size {dist.get_world_size()}, "
@@ -122,6 +126,7 @@ def init_process_groups(layout: Layout, *, rank: int = 0, world_size: int = 1, p
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
+        **({"distributed_timeout_minutes": max(1, round(timeout_s / 60))} if timeout_s else {}),
     )
 
 

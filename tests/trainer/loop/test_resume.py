@@ -17,7 +17,7 @@ def _rows(run_dir):
 
 
 def _deterministic(row):
-    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "memory/"))}
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "memory/", "clock/"))}
 
 
 def _trainer(repo, *args, **kw):

@@ -1,5 +1,7 @@
 """Run directories: unique even within one second, and a directory holding a run is never appended to."""
 
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -23,11 +25,19 @@ def test_run_dir_that_holds_a_run_is_refused_without_resume(repo, tmp_path):
 
 
 def test_resume_with_another_layout_is_refused(repo, tmp_path):
-    episode = tmp_path / "checkpoints" / "episode-000002"
-    episode.mkdir(parents=True)
-    for rank in range(2):
-        (episode / f"rank-{rank:05d}.pt").write_bytes(b"")
-    (tmp_path / "checkpoints" / "latest").write_text("episode-000002")
+    from trainer.checkpoint import save
+    from trainer.config import resolve
+    from trainer.parallel.job import Job
+    from trainer.parallel.layout import ParallelLayout
+
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": "tiny-qwen2.5", "overrides": [], "rehearse": False,
+                                                      "resolved": resolve("tiny-qwen2.5", {}).model_dump(mode="json")}))
+    save(tmp_path, 2, {}, Job(ParallelLayout(world_size=1)))
+    (tmp_path / "checkpoints" / "episode-000002" / "rank-00001.pt").write_bytes(b"")  # as if written by 2 ranks
+    manifest = tmp_path / "checkpoints" / "episode-000002" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"]["rank-00001.pt"] = {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+    manifest.write_text(json.dumps(data))
     out = subprocess.run([sys.executable, "-m", "trainer", "--resume", str(tmp_path), "tiny-qwen2.5"], cwd=repo,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2

@@ -1,0 +1,114 @@
+"""A stuck rank ends the run within ``run.stall_timeout_s``, named, instead of after gloo's 30 minutes.
+
+Each rank of a multi-process run beats (touches its file in a private directory the launcher made) whenever it
+makes progress: before the first episode and after each one. The launcher watches the files; once no rank has
+beaten for the stall timeout, it names the rank that stalled the others (one stopped by a signal or stuck in
+the kernel, a hung file system, else one that never beat, else the one whose beat is oldest), stops every rank
+and reports that one line. Ranks waiting in a collective for the stuck one stop beating too, which is why the
+verdict looks at process states and beat ages rather than at who waited. The process groups' own collective
+timeout (``init_process_groups(timeout_s=...)``) is set a little longer, as a backstop.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ENV = "GRPO_STACK_HEARTBEAT_DIR"
+POLL_S = 1.0
+STATES = {"T": "stopped by a signal", "t": "stopped by a debugger",
+          "D": "waiting on the kernel (a hung file system or device?)"}
+
+
+CPU_DEFAULT_S, GPU_DEFAULT_S = 300.0, 1800.0
+
+
+def stall_timeout_s(resolved) -> float:
+    """The recipe's ``run.stall_timeout_s``, or the default of where it runs (the preflight's CPU/GPU test)."""
+    recipe = resolved.recipe
+    if recipe.run.stall_timeout_s is not None:
+        return recipe.run.stall_timeout_s
+    on_cpu = recipe.image == "cpu" and recipe.rollout.engine == "torch"
+    return CPU_DEFAULT_S if on_cpu else GPU_DEFAULT_S
+
+
+def beat() -> None:
+    """This rank made progress (a no-op outside a watched multi-process run)."""
+    directory = os.environ.get(ENV)
+    if directory:
+        path = Path(directory) / f"rank-{int(os.environ.get('RANK', 0)):05d}"
+        path.write_text(str(os.getpid()))  # rewriting moves its mtime: the beat
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+class StallWatch:
+    """In the launcher's process while ranks run: ``with StallWatch(world, timeout_s) as watch`` sets the
+    ranks' heartbeat directory; ``watch.verdict`` is the line naming the stuck rank once it stopped them."""
+
+    def __init__(self, world_size: int, timeout_s: float):
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self.verdict: str | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> StallWatch:
+        self._dir = tempfile.TemporaryDirectory(prefix="grpo-heartbeat-")
+        self._previous = {key: os.environ.get(key) for key in (ENV, "PYTHONWARNINGS")}
+        os.environ[ENV] = self._dir.name  # the ranks are spawned with this environment
+        # multiprocessing's resource tracker (started with the first rank) warns at exit about the semaphores of
+        # ranks this watch killed: noise after the one line that says what happened
+        os.environ["PYTHONWARNINGS"] = ",".join(
+            filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
+        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for key, value in self._previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._dir.cleanup()
+
+    def _beats(self) -> dict[int, tuple[float, int]]:
+        """rank → (seconds since its last beat, pid) for the ranks that have beaten."""
+        now, beats = time.time(), {}
+        for path in Path(self._dir.name).glob("rank-*"):
+            try:
+                beats[int(path.name[5:])] = (now - path.stat().st_mtime, int(path.read_text() or 0))
+            except (OSError, ValueError):
+                continue
+        return beats
+
+    def _blame(self, beats: dict[int, tuple[float, int]]) -> str:
+        for rank, (_, pid) in sorted(beats.items()):
+            if _state(pid) in STATES:
+                return f"rank {rank} ({STATES[_state(pid)]})"
+        silent = sorted(set(range(self.world_size)) - set(beats))
+        if silent:
+            return f"rank {silent[0]} (it never reached its first episode)"
+        rank = max(beats, key=lambda r: beats[r][0])
+        return f"rank {rank} (its last progress is the oldest)"
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL_S):
+            beats = self._beats()
+            if not beats or min(age for age, _ in beats.values()) < self.timeout_s:
+                continue
+            self.verdict = (f"no rank made progress for {self.timeout_s:g} s (run.stall_timeout_s); stuck: "
+                            f"{self._blame(beats)}")
+            for proc in multiprocessing.active_children():
+                proc.kill()  # SIGKILL ends a stopped process too
+            return
