@@ -453,6 +453,9 @@ class Run(Strict):
     """Where each rank trains: auto → its GPU when the process sees CUDA, else the CPU (``trainer.platform``)."""
     warm_start_steps: NonNegativeInt = 0
     """Supervised steps on the demo task's answer format before GRPO (the embedded demo's tiny model)."""
+    samples_per_episode: Annotated[int, Field(ge=0, le=1024)] = 4
+    """Prompts per episode (one sampled response each) written to the run's samples.jsonl with their response,
+    ground truth, reward and the engine's log-probs; 0 → no file."""
     stall_timeout_s: PositiveFloat | None = None
     """A multi-process run in which no rank progresses (finishes an episode) for this long is stopped, the stuck
     rank named (trainer.heartbeat). None: 300 s for a CPU recipe, 1800 s for a GPU recipe; set it above a GPU

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,6 +89,7 @@ class Collected:
     prompt_tokens: int
     seconds: dict[str, float]  # rollout, reward
     reward_failures: int = 0  # responses scored 0 because the reward function failed (grpo.reward)
+    samples: list[dict] = field(default_factory=list)  # a few rows for samples.jsonl (run.samples_per_episode)
 
 
 def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) -> Collected:
@@ -108,9 +109,12 @@ def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) 
         scored = [task.score(o.text, p) for o, p in zip(outs, group, strict=True)]
         rewards = torch.tensor([value for value, _ in scored])
         batch["advantages"] = advantages(grpo, rewards).float()
+    samples = [{"prompt": task.decode(group[i].ids), "response": outs[i].text, "ground_truth": group[i].ground_truth,
+                "reward": scored[i][0], "logprobs": [round(float(x), 6) for x in outs[i].logprobs]}
+               for i in range(0, len(group), n)[: r.recipe.run.samples_per_episode]]  # the first of each prompt
     return Collected(batch, rewards, torch.tensor([len(o.token_ids) for o in outs]),
                      sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")},
-                     reward_failures=sum(not ok for _, ok in scored))
+                     reward_failures=sum(not ok for _, ok in scored), samples=samples)
 
 
 def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend | None,
@@ -138,8 +142,10 @@ def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBac
 
 
 def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBackend, ref: TrainingBackend | None,
-                engine: RolloutEngine | None, timer: StageTimer, job: Job, need: Passes) -> dict[str, float]:
-    """collect on the driver → the batch to every rank → learn → weight sync to the driver's engine."""
+                engine: RolloutEngine | None, timer: StageTimer, job: Job, need: Passes
+                ) -> tuple[dict[str, float], list[dict]]:
+    """collect on the driver → the batch to every rank → learn → weight sync to the driver's engine; returns the
+    episode's metrics row and its samples (run.samples_per_episode)."""
     grpo = r.recipe.grpo
     collected: Collected = job.broadcast(job.on_driver(lambda: collect(episode, r, task, engine)))
     for stage, seconds in collected.seconds.items():
@@ -168,7 +174,7 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
         "throughput/train_tokens_per_s": all_tokens * grpo.steps_per_episode / max(timer.seconds["train"], 1e-9),
         "tokens/prompt": collected.prompt_tokens,
         "tokens/response": int(lengths.sum()),
-    }
+    }, collected.samples
 
 
 def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBackend, ref: TrainingBackend | None,
@@ -226,7 +232,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         for episode in bar:
             timer, started = StageTimer(job.platform), time.perf_counter()
             try:
-                row = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
+                row, samples = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
             except (NonFiniteLossError, NonFiniteLogitsError) as exc:
                 raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
             if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
@@ -246,6 +252,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             done = finished()
             try:
                 log.log(episode, done)
+                log.samples(episode, samples)
             except DiskFull as exc:
                 raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
             bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")

@@ -62,11 +62,43 @@ def length_stats(lengths: torch.Tensor, max_len: int) -> dict[str, float]:
             "response_length/clip_ratio": (lengths >= max_len).float().mean().item()}
 
 
+def _append(path: Path, text: str, run_dir: Path, what: str) -> None:
+    """Append ``text`` (whole JSON lines) and flush it to disk; a full disk is one DiskFull naming ``what``."""
+    try:
+        with path.open("a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if is_disk_full(exc):  # a torn line, if any, is dropped on resume (_truncate_jsonl)
+            raise DiskFull(run_dir, len(text), what) from None
+        raise
+
+
+def _truncate_jsonl(path: Path, episode: int) -> int:
+    """Cut ``path`` in place after the last whole line of an episode ≤ ``episode``; returns that episode (0: none)."""
+    if not path.exists():
+        return 0
+    keep, last = 0, 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n") or not isinstance(row, dict) or row.get("episode", episode + 1) > episode:
+                break
+            keep, last = keep + len(line), row["episode"]
+    os.truncate(path, keep)
+    return last
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, *, tensorboard: bool = False, wandb_project: str | None = None,
                  config: dict | None = None, mllog: bool = False):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
         self.started = time.time()
         self._sinks: list[tuple[Callable[[int, dict], object], Callable[[], object]]] = []  # (log, close)
         self.mllog = None
@@ -94,36 +126,22 @@ class MetricsLog:
 
     def truncate_after(self, episode: int) -> int:
         """Drop rows past ``episode`` (a resumed run rewrites what followed its checkpoint) and a torn last line
-        (a kill in mid-write), in place so that it needs no free space; returns the last episode kept (0: none)."""
-        if not self.path.exists():
-            return 0
-        keep, last = 0, 0
-        with self.path.open("rb") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    break
-                if not line.endswith(b"\n") or not isinstance(row, dict) or row.get("episode", episode + 1) > episode:
-                    break
-                keep, last = keep + len(line), row["episode"]
-        os.truncate(self.path, keep)
-        return last
+        (a kill in mid-write), in place so that it needs no free space; returns the last episode kept (0: none).
+        samples.jsonl is cut the same way."""
+        _truncate_jsonl(self.samples_path, episode)
+        return _truncate_jsonl(self.path, episode)
 
     def log(self, episode: int, row: dict) -> None:
         row = {"episode": episode, "clock/unix": round(time.time(), 3), **row}  # a re-appended row keeps its own
-        line = json.dumps(row, sort_keys=True) + "\n"
-        try:
-            with self.path.open("a") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            if is_disk_full(exc):  # a torn line, if any, is dropped on resume (truncate_after)
-                raise DiskFull(self.run_dir, len(line), f"the metrics row of episode {episode}") from None
-            raise
+        _append(self.path, json.dumps(row, sort_keys=True) + "\n", self.run_dir, f"the metrics row of episode {episode}")
         for sink, _ in self._sinks:
             sink(episode, row)
+
+    def samples(self, episode: int, samples: list[dict]) -> None:
+        """A few prompts of the episode with a response each, its reward and log-probs (samples.jsonl)."""
+        if samples:
+            _append(self.samples_path, "".join(json.dumps({"episode": episode, **s}) + "\n" for s in samples),
+                    self.run_dir, f"the samples of episode {episode}")
 
     def rows(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -157,6 +175,9 @@ class DiscardLog:
     """The log of a rank that is not the driver: only the driver writes run files (same interface)."""
 
     def log(self, episode: int, row: dict) -> None:
+        pass
+
+    def samples(self, episode: int, samples: list[dict]) -> None:
         pass
 
     def truncate_after(self, episode: int) -> int:
