@@ -47,7 +47,7 @@ def test_layout_run_follows_the_single_process_run(repo, tmp_path, single, layou
         assert ours["loss/entropy"] == pytest.approx(theirs["loss/entropy"], rel=1e-5)
         assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3, abs=1e-6)
     assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000002").iterdir()) == [
-        "rank-00000.pt", "rank-00001.pt"]
+        "manifest.json", "rank-00000.pt", "rank-00001.pt"]
 
 
 def _workers(parent: psutil.Process) -> list[psutil.Process]:
