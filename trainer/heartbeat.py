@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from matrix.schema import CPU_IMAGE
+
 ENV = "GRPO_STACK_HEARTBEAT_DIR"
 POLL_S = 1.0
 STATES = {"T": "stopped by a signal", "t": "stopped by a debugger",
@@ -32,8 +34,7 @@ def stall_timeout_s(resolved) -> float:
     recipe = resolved.recipe
     if recipe.run.stall_timeout_s is not None:
         return recipe.run.stall_timeout_s
-    on_cpu = recipe.image == "cpu" and recipe.rollout.engine == "torch"
-    return CPU_DEFAULT_S if on_cpu else GPU_DEFAULT_S
+    return CPU_DEFAULT_S if recipe.image == CPU_IMAGE else GPU_DEFAULT_S
 
 
 def beat() -> None:

@@ -144,9 +144,10 @@ def _steps(log: str) -> list[tuple[str, bool]]:
 
 @pytest.fixture(scope="module")
 def rebuilt(built):
-    """The image built again, with layer caching, after an edit to one trainer file of the harness."""
+    """The image built again, with layer caching, after an edit to one trainer file of the harness (in the
+    repository: `build` renders the context it builds from the sources, so an edit to the rendered copy is undone)."""
     _, record = built
-    edited = BUILD_DIR / "images" / "cpu" / "context" / "harness" / "trainer" / "loop.py"
+    edited = Path(__file__).resolve().parents[2] / "trainer" / "loop.py"
     original = edited.read_text()
     edited.write_text(original + "\n# an edit after the first build\n")
     try:
