@@ -50,9 +50,12 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, stall_timeout_s:
     from trainer.heartbeat import StallWatch
     from trainer.interrupts import AGENT_SIGNALS, forwarding
 
+    # older torch (2.6.0, vLLM 0.8.5's) has no signals_to_handle: its agent turns SIGINT/SIGTERM into its own exception
+    # there, so the ranks' checkpoint-and-stop on a signal holds only for newer torch
+    signals = {"signals_to_handle": AGENT_SIGNALS} if "signals_to_handle" in LaunchConfig.__dataclass_fields__ else {}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=MONITOR_INTERVAL, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
+                          monitor_interval=MONITOR_INTERVAL, start_method="spawn", **signals)
     # The agent logs each failure with a traceback of its own polling; the one line below says it all.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     watch = StallWatch(world_size, stall_timeout_s) if stall_timeout_s else nullcontext()
