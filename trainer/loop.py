@@ -69,6 +69,11 @@ def _kept(run_dir: Path) -> str:
     return f"last good checkpoint: episode {kept[0]} in {run_dir / 'checkpoints'}" if kept else "no checkpoint yet"
 
 
+def _stopped(run_dir: Path, episode: int, cause: Exception) -> RunStopped:
+    """The one line a run ends with when ``cause`` stops it at ``episode``, naming what it keeps."""
+    return RunStopped(f"episode {episode}: {cause}; the run stopped ({_kept(run_dir)})")
+
+
 def evaluate(engine: RolloutEngine, task: Task, r: ResolvedRecipe, seed: int) -> dict[str, float]:
     """Mean reward of one sample per held-out problem at the eval sampling settings."""
     s = r.recipe.eval.sampling
@@ -214,7 +219,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             checkpoint.save(run_dir, episode, {"episode": episode, "world_size": job.world_size, "row": row}, job,
                             models)
         except DiskFull as exc:
-            raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
+            raise _stopped(run_dir, episode, exc) from None
 
     def stop_if_interrupted(episode: int, row: dict | None, checkpointed: bool) -> None:
         """The safe point: every rank learns whether any got a signal; if so, all checkpoint and stop."""
@@ -234,7 +239,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             try:
                 row, samples = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
             except (NonFiniteLossError, NonFiniteLogitsError) as exc:
-                raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
+                raise _stopped(run_dir, episode, exc) from None
             if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
                 with timer("eval"):
                     row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
@@ -254,7 +259,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
                 log.log(episode, done)
                 log.samples(episode, samples)
             except DiskFull as exc:
-                raise RunStopped(f"episode {episode}: {exc}; the run stopped ({_kept(run_dir)})") from None
+                raise _stopped(run_dir, episode, exc) from None
             bar.set_postfix(reward=f"{done['reward/mean']:.3f}", len=f"{done['response_length/mean']:.1f}")
             heartbeat.beat()
             stop_if_interrupted(episode, done, checkpointed)
