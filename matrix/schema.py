@@ -637,6 +637,12 @@ class ResolvedRecipe(BaseModel):
         return self.recipe.precision or self.model.dtype
 
     @property
+    def runs_on_gpus(self) -> bool:
+        """Whether the recipe needs GPUs: every recipe of a GPU image; a cpu-image recipe runs on processes, whatever
+        its engine (the torch engine, vLLM's CPU build)."""
+        return self.recipe.image != CPU_IMAGE
+
+    @property
     def recompute(self) -> str:
         """none | selective | full, from the recipe's run settings (full wins)."""
         run = self.recipe.run

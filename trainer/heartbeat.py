@@ -18,8 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-from matrix.schema import CPU_IMAGE
-
 ENV = "GRPO_STACK_HEARTBEAT_DIR"
 POLL_S = 1.0
 STATES = {"T": "stopped by a signal", "t": "stopped by a debugger",
@@ -30,11 +28,11 @@ CPU_DEFAULT_S, GPU_DEFAULT_S = 300.0, 1800.0
 
 
 def stall_timeout_s(resolved) -> float:
-    """The recipe's ``run.stall_timeout_s``, or the default of where it runs (the preflight's CPU/GPU test)."""
+    """The recipe's ``run.stall_timeout_s``, or the default of where it runs (``ResolvedRecipe.runs_on_gpus``)."""
     recipe = resolved.recipe
     if recipe.run.stall_timeout_s is not None:
         return recipe.run.stall_timeout_s
-    return CPU_DEFAULT_S if recipe.image == CPU_IMAGE else GPU_DEFAULT_S
+    return GPU_DEFAULT_S if resolved.runs_on_gpus else CPU_DEFAULT_S
 
 
 def beat() -> None:

@@ -19,7 +19,6 @@ from images.backends import Backend
 from images.common import UsageError
 from images.runtime import Mount, Needs, check_built, commands, find, run, shown
 from matrix import ResolvedRecipe, load_matrix
-from matrix.schema import CPU_IMAGE
 from trainer.config import TrainerInputError
 from trainer.prepare.places import data_file, weights_dir
 
@@ -36,7 +35,7 @@ def host_gpus() -> int:
 
 
 def needs_gpus(r: ResolvedRecipe) -> int:
-    return r.recipe.gpus if r.recipe.image != CPU_IMAGE else 0  # the cpu image's engines (torch, vLLM's CPU build) too
+    return r.recipe.gpus if r.runs_on_gpus else 0
 
 
 def _hf_cache() -> Path | None:

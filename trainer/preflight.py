@@ -37,7 +37,7 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
         choose_platform(recipe.run.device, local_rank=0)
     except PlatformUnavailable as exc:
         problems.append(str(exc))
-    if recipe.image != CPU_IMAGE:  # a cpu-image recipe may name vLLM: its CPU build runs it (trainer.rollout.vllm_cpu)
+    if r.runs_on_gpus:
         have = visible_gpus()
         if have < recipe.gpus:
             problems.append(f"{recipe.gpus} GPUs (layout {recipe.layout}, min {r.min_gpus}), this machine has {have}")
