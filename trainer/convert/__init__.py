@@ -7,5 +7,9 @@ directory is written to a temporary sibling and renamed into place. megatron-cor
 """
 
 
-class ConvertError(Exception):
-    """Bad user input (a directory, a checkpoint, an option): one line for the user, exit code 2."""
+from trainer.models.weight_files import WeightsError
+
+
+class ConvertError(WeightsError):
+    """Bad user input (a directory, a checkpoint, an option): one line for the user, exit code 2. A WeightsError,
+    as the weights readers the converter uses raise: one ``except WeightsError`` catches both."""

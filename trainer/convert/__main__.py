@@ -8,7 +8,8 @@
     verify HF_DIR MCORE_DIR [--tolerance T]        max |logit difference| on fixed tokens; exit 1 above T
                                                    (unsharded directories only)
     fp8-to-bf16 IN_DIR OUT_DIR [--block 128]       DeepSeek-V3 fp8 release → bf16 (resumable)
-    prepare MODEL IN_DIR OUT_DIR                   the matrix model's prepare steps (OUT/hf, OUT/mcore)
+    prepare MODEL IN_DIR OUT_DIR                   the matrix model's prepare steps (OUT/hf, OUT/mcore); the steps
+                                                   are trainer.prepare's (`nox -s prepare -- RECIPE` plans a recipe)
     drop-config-key DIR KEY                        a matrix prepare step on config.json
     set-config DIR KEY=VALUE ...                   a matrix prepare step on config.json (JSON values)
 
@@ -23,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from trainer.convert import ConvertError
+from trainer.models.weight_files import WeightsError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"wrote {write_sharded(args.hf_dir, args.out_dir, args.layout)}")
     elif args.command == "mcore-to-hf":
-        from trainer.convert.hf_mcore import mcore_to_hf
+        from trainer.convert.sharded import mcore_to_hf_either
 
-        print(f"wrote {mcore_to_hf(args.mcore_dir, args.out_dir, args.like)}")
+        print(f"wrote {mcore_to_hf_either(args.mcore_dir, args.out_dir, args.like)}")
     elif args.command == "fsdp-to-hf":
         from trainer.convert.fsdp_hf import fsdp_to_hf
 
@@ -98,12 +100,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {fp8_to_bf16(args.in_dir, args.out_dir, block=args.block)}")
     elif args.command == "prepare":
         from matrix import load_matrix
-        from trainer.convert.prepare import prepare
+        from trainer.prepare import PrepareError
+        from trainer.prepare.steps import prepare_model_dir
 
         models = load_matrix().models
         if args.model not in models:
             raise ConvertError(f"prepare: {args.model!r} is not a matrix model ({', '.join(models)})")
-        for line in prepare(list(models[args.model].prepare), args.in_dir, args.out_dir):
+        try:
+            done = prepare_model_dir(list(models[args.model].prepare), args.in_dir, args.out_dir)
+        except PrepareError as e:
+            raise ConvertError(str(e)) from None
+        for line in done:
             print(line)
     elif args.command == "drop-config-key":
         from trainer.convert.config_steps import drop_config_key
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:
         return run(args)
-    except ConvertError as e:
+    except WeightsError as e:  # ConvertError too
         print(f"error: {e}", file=sys.stderr)
         return 2
 

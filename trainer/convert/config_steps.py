@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from trainer.convert import ConvertError
-from trainer.convert.shards import read_json
+from trainer.models.weight_files import read_json
 
 
 def _write(path: Path, config: dict) -> None:

@@ -18,16 +18,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from trainer.convert import ConvertError
-from trainer.convert.shards import (
+from trainer.convert.shards import copy_side_files, save_shard, write_index
+from trainer.models.weight_files import (
     HF_INDEX,
-    copy_side_files,
     iter_shard,
     read_json,
     read_tensor,
-    save_shard,
     shards_in_order,
     weight_map,
-    write_index,
 )
 
 SCALE = "_scale_inv"

@@ -28,15 +28,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
 from trainer.convert import ConvertError
-from trainer.convert.shards import (
-    HF_INDEX,
-    atomic_directory,
-    copy_side_files,
-    save_shard,
-    shards_in_order,
-    weight_map,
-    write_index,
-)
+from trainer.convert.shards import atomic_directory, copy_side_files, save_shard, write_index
+from trainer.models.weight_files import HF_INDEX, shards_in_order, weight_map
 
 GROUPED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 METADATA = ".metadata"  # DCP's index of a checkpoint directory

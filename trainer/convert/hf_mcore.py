@@ -12,56 +12,26 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pydantic import ValidationError
 from torch import Tensor
 from tqdm import tqdm
 
 from matrix.schema import Model
 from trainer.convert import ConvertError
-from trainer.convert.shapes import check_shapes, expected_hf_shapes
-from trainer.convert.shards import (
+from trainer.convert.shards import atomic_directory, copy_side_files, save_shard, write_index
+from trainer.models.config import model_from_hf_config
+from trainer.models.shapes import check_shapes, expected_hf_shapes
+from trainer.models.weight_files import (
+    FORMAT,
     HF_INDEX,
     MCORE_INDEX,
     MCORE_META,
-    atomic_directory,
-    copy_side_files,
     iter_shard,
     read_json,
-    save_shard,
+    read_mcore_model,
     shards_in_order,
     weight_map,
-    write_index,
 )
-from trainer.models.families import family_of_hf
-from trainer.models.families.bundle import UnsupportedConfig
 from trainer.models.weight_map import Rule, rules
-
-_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
-FORMAT = 1
-
-
-def model_from_hf_config(config: dict, *, where: Path) -> Model:
-    """The matrix ``Model`` a config.json describes (family from ``model_type``)."""
-    model_type = config.get("model_type")
-    try:
-        bundle = family_of_hf(model_type)
-        shape = bundle.shape_from_hf(config)
-    except (LookupError, UnsupportedConfig) as e:
-        raise ConvertError(f"{where}: {e}") from None
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConvertError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
-    if dtype not in _DTYPES:
-        raise ConvertError(f"{where}: config.json field 'torch_dtype': {dtype!r} is not supported (bfloat16, float32)")
-    return Model(family=bundle.name, dtype=_DTYPES[dtype], shape=shape)
-
-
-def read_mcore_model(mcore_dir: Path) -> tuple[Model, dict]:
-    meta = read_json(mcore_dir / MCORE_META)
-    if meta.get("format") != FORMAT or "model" not in meta:
-        raise ConvertError(f"{mcore_dir / MCORE_META}: not a megatron-core directory written by trainer.convert")
-    return Model.model_validate(meta["model"]), meta
 
 
 def check_names(present: set[str], table: list[Rule], model: Model, *, where: Path) -> None:
@@ -107,13 +77,12 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path) -> Path:
 
 
 def mcore_to_hf(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
-    """Convert a megatron-core directory back to HF, with the tensor → shard layout and files of ``like``
-    (a sharded directory is read by its layout's ranks: ``trainer.convert.sharded``)."""
+    """Convert an unsharded megatron-core directory back to HF, with the tensor → shard layout and files of
+    ``like`` (a sharded directory is read by its layout's ranks: ``trainer.convert.sharded``)."""
     model, meta = read_mcore_model(mcore_dir)
     if "degrees" in meta:
-        from trainer.convert.sharded import read_sharded
-
-        return read_sharded(mcore_dir, out_dir, like)
+        raise ConvertError(f"{mcore_dir}: sharded for layout {meta.get('layout')}; its layout's ranks read it "
+                           "(python -m trainer.convert mcore-to-hf)")
     like_map = like_weight_map(model, like)
     mcore_map = weight_map(mcore_dir, index=MCORE_INDEX, single=None)
     known = {rule.mcore for rule in rules(model)}

@@ -1,12 +1,9 @@
-"""Sharded megatron-core directories: one safetensors file per distinct TP/PP/EP/ETP shard of a matrix layout.
+"""HF ↔ megatron-core sharded for a matrix layout's TP/PP/EP/ETP, each direction run by the layout's ranks.
 
-The format (``mcore.json`` with the layout's degrees, ``dense-tp{T}-pp{P}`` and ``experts-pp{P}-ep{E}-etp{X}``
-files keyed by each rank's LOCAL parameter names) is what ``own_shard`` reads back in a rank of a run with the
-same degrees. Writing and reading run the layout's smallest world with the project's launcher (CP 1, DP as
-small as megatron's expert grid allows: CP and DP replicate weights); what a shard is comes from megatron's
-own parameter attributes (``trainer.parallel.gather``). Tensors keep their stored dtype both ways, so
-``mcore-to-hf --like`` gives the HF checkpoint back bit for bit. Besides parameters, a file holds the
-persistent buffers the family maps to HF tensors (the router's expert bias).
+Writing and reading run the layout's smallest world with the project's launcher (CP 1, DP as small as
+megatron's expert grid allows: CP and DP replicate weights; ``trainer.convert.layouts``); the directory format
+and how a rank reads its own files are in ``trainer.models.sharded_weights``. Tensors keep their stored dtype both ways, so
+``mcore-to-hf --like`` gives the HF checkpoint back bit for bit.
 """
 
 from __future__ import annotations
@@ -15,170 +12,32 @@ import contextlib
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
 # Only light imports at module level: spawned ranks import this module before start_rank quiets megatron.
 from matrix.schema import Layout, Model
 from trainer.convert import ConvertError
-from trainer.convert.shards import (
-    MCORE_INDEX,
-    MCORE_META,
-    atomic_directory,
-    read_json,
-    save_shard,
-    weight_map,
+from trainer.convert.layouts import check_fits, conversion_world, matrix_layout
+from trainer.convert.shards import atomic_directory, save_shard
+from trainer.models.sharded_weights import (
+    ONE_PROCESS,
+    check_files,
+    file_names,
+    is_expert,
+    layout_degrees,
+    local_tensors,
+    own_shard,
 )
-
-ONE_PROCESS = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "first_stage_layers": None, "last_stage_layers": None}
-
-
-# ------------------------------------------------------------------ layouts and degrees
+from trainer.models.weight_files import MCORE_META, read_json, read_mcore_model, weight_map
 
 
-def matrix_layout(name: str) -> Layout:
-    """A matrix layout that megatron-core state can be sharded for (unknown and FSDP layouts refused)."""
-    from matrix import load_matrix
+def mcore_to_hf_either(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
+    """A megatron-core directory back to HF, sharded (its layout's ranks) or unsharded (streamed)."""
+    from trainer.convert.hf_mcore import mcore_to_hf
 
-    layouts = load_matrix().layouts
-    if name not in layouts:
-        raise ConvertError(f"--layout {name!r} is not a matrix layout ({', '.join(layouts)})")
-    if layouts[name].fsdp:
-        raise ConvertError(f"--layout {name} is an FSDP layout: FSDP runs load the HF checkpoint itself; "
-                           f"convert nothing (or use --layout single for a megatron-core run)")
-    return layouts[name]
-
-
-def layout_degrees(layout: Layout) -> dict:
-    first, last = (layout.first_stage_layers, layout.last_stage_layers) if layout.pp > 1 else (None, None)
-    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
-            "first_stage_layers": first, "last_stage_layers": last}
-
-
-def _process_degrees(model: torch.nn.Module) -> dict:
-    from megatron.core import parallel_state as ps
-
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "ep": ps.get_expert_model_parallel_world_size(), "etp": ps.get_expert_tensor_parallel_world_size(),
-            "first_stage_layers": model.config.num_layers_in_first_pipeline_stage,
-            "last_stage_layers": model.config.num_layers_in_last_pipeline_stage}
-
-
-def describe_degrees(degrees: object) -> str:
-    """``tp=2 pp=1 ...`` (as mcore.json or a process has them; a malformed value is shown as it is)."""
-    if not isinstance(degrees, dict):
-        return f"degrees {degrees!r}"
-    return " ".join(f"{k}={v}" for k, v in degrees.items() if v is not None)
-
-
-def check_files(mcore_dir: Path, meta: dict) -> None:
-    """Every shard file ``mcore.json`` lists is there (each rank checks its own files' contents)."""
-    missing = sorted(f for f in meta.get("files", {}) if not (mcore_dir / f).is_file())
-    if missing:
-        raise ConvertError(f"{mcore_dir}: shard {missing[0]} listed in {MCORE_META} is missing")
-
-
-def _layout_named(degrees: dict) -> str:
-    """A matrix layout with these degrees (what to convert with), or the degrees themselves."""
-    from matrix import load_matrix
-
-    if degrees == ONE_PROCESS:
-        return "single"
-    names = [n for n, lay in load_matrix().layouts.items() if not lay.fsdp and layout_degrees(lay) == degrees]
-    return names[0] if names else f"<a matrix layout with {describe_degrees(degrees)}>"
-
-
-def conversion_world(layout: Layout) -> tuple[Layout, int]:
-    """The layout as a conversion runs it (CP 1) and its world: the fewest ranks megatron's dense and expert
-    grids both fit, lcm(TP·PP, ETP·EP·PP)."""
-    from trainer.parallel.layout import ParallelLayout
-
-    layout = layout.model_copy(update={"cp": 1, "dp": None})
-    return layout, ParallelLayout.of(layout, 1).min_world
-
-
-def _check_fits(layout: Layout, name: str, model: Model, world: int, where: Path) -> None:
-    """The trainer's own checks of a layout against a model (heads % TP, experts % EP, layers over stages)."""
-    from trainer.parallel.layout import ParallelLayout
-
-    for key, message in ParallelLayout.of(layout, world).model_problems(model.shape, str(where)):
-        raise ConvertError(f"--layout {name}: {key}: {message}")
-
-
-# ------------------------------------------------------------------ a rank's tensors and files
-
-
-def _local_tensors(gpt: torch.nn.Module, model: Model) -> dict[str, Tensor]:
-    """Local name → parameter, and the persistent buffers the family maps to HF tensors, of this rank's model."""
-    from trainer.models.weight_map import rules
-    from trainer.parallel.gather import global_name
-
-    mapped_buffers = {rule.mcore for rule in rules(model) if rule.buffer}
-    named = dict(gpt.named_parameters())
-    named |= {n: b for n, b in gpt.named_buffers() if global_name(n, gpt) in mapped_buffers}
-    return named
-
-
-def _is_expert(t: Tensor) -> bool:
-    return not getattr(t, "allreduce", True)
-
-
-def _file_names() -> tuple[str, str]:
-    """(dense file, expert file) of this rank."""
-    from megatron.core import parallel_state as ps
-
-    pp = ps.get_pipeline_model_parallel_rank()
-    return (f"dense-tp{ps.get_tensor_model_parallel_rank():02d}-pp{pp:03d}.safetensors",
-            f"experts-pp{pp:03d}-ep{ps.get_expert_model_parallel_rank():03d}"
-            f"-etp{ps.get_expert_tensor_parallel_rank():02d}.safetensors")
-
-
-def own_shard(model: torch.nn.Module, mcore_dir: Path) -> dict[str, Tensor]:
-    """This rank's tensors of a megatron-core directory, keyed by local parameter (and mapped buffer) name:
-    the union of its dense and expert files, in their stored dtype, checked against the model's names and shapes.
-
-    Needs megatron's ``parallel_state`` set up with the degrees the directory was written for (the unsharded
-    form counts as every degree 1); other degrees are refused in one line naming both and the fix.
-    """
-    from trainer.convert.hf_mcore import read_mcore_model
-
-    described, model_meta = read_mcore_model(Path(mcore_dir))
-    written = model_meta.get("degrees", ONE_PROCESS)
-    running = _process_degrees(model)
-    if written != running:
-        raise ConvertError(
-            f"{mcore_dir}: written for layout {model_meta.get('layout')} ({describe_degrees(written)}), this process runs "
-            f"{describe_degrees(running)}; convert again with --layout {_layout_named(running)} or use the unsharded form")
-    expected = _local_tensors(model, described)
-    if "degrees" not in model_meta:  # one process: local names are the global names
-        from safetensors.torch import load_file
-
-        tensors = {}
-        for shard in sorted(set(weight_map(Path(mcore_dir), index=MCORE_INDEX, single=None).values())):
-            tensors |= load_file(Path(mcore_dir) / shard)
-    else:
-        dense, experts = _file_names()
-        has_experts = any(_is_expert(t) for t in expected.values())
-        tensors = _read_file(Path(mcore_dir) / dense) | (_read_file(Path(mcore_dir) / experts) if has_experts else {})
-    for name, t in expected.items():
-        if name not in tensors:
-            raise ConvertError(f"{mcore_dir}: no tensor for {name!r} of this rank ({_file_names()[0]})")
-        if tensors[name].shape != t.shape:
-            raise ConvertError(f"{mcore_dir}: tensor {name!r} has shape {tuple(tensors[name].shape)}, this rank's "
-                               f"model has {tuple(t.shape)}")
-    strangers = sorted(set(tensors) - set(expected))
-    if strangers:
-        raise ConvertError(f"{mcore_dir}: tensor {strangers[0]!r} is not a parameter of this rank's model")
-    return tensors
-
-
-def _read_file(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ConvertError(f"{path}: not found (the directory is incomplete)")
-    return load_file(path)
+    _, meta = read_mcore_model(mcore_dir)
+    return read_sharded(mcore_dir, out_dir, like) if "degrees" in meta else mcore_to_hf(mcore_dir, out_dir, like)
 
 
 # ------------------------------------------------------------------ HF → sharded
@@ -187,8 +46,9 @@ def _read_file(path: Path) -> dict[str, Tensor]:
 def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str) -> Path:
     """Convert an HF checkpoint into megatron-core state sharded for a matrix layout's TP/PP/EP/ETP degrees
     (a layout whose degrees are all 1, such as ``single``, writes the unsharded form)."""
-    from trainer.convert.hf_mcore import check_names, hf_to_mcore, model_from_hf_config
-    from trainer.convert.shapes import check_shapes, expected_hf_shapes
+    from trainer.convert.hf_mcore import check_names, hf_to_mcore
+    from trainer.models.config import model_from_hf_config
+    from trainer.models.shapes import check_shapes, expected_hf_shapes
     from trainer.models.weight_map import rules
 
     layout = matrix_layout(layout_name)
@@ -200,7 +60,7 @@ def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str) -> Path:
     check_names(set(mapping), rules(model), model, where=hf_dir)
     check_shapes(hf_dir, mapping, expected_hf_shapes(model))
     layout, world = conversion_world(layout)
-    _check_fits(layout, layout_name, model, world, hf_dir)
+    check_fits(layout, layout_name, model, world, hf_dir)
     with atomic_directory(out_dir) as tmp:
         _launch(_write_rank, world, hf_dir, mapping, tmp, layout, layout_name, model, config)
     return out_dir
@@ -227,8 +87,8 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
     from safetensors import safe_open
     from tqdm import tqdm
 
-    from trainer.convert.hf_mcore import FORMAT
     from trainer.models.build import build_gpt_model
+    from trainer.models.weight_files import FORMAT
     from trainer.models.weight_map import rules
     from trainer.parallel.gather import local_shard, mark_tp_groups, whole_name
     from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
@@ -239,9 +99,9 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
     try:
         gpt = build_gpt_model(model, seed=0, layout=layout)
         mark_tp_groups(gpt)
-        dense_file, expert_file = _file_names()
-        owned = {n: t for n, t in _local_tensors(gpt, model).items()
-                 if (ps.get_expert_data_parallel_rank() if _is_expert(t) else ps.get_data_parallel_rank()) == 0}
+        dense_file, expert_file = file_names()
+        owned = {n: t for n, t in local_tensors(gpt, model).items()
+                 if (ps.get_expert_data_parallel_rank() if is_expert(t) else ps.get_data_parallel_rank()) == 0}
         table = rules(model)
         known = {rule.mcore for rule in table}
         needs: dict[str, list[str]] = {}
@@ -263,7 +123,7 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
                         raise ConvertError(f"{hf_dir}: {' + '.join(rule.hf)} give {rule.mcore} shape "
                                            f"{tuple(whole.shape)}, which does not fit this rank's {name!r} "
                                            f"{tuple(t.shape)} of the model config.json describes")
-                    files.setdefault(expert_file if _is_expert(t) else dense_file, {})[name] = piece.clone()
+                    files.setdefault(expert_file if is_expert(t) else dense_file, {})[name] = piece.clone()
         written = {file: len(tensors) for file, tensors in files.items()}
         for file, tensors in files.items():
             save_shard(out / file, tensors)
@@ -284,7 +144,7 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
 def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
     """A sharded megatron-core directory back to HF with ``like``'s shard layout: the layout's ranks load their
     shards, the whole tensors are gathered so that rank 0 then holds the whole model, and rank 0 writes."""
-    from trainer.convert.hf_mcore import like_weight_map, read_mcore_model
+    from trainer.convert.hf_mcore import like_weight_map
 
     model, meta = read_mcore_model(mcore_dir)
     like_map = like_weight_map(model, like)
@@ -321,7 +181,7 @@ def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str],
     init_process_groups(layout, rank=rank, world_size=world, platform=CPU)
     try:
         gpt = build_gpt_model(model, seed=0, layout=layout)
-        local = _local_tensors(gpt, model)
+        local = local_tensors(gpt, model)
         for name, t in own_shard(gpt, mcore_dir).items():
             local[name].data = t  # its stored dtype, so the gathered tensors are the stored ones bit for bit
         whole = whole_tensors(gpt, model.shape.vocab)

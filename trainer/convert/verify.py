@@ -13,8 +13,7 @@ from tqdm import tqdm
 
 from matrix.schema import Layout
 from trainer.convert import ConvertError
-from trainer.convert.hf_mcore import read_mcore_model
-from trainer.convert.shards import MCORE_INDEX, iter_shard, shards_in_order, weight_map
+from trainer.models.weight_files import MCORE_INDEX, iter_shard, read_mcore_model, shards_in_order, weight_map
 
 # fp32 logits of O(1–10) through tens of layers of two differently ordered implementations differ by
 # ~1e-6 per layer; a wrong tensor or routing moves them by O(0.1–1).

@@ -8,7 +8,7 @@ is one of these kinds, told apart by the files it holds:
     mcore          mcore.json ("layout": "single") + mcore.safetensors.index.json and its shards, written by
                    ``python -m trainer.convert hf-to-mcore``: whole tensors under global megatron names
     mcore-sharded  mcore.json with a model-parallel "layout" and "degrees" (``hf-to-mcore --layout``): each
-                   rank reads its own files (``trainer.convert.sharded.own_shard``); only a megatron-core run
+                   rank reads its own files (``trainer.models.sharded_weights.own_shard``); only a megatron-core run
                    with the same TP/PP/EP/ETP degrees can load it
 
 ``check`` runs in the launching process, before any rank starts, and refuses a directory whose config does
@@ -16,6 +16,9 @@ not describe the recipe's model (or, sharded, whose degrees are not the run's). 
 mapping (``megatron_shards`` for the megatron backend, ``hf_tensors`` for FSDP): a tensor is read from its
 safetensors file only when the backend asks for it, so a rank holds one whole tensor at a time, never the
 whole model; from a sharded directory a rank reads only its own files.
+
+Runs read; ``trainer.convert`` (offline) writes. Nothing here imports the converter: what both read lives on
+this side (``weight_files``, ``shapes``, ``sharded_weights``, ``config.model_from_hf_config``).
 """
 
 from __future__ import annotations
@@ -27,23 +30,20 @@ import torch
 from torch import Tensor
 
 from matrix.schema import Layout, Model
-from trainer.convert import ConvertError
-from trainer.convert.shards import (
+from trainer.models.weight_files import (
     HF_INDEX,
     HF_SINGLE,
     MCORE_INDEX,
     MCORE_META,
+    WeightsError,
     read_json,
+    read_mcore_model,
     read_tensor,
     weight_map,
 )
 from trainer.models.weight_map import Rule, rules
 
 HF, MCORE, MCORE_SHARDED = "hf", "mcore", "mcore-sharded"
-
-
-class WeightsError(ValueError):
-    """A weights directory that is missing, unreadable or for another model: one line naming it."""
 
 
 # ------------------------------------------------------------------ where the weights are
@@ -71,7 +71,7 @@ def kind(directory: Path) -> str:
     if not directory.is_dir():
         raise WeightsError(f"{directory}: not a directory")
     if (directory / MCORE_META).is_file():
-        return MCORE if _read(directory / MCORE_META).get("layout", "single") == "single" else MCORE_SHARDED
+        return MCORE if read_json(directory / MCORE_META).get("layout", "single") == "single" else MCORE_SHARDED
     if (directory / "config.json").is_file() and ((directory / HF_SINGLE).is_file() or (directory / HF_INDEX).is_file()):
         return HF
     raise WeightsError(f"{directory}: no weights found; expected config.json with {HF_SINGLE} or {HF_INDEX} (an HF "
@@ -83,15 +83,13 @@ def kind(directory: Path) -> str:
 
 def described(directory: Path) -> Model:
     """The model a weights directory's own config describes (family, dtype, shape)."""
-    from trainer.convert.hf_mcore import model_from_hf_config, read_mcore_model
+    from trainer.models.config import (
+        model_from_hf_config,  # megatron: imported only when a directory is checked
+    )
 
-    k = kind(directory)
-    try:
-        if k == HF:
-            return model_from_hf_config(read_json(directory / "config.json"), where=directory / "config.json")
-        return read_mcore_model(directory)[0]
-    except ConvertError as exc:
-        raise WeightsError(str(exc)) from None
+    if kind(directory) == HF:
+        return model_from_hf_config(read_json(directory / "config.json"), where=directory / "config.json")
+    return read_mcore_model(directory)[0]
 
 
 def first_difference(ours: Model, theirs: Model) -> tuple[str, object, object] | None:
@@ -140,9 +138,9 @@ def check(model: Model, model_name: str, layout: Layout, layout_name: str) -> Pa
 
 def _check_degrees(directory: Path, layout: Layout, layout_name: str) -> None:
     """A sharded directory loads only into a megatron-core run with the degrees it was written for."""
-    from trainer.convert.sharded import describe_degrees, layout_degrees
+    from trainer.models.sharded_weights import describe_degrees, layout_degrees
 
-    meta = _read(directory / MCORE_META)
+    meta = read_json(directory / MCORE_META)
     fix = f"convert the HF checkpoint again with `--layout {layout_name}`, or without --layout (unsharded)"
     if layout.fsdp:
         raise WeightsError(f"{directory}: a sharded megatron-core directory (layout {meta.get('layout')}) and an FSDP "
@@ -156,24 +154,19 @@ def _check_degrees(directory: Path, layout: Layout, layout_name: str) -> None:
 
 def _check_complete(directory: Path, k: str, model: Model) -> None:
     if k == MCORE_SHARDED:  # every rank checks its own files' names and shapes against its model (own_shard)
-        from trainer.convert.sharded import check_files
+        from trainer.models.sharded_weights import check_files
 
-        try:
-            check_files(directory, _read(directory / MCORE_META))
-        except ConvertError as exc:
-            raise WeightsError(str(exc)) from None
+        check_files(directory, read_json(directory / MCORE_META))
         return
     files = _files(directory, k)
     wanted = [n for r in rules(model) if not r.buffer for n in (r.hf if k == HF else (r.mcore,))]
     missing = [n for n in wanted if n not in files]
     if missing:
         raise WeightsError(f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} of {len(wanted)} absent)")
-    from trainer.convert.shapes import check_shapes, expected_hf_shapes, expected_mcore_shapes
+    from trainer.models.shapes import check_shapes, expected_hf_shapes, expected_mcore_shapes
 
-    try:  # a tensor of another size would load into a traceback on every rank, after the run directory exists
-        check_shapes(directory, files, expected_hf_shapes(model) if k == HF else expected_mcore_shapes(model))
-    except ConvertError as exc:
-        raise WeightsError(str(exc)) from None
+    # a tensor of another size would load into a traceback on every rank, after the run directory exists
+    check_shapes(directory, files, expected_hf_shapes(model) if k == HF else expected_mcore_shapes(model))
 
 
 # ------------------------------------------------------------------ reading, lazily
@@ -200,10 +193,7 @@ class LazyTensors(Mapping):
 
 def _files(directory: Path, k: str) -> dict[str, str]:
     """tensor name → shard file, as stored."""
-    try:
-        return weight_map(directory) if k == HF else weight_map(directory, index=MCORE_INDEX, single=None)
-    except ConvertError as exc:
-        raise WeightsError(str(exc)) from None
+    return weight_map(directory) if k == HF else weight_map(directory, index=MCORE_INDEX, single=None)
 
 
 def _stored(directory: Path, k: str) -> LazyTensors:
@@ -251,12 +241,9 @@ def megatron_shards(directory: Path, gpt: torch.nn.Module, model: Model) -> Iter
     files of a sharded directory, else this rank's shard of each whole tensor, read one at a time."""
     k = kind(directory)
     if k == MCORE_SHARDED:
-        from trainer.convert.sharded import own_shard
+        from trainer.models.sharded_weights import own_shard
 
-        try:
-            own = own_shard(gpt, directory)
-        except ConvertError as exc:
-            raise WeightsError(str(exc)) from None
+        own = own_shard(gpt, directory)
         targets = dict(gpt.named_parameters()) | dict(gpt.named_buffers())
         return ((targets[name], tensor) for name, tensor in own.items())
     from trainer.parallel import gather  # megatron: imported by ranks, not by the launcher's check
@@ -268,9 +255,3 @@ def hf_tensors(directory: Path, model: Model) -> LazyTensors:
     """Whole tensors under HF names (what the FSDP backend's ``load_hf`` takes), read lazily."""
     return _reader(directory, HF_READERS)(directory, model)
 
-
-def _read(path: Path) -> dict:
-    try:
-        return read_json(path)
-    except ConvertError as exc:
-        raise WeightsError(str(exc)) from None

@@ -52,7 +52,7 @@ def _start(manifest: Manifest, step: Step) -> None:
     inputs = manifest.hashes(step.inputs)
     marker = step.outputs[0] / STARTED
     if step.resumable and marker.is_file() and json.loads(marker.read_text()) == inputs:
-        from trainer.convert.shards import HF_INDEX
+        from trainer.models.weight_files import HF_INDEX
 
         (step.outputs[0] / HF_INDEX).unlink(missing_ok=True)  # complete-looking but unrecorded: written again
         return
@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         ran = run_plan(matrix, steps, dry_run=args.dry_run)
     except Exception as exc:  # noqa: BLE001 - bad input from any layer below becomes one line
-        from trainer.convert import ConvertError
         from trainer.data.math_lighteval import MathDataError
+        from trainer.models.weight_files import WeightsError  # the converter's ConvertError too
 
-        if not isinstance(exc, PrepareError | ConvertError | MathDataError):
+        if not isinstance(exc, PrepareError | WeightsError | MathDataError):
             raise
         print(f"error: prepare {args.recipe}: {exc}", file=sys.stderr)
         return 2

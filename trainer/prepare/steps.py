@@ -9,12 +9,14 @@ their partial output beside the input hashes it was started from and continue it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matrix import Matrix, ResolvedRecipe
+from matrix.schema import PrepareStep
 from trainer.prepare import PrepareError
 from trainer.prepare.fetch import download
 from trainer.prepare.manifest import size
@@ -52,9 +54,22 @@ def classify(froms: list[Path]) -> tuple[Path | None, Path | None]:
     return weights, data
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+    # config.json is edited by the steps: never share its inode with the input
+    if (dst / "config.json").exists():
+        (dst / "config.json").unlink()
+        shutil.copy2(src / "config.json", dst / "config.json")
+
+
 def _config_fixes(src: Path, out: Path, fixes: list) -> None:
     from trainer.convert.config_steps import drop_config_key, set_config
-    from trainer.convert.prepare import _link_or_copy
     from trainer.convert.shards import atomic_directory
 
     with atomic_directory(out) as tmp:
@@ -91,6 +106,32 @@ def _math(raw: Path, out: Path) -> None:
         for f in files:
             rows += preprocess(f, split)
     write_rows(rows, out)
+
+
+def prepare_model_dir(steps: list[PrepareStep], in_dir: Path, out_dir: Path) -> list[str]:
+    """A matrix model's prepare steps on a checkpoint already on disk, without a recipe's plan and manifest
+    (``python -m trainer.convert prepare MODEL IN OUT``): ``OUT/hf`` the prepared HF checkpoint, ``OUT/mcore`` its
+    unsharded conversion where the model declares ``hf-to-mcore``. Returns one line per step done."""
+    hf = out_dir / "hf"
+    if hf.exists():
+        raise PrepareError(f"{hf}: already exists; choose a new output directory")
+    if any(s.step == "fp8-to-bf16" for s in steps[1:]):
+        raise PrepareError("prepare: fp8-to-bf16 must be the first step")
+    done, src = [], in_dir
+    if steps and steps[0].step == "fp8-to-bf16":
+        src = out_dir / "bf16"
+        _cast(in_dir, src, steps[0].args.get("block"))
+        done.append(f"fp8-to-bf16 → {src}")
+    fixes = [s for s in steps if s.step in ("drop-config-key", "set-config")]
+    _config_fixes(src, hf, fixes)
+    if src != in_dir:
+        shutil.rmtree(src)  # OUT/hf holds hard links to (or copies of) the cast shards
+    done += [f"{s.step} {', '.join(map(str, s.args.values() if s.step == 'drop-config-key' else s.args))}"
+             for s in fixes]
+    if any(s.step == "hf-to-mcore" for s in steps):
+        _convert(hf, out_dir / "mcore", "single")
+        done.append(f"hf-to-mcore → {out_dir / 'mcore'}")
+    return done
 
 
 def plan(matrix: Matrix, r: ResolvedRecipe, froms: list[Path]) -> list[Step]:

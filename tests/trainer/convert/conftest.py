@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from trainer.convert.shards import HF_INDEX
+from trainer.models.weight_files import HF_INDEX
 
 
 @pytest.fixture(scope="module")

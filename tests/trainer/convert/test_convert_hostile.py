@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.convert.__main__ import main
-from trainer.convert.shards import HF_INDEX
 from trainer.models import pretrained
+from trainer.models.weight_files import HF_INDEX
 
 TAMPERED = "model.layers.0.mlp.up_proj.weight"
 

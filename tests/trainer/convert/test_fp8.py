@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.convert.__main__ import main
-from trainer.convert.shards import HF_INDEX
+from trainer.models.weight_files import HF_INDEX
 
 B = 128
 

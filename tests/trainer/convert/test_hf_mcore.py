@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.convert.__main__ import main
-from trainer.convert.shards import HF_INDEX, MCORE_INDEX
+from trainer.models.weight_files import HF_INDEX, MCORE_INDEX
 
 
 def cli(argv):

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from matrix.schema import PrepareStep
-from trainer.convert import ConvertError
 from trainer.convert.__main__ import main
-from trainer.convert.prepare import prepare
+from trainer.models.weight_files import WeightsError
+from trainer.prepare.steps import prepare_model_dir
 
 
 def copy_with_config(src, dst, **extra):
@@ -27,9 +27,9 @@ def test_deepseek_v3_config_steps_make_the_checkpoint_convertible(hf_dirs, tmp_p
         PrepareStep(step="set-config", why="no MTP", args={"num_nextn_predict_layers": 0}),
         PrepareStep(step="hf-to-mcore", why="train", args={"gpus": 1}),
     ]
-    with pytest.raises(ConvertError, match="'num_nextn_predict_layers'"):  # without the config steps
-        prepare(steps[2:], src, tmp_path / "raw")
-    assert len(prepare(steps, src, tmp_path / "out")) == 3
+    with pytest.raises(WeightsError, match="'num_nextn_predict_layers'"):  # without the config steps
+        prepare_model_dir(steps[2:], src, tmp_path / "raw")
+    assert len(prepare_model_dir(steps, src, tmp_path / "out")) == 3
     config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
     assert "quantization_config" not in config and config["num_nextn_predict_layers"] == 0
     assert (tmp_path / "out" / "mcore" / "mcore.json").exists()

@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.convert import ConvertError
 from trainer.convert.__main__ import main
-from trainer.convert.shards import MCORE_META
+from trainer.models.weight_files import MCORE_META, WeightsError
 
 
 def cli(argv):
@@ -91,15 +90,15 @@ def test_sharded_round_trip_is_bit_identical(sharded, hf_dirs, tmp_path, read_ch
 
 
 def test_own_shard_refuses_other_degrees_and_reads_the_unsharded_form(sharded, hf_dirs, matrix, tmp_path):
-    from trainer.convert.sharded import own_shard
     from trainer.models.build import build_gpt_model
+    from trainer.models.sharded_weights import own_shard
     from trainer.parallel.process_groups import process_groups
 
     single = tmp_path / "single"
     assert main(["hf-to-mcore", str(hf_dirs["tiny-moonlight"]), str(single)]) == 0
     with process_groups():
         gpt = build_gpt_model(matrix.models["tiny-qwen3"], seed=0)
-        with pytest.raises(ConvertError) as refused:
+        with pytest.raises(WeightsError) as refused:
             own_shard(gpt, sharded("tiny-qwen3", "tp2"))
         moonlight = build_gpt_model(matrix.models["tiny-moonlight"], seed=0)
         tensors = own_shard(moonlight, single)

@@ -10,9 +10,9 @@ from matrix.schema import Layout, Model
 from trainer.backends.base import build_backend
 from trainer.config import resolve
 from trainer.convert.hf_mcore import hf_to_mcore
-from trainer.convert.shards import MCORE_META
 from trainer.models import pretrained
 from trainer.models.hf_checkpoint import load_hf_checkpoint
+from trainer.models.weight_files import MCORE_META
 from trainer.parallel.process_groups import process_groups
 
 SINGLE = Layout()

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from trainer.convert.shards import HF_INDEX
+from trainer.models.weight_files import HF_INDEX
 from trainer.prepare.places import ROOT
 from trainer.prepare.run import main
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from matrix.schema import Model
-from trainer.convert import ConvertError
-from trainer.convert.shards import open_safetensors
+from trainer.models.weight_files import WeightsError, open_safetensors
 
 
 def expected_hf_shapes(model: Model) -> dict[str, tuple[int, ...]]:
@@ -37,7 +36,7 @@ def expected_mcore_shapes(model: Model) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(root: Path, mapping: dict[str, str], expected: dict[str, tuple[int, ...]]) -> None:
-    """Every stored tensor named in ``expected`` has that shape; ConvertError naming the first that has not."""
+    """Every stored tensor named in ``expected`` has that shape; WeightsError naming the first that has not."""
     by_shard: dict[str, list[str]] = {}
     for name, shard in mapping.items():
         if name in expected:
@@ -47,7 +46,7 @@ def check_shapes(root: Path, mapping: dict[str, str], expected: dict[str, tuple[
             for name in sorted(names):
                 stored = tuple(f.get_slice(name).get_shape())
                 if stored != expected[name]:
-                    raise ConvertError(
+                    raise WeightsError(
                         f"{root / shard}: tensor {name!r} has shape {list(stored)}, but config.json "
                         f"describes {list(expected[name])}; the weights and config.json are of "
                         "different models"
