@@ -457,8 +457,8 @@ class Run(Strict):
     """Prompts per episode (one sampled response each) written to the run's samples.jsonl with their response,
     ground truth, reward and the engine's log-probs; 0 → no file."""
     stall_timeout_s: PositiveFloat | None = None
-    """A multi-process run in which no rank progresses (finishes an episode) for this long is stopped, the stuck
-    rank named (trainer.heartbeat). None: 300 s for a CPU recipe, 1800 s for a GPU recipe; set it above a GPU
+    """A run in which no rank progresses (finishes an episode) for this long is stopped, the stuck rank named
+    (trainer.heartbeat; a one-process run watches itself: a stopped one is paused, not ended). None: 300 s for a CPU recipe, 1800 s for a GPU recipe; set it above a GPU
     recipe's longest episode plus checkpoint."""
 
 

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:
-    from trainer.heartbeat import stall_timeout_s
+    from trainer.heartbeat import stall_timeout_s, watching
     from trainer.parallel.launcher import RankFailed, launch
     from trainer.worker import RunRequest, initial_weights, run_rank
 
@@ -240,7 +240,8 @@ def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:
     request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
                          wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
     try:
-        outcome = launch(run_rank, world, request, stall_timeout_s=stall_timeout_s(resolved))
+        with watching(world, stall_timeout_s(resolved)):
+            outcome = launch(run_rank, world, request, stall_timeout_s=stall_timeout_s(resolved))
     except RankFailed as exc:
         # on a line of its own: the driver's progress bar may have been cut short mid-line
         print(f"\nerror: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)

@@ -7,15 +7,26 @@ the kernel, a hung file system, else one that never beat, else the one whose bea
 and reports that one line. Ranks waiting in a collective for the stuck one stop beating too, which is why the
 verdict looks at process states and beat ages rather than at who waited. The process groups' own collective
 timeout (``init_process_groups(timeout_s=...)``) is set a little longer, as a backstop.
+
+A one-process run has no launcher process to watch it, so it watches itself (``ProcessWatch``: a thread). What
+one process can see of itself: its main thread blocked for good — a deadlock on a lock, a read or a collective
+that never returns, any wait that releases the GIL — or a loop that never reaches its next beat. What it cannot:
+being stopped (SIGSTOP, Ctrl-Z), when none of its threads runs — a stopped process is paused, not stuck; it goes
+on when continued (``fg``, SIGCONT) and the time it was stopped does not count — and a C call that spins holding
+the GIL, which stops the watch's thread too. Only a watcher outside the process (the launcher's, for
+multi-process runs; a scheduler's time limit) sees those.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 ENV = "GRPO_STACK_HEARTBEAT_DIR"
@@ -35,8 +46,13 @@ def stall_timeout_s(resolved) -> float:
     return GPU_DEFAULT_S if resolved.runs_on_gpus else CPU_DEFAULT_S
 
 
+_beats = 0  # this process's beats: what its own ProcessWatch compares
+
+
 def beat() -> None:
-    """This rank made progress (a no-op outside a watched multi-process run)."""
+    """This rank made progress."""
+    global _beats
+    _beats += 1
     directory = os.environ.get(ENV)
     if directory:
         path = Path(directory) / f"rank-{int(os.environ.get('RANK', 0)):05d}"
@@ -111,3 +127,57 @@ class StallWatch:
             for proc in multiprocessing.active_children():
                 proc.kill()  # SIGKILL ends a stopped process too
             return
+
+
+def watching(world_size: int, timeout_s: float) -> AbstractContextManager:
+    """Around a run: a one-process run watches itself (``ProcessWatch``); the launcher's ``StallWatch`` watches
+    the ranks of a multi-process run it spawned."""
+    return ProcessWatch(timeout_s) if world_size == 1 else nullcontext()
+
+
+def _end_run(line: str) -> None:
+    from trainer.console_log import say_now
+
+    say_now(f"\nerror: {line}\n")  # the main thread is stuck: nothing else would print it
+    os._exit(1)
+
+
+class ProcessWatch:
+    """``with ProcessWatch(timeout_s)``: once this process, having beaten at least once, goes ``timeout_s`` of
+    its running time without another beat, ``on_stall`` gets one line naming where the main thread is (by
+    default: printed, and the process exits 1). What it can and cannot see: the module docstring."""
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[str], None] = _end_run, poll_s: float = POLL_S):
+        self.timeout_s, self.on_stall, self.poll_s = timeout_s, on_stall, poll_s
+        self._stop = threading.Event()
+
+    def __enter__(self) -> ProcessWatch:
+        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        seen, stalled, last = _beats, 0.0, time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            elapsed, last = now - last, now
+            if _beats != seen or not _beats:  # progress, or still starting (as the launcher's watch: not watched)
+                seen, stalled = _beats, 0.0
+                continue
+            # a much longer wait than asked: the process was stopped (or the machine slept) — not the run's time
+            stalled += min(elapsed, 2 * self.poll_s)
+            if stalled >= self.timeout_s:
+                self.on_stall(f"no progress for {self.timeout_s:g} s (run.stall_timeout_s); stuck: the run's one "
+                              f"process, its main thread at {_main_thread_at()}")
+                return
+
+
+def _main_thread_at() -> str:
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return "an unknown place"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"

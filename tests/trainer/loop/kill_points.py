@@ -65,3 +65,15 @@ def sigterm_to_launcher_after_row_1():
 
     _, world = rank_and_world()
     _after_row(1, lambda: os.kill(os.getppid() if world > 1 else os.getpid(), signal.SIGTERM))
+
+
+def deadlock_after_row_1():
+    """The main thread blocks for good once episode 1 is logged: a lock taken twice (a deadlock, GIL released)."""
+    import threading
+
+    def deadlock():
+        lock = threading.Lock()
+        lock.acquire()
+        lock.acquire()
+
+    _after_row(1, deadlock)

@@ -339,6 +339,20 @@ def test_a_stopped_rank_ends_the_run_within_the_stall_timeout_naming_it(repo, tm
     assert not [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_a_deadlocked_one_process_run_ends_within_the_stall_timeout_naming_where(repo, tmp_path):
+    """Today the watch exists only in the launcher of a multi-process run: this run would hang for good."""
+    run_dir, stall = tmp_path / "run", 3
+    started = time.time()
+    out = trainer(repo, "tiny-qwen2.5", "run.episodes=100000", f"run.stall_timeout_s={stall}", "--run-dir",
+                  str(run_dir), fault="deadlock_after_row_1", timeout=240)
+    line = last_line(out, code=1)
+    assert line.startswith(f"error: no progress for {stall} s (run.stall_timeout_s); stuck: the run's one process, "
+                           f"its main thread at {KILL_POINTS}:"), line
+    assert line.endswith("(deadlock)"), line
+    assert [r["episode"] for r in rows(run_dir)] == [1]
+    assert time.time() - started < 240
+
+
 # --- run directories a team can use --------------------------------------------------------------------------------
 
 
