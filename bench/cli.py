@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH, MatrixError
+from trainer.config import TrainerInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=_here, default=RESULTS, help="where results go (default: bench/results/)")
     run.add_argument("--runs", type=_here, default=ROOT / "runs" / "bench", help="parent of the run directories")
     run.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take before it is killed")
+    run.add_argument("--in-image", action="store_true", help="run inside the suites' built image (trainer/in_image.py)")
+    run.add_argument("--runtime", choices=("docker", "podman", "buildah"), help="with --in-image (default: found)")
+    run.add_argument("--dry-run", action="store_true", help="with --in-image: print the container command(s) only")
     rep = sub.add_parser("report", help="compare results (baseline = first); default: the two newest results of "
                                         "the suite run last, by the time recorded in each")
     rep.add_argument("results", nargs="*", type=Path, help="result JSON files, baseline first")
@@ -60,12 +64,37 @@ def _newest_pair(directory: Path) -> list:
     return [base, cand]
 
 
+def _in_image(args: argparse.Namespace) -> int:
+    """The same suites, inside their recipes' image (one container per image), writing results and runs here."""
+    from bench.suite import SuiteError, plan
+    from matrix import load_matrix
+    from trainer.config import parse_overrides, resolve
+    from trainer.in_image import Entry, by_image, run_entries
+
+    if not args.in_image:
+        raise SuiteError("--dry-run prints the container command of --in-image; add --in-image")
+    m = load_matrix(args.matrix)
+    unknown = [s for s in args.suites if s not in m.benchmarks]
+    if unknown:
+        raise SuiteError(f"unknown suite '{unknown[0]}'; suites in {args.matrix}: {', '.join(m.benchmarks) or '(none)'}")
+    recipes = {s: [resolve(p.recipe, parse_overrides(list(p.overrides)), args.matrix)
+                   for p in plan(m, m.benchmarks[s], args.matrix)] for s in args.suites}
+    common = ["--matrix", str(args.matrix), "--results", str(args.results), "--runs", str(args.runs),
+              "--timeout", f"{args.timeout:g}"]
+    entries = [Entry(image, ["python", "-m", "bench", "run", *group, *common],
+                     [r for s in group for r in recipes[s]], [args.results, args.runs])
+               for image, group in by_image("suite", recipes).items()]
+    return run_entries(entries, args.matrix, runtime=args.runtime, dry_run=args.dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from bench.result import ResultError, load_result
     from bench.suite import SuiteError
 
     try:
+        if args.command == "run" and (args.in_image or args.dry_run):
+            return _in_image(args)
         if args.command == "run":
             from bench.suite import run_suite
 
@@ -77,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < args.threshold < 1:
             raise ValueError(f"--threshold {args.threshold}: expected a fraction in (0, 1), e.g. 0.1 for 10%")
         results = [load_result(p) for p in args.results] if args.results else _newest_pair(RESULTS)
-    except (SuiteError, ResultError, MatrixError, FileNotFoundError, ValueError) as exc:
+    except (SuiteError, ResultError, MatrixError, TrainerInputError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

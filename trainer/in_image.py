@@ -1,10 +1,14 @@
-"""`python -m trainer RECIPE --in-image`: the same entry point, run inside the recipe's image.
+"""`--in-image` of `python -m trainer`, `trainer.equivalence` and `bench run`: the same entry point, inside the image.
 
 On the host, in seconds: the runtime (docker, podman or buildah), the image built and built from the lock here now,
 enough GPUs, the weights and data there; then one container runs `python -m trainer RECIPE ...` with the recipe's
 GPU count, the host's weights, data and HF cache mounted read-only at the same paths, the runs folder read-write
 (written as the calling user), and the matrix file the recipe was read from. `--dry-run` prints the command(s)
 and checks nothing. The container command itself is `images.runtime`'s.
+
+Each entry point says what it runs as an ``Entry`` (image, command, recipes, folders it writes); `run_entries`
+does the rest the same way for all three. Gates and suites run whole inside one image each (grouped by image);
+their recipes' prepared weights or data are refused there, since only the train command takes them as overrides.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from images.backends import Backend
@@ -43,12 +48,17 @@ def _hf_cache() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def container_needs(args: argparse.Namespace, r: ResolvedRecipe) -> Needs:
-    matrix = Path(args.matrix).resolve()
-    runs = Path(args.run_dir or args.resume or Path(args.runs) / "x").resolve().parent
-    mounts = [Mount(matrix, matrix), Mount(runs, runs, read_only=False)]
-    overrides = list(args.overrides)
-    env: dict[str, str] = {}
+def _hf_cache_mount() -> tuple[list[Mount], dict[str, str]]:
+    cache = _hf_cache()
+    if cache is None:
+        return [], {}
+    return [Mount(cache.resolve(), HF_CACHE_INSIDE)], {"HF_HOME": str(HF_CACHE_INSIDE)}
+
+
+def recipe_inputs(matrix: Path, r: ResolvedRecipe) -> tuple[list[Mount], list[str]]:
+    """The read-only mounts of ``r``'s weights and data (at their host paths) and the overrides that point the
+    run at them there."""
+    mounts, overrides = [], []
     weights = Path(r.model.weights) if r.model.weights else None
     if weights is None and r.model.hf_id:  # where `nox -s prepare` puts them (a dry run shows it before they exist)
         weights = weights_dir(load_matrix(matrix), r)
@@ -63,11 +73,35 @@ def container_needs(args: argparse.Namespace, r: ResolvedRecipe) -> Needs:
     if data is not None:
         mounts.append(Mount(data.parent.resolve(), data.parent.resolve()))
         overrides.append(f"data.path={data.resolve()}")
-    cache = _hf_cache()
-    if cache is not None:
-        mounts.append(Mount(cache.resolve(), HF_CACHE_INSIDE))
-        env["HF_HOME"] = str(HF_CACHE_INSIDE)
-    command = ["python", "-m", "trainer", r.name, *overrides, "--matrix", str(matrix), "--runs", str(runs)]
+    return mounts, overrides
+
+
+@dataclass
+class Entry:
+    """One entry point run inside one image: the recipes it runs (checked on the host for GPUs, weights and
+    data; the container gets the most GPUs one of them needs), the folders it writes (mounted read-write,
+    created first by the caller, so they are the caller's) and the rest of its mounts and environment."""
+
+    image: str
+    command: list[str]
+    recipes: list[ResolvedRecipe]
+    writes: list[Path]
+    mounts: list[Mount] = field(default_factory=list)
+
+    def needs(self, matrix: Path) -> Needs:
+        cache, env = _hf_cache_mount()
+        mounts = [Mount(matrix, matrix), *(Mount(w, w, read_only=False) for w in self.writes), *self.mounts, *cache]
+        return Needs(image=self.image, command=self.command, gpus=max(map(needs_gpus, self.recipes), default=0),
+                     mounts=mounts, env=env)
+
+
+def train_entry(args: argparse.Namespace, r: ResolvedRecipe) -> Entry:
+    """`python -m trainer RECIPE ...` with the recipe's weights and data mounted and pointed at."""
+    matrix = Path(args.matrix).resolve()
+    runs = Path(args.run_dir or args.resume or Path(args.runs) / "x").resolve().parent
+    mounts, overrides = recipe_inputs(matrix, r)
+    command = ["python", "-m", "trainer", r.name, *args.overrides, *overrides, "--matrix", str(matrix),
+               "--runs", str(runs)]
     if args.run_dir:
         command += ["--run-dir", str(Path(args.run_dir).resolve())]
     if args.resume:
@@ -75,7 +109,29 @@ def container_needs(args: argparse.Namespace, r: ResolvedRecipe) -> Needs:
     if args.wandb:
         command += ["--wandb", args.wandb]
     command += [f"--{f.replace('_', '-')}" for f in PASSED_FLAGS if getattr(args, f)]
-    return Needs(image=r.recipe.image, command=command, gpus=needs_gpus(r), mounts=mounts, env=env)
+    return Entry(r.recipe.image, command, [r], [runs], mounts)
+
+
+def container_needs(args: argparse.Namespace, r: ResolvedRecipe) -> Needs:
+    return train_entry(args, r).needs(Path(args.matrix).resolve())
+
+
+def by_image(what: str, recipes: dict[str, list[ResolvedRecipe]]) -> dict[str, list[str]]:
+    """image → the names (gates, suites) whose recipes run in it, in order; a name whose recipes need prepared
+    weights or data, which reach a container only as a train command's overrides, is refused."""
+    groups: dict[str, list[str]] = {}
+    for name, rs in recipes.items():
+        images = sorted({r.recipe.image for r in rs})
+        if len(images) > 1:
+            raise TrainerInputError(f"--in-image: {what} {name} runs recipes of images {', '.join(images)}; run "
+                                    f"one image at a time")
+        prepared = next((r for r in rs if r.model.hf_id and not r.model.weights or data_file(r)), None)
+        if prepared is not None:
+            raise TrainerInputError(f"--in-image: {what} {name}: recipe {prepared.name} starts from prepared "
+                                    f"weights or data, which reach a container only through `python -m trainer "
+                                    f"{prepared.name} --in-image`; run this {what} on the host")
+        groups.setdefault(images[0], []).append(name)
+    return groups
 
 
 def _check_host(r: ResolvedRecipe) -> None:
@@ -93,18 +149,34 @@ def _check_host(r: ResolvedRecipe) -> None:
         raise TrainerInputError(f"data file {data}: not there; run `nox -s prepare -- {r.name}`")
 
 
-def main(args: argparse.Namespace, r: ResolvedRecipe) -> int:
+def run_entries(entries: list[Entry], matrix: Path, *, runtime: str | None, dry_run: bool) -> int:
+    """Run each entry in its image (the first failing code ends it); ``dry_run``: print the commands, check
+    nothing. Bad input (no runtime, image not built or from another lock, GPUs, weights) is TrainerInputError."""
     environ = dict(os.environ)
     try:
-        if args.dry_run:  # what would run, on any machine: nothing is checked
-            backend = Backend(args.runtime, None if args.runtime == "docker" else "vfs") if args.runtime else find(None)
-            for argv in commands(backend, container_needs(args, r), environ):
-                print(shown(argv, environ))
+        if dry_run:  # what would run, on any machine: nothing is checked
+            backend = Backend(runtime, None if runtime == "docker" else "vfs") if runtime else find(None)
+            for entry in entries:
+                for argv in commands(backend, entry.needs(matrix), environ):
+                    print(shown(argv, environ))
             return 0
-        _check_host(r)
-        backend = find(args.runtime)
-        check_built(backend, r.recipe.image)
-        Path(container_needs(args, r).mounts[1].host).mkdir(parents=True, exist_ok=True)  # the caller's folder
-        return run(backend, container_needs(args, r), environ)
+        for entry in entries:
+            for r in entry.recipes:
+                _check_host(r)
+        backend = find(runtime)
+        for entry in entries:
+            check_built(backend, entry.image)
+        for entry in entries:
+            for folder in entry.writes:
+                folder.mkdir(parents=True, exist_ok=True)  # the caller's, not the container's root
+            code = run(backend, entry.needs(matrix), environ)
+            if code:
+                return code
+        return 0
     except UsageError as exc:
         raise TrainerInputError(str(exc)) from None
+
+
+def main(args: argparse.Namespace, r: ResolvedRecipe) -> int:
+    return run_entries([train_entry(args, r)], Path(args.matrix).resolve(), runtime=args.runtime,
+                       dry_run=args.dry_run)

@@ -16,8 +16,10 @@ def test_a_main_thread_that_stops_beating_is_named_where_it_waits():
         heartbeat.beat()
         time.sleep(1.5)  # the main thread waits here, beyond the timeout
     (line,) = lines
-    assert line.startswith("no progress for 0.5 s (run.stall_timeout_s); stuck: the run's one process, its main "
-                           f"thread at {__file__}:")
+    assert line.startswith(
+        "no progress for 0.5 s (run.stall_timeout_s); stuck: the run's one process, its main "
+        f"thread at {__file__}:"
+    )
     assert line.endswith("(test_a_main_thread_that_stops_beating_is_named_where_it_waits)")
 
 
@@ -48,8 +50,9 @@ def test_time_stopped_by_a_signal_does_not_count(tmp_path):
                 work(0.7)
         print("finished", flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline() == "beat\n"
     proc.send_signal(signal.SIGSTOP)  # in the first episode's work
     time.sleep(4)  # two timeouts

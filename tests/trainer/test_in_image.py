@@ -95,3 +95,47 @@ def test_an_image_not_built_is_refused_in_seconds(capsys, tmp_path, monkeypatch)
     err = refused(capsys, "demo", "--runtime", "buildah")
     assert err == ("error: image cpu (grpo-stack/cpu:0.1.0) is not built for buildah; build it with "
                    "`nox -s build -- cpu --backend buildah`")
+
+
+def test_equivalence_in_image_runs_the_same_gates_inside_their_image(host_env, capsys):
+    """Equivalence through the same machinery: the gates' image, verdicts and cache written as the caller."""
+    from trainer.equivalence.run import main as equivalence
+
+    out = ROOT / "runs" / "gates"
+    assert equivalence(["tp-equivalence", "--candidate", "1", "--in-image", "--dry-run", "--runtime", "docker"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("docker run --rm --user ") and "--gpus" not in line  # a CPU gate: no GPUs
+    for flag in ("--ipc=host", *ulimits(), f"-v {ROOT / 'matrix.yaml'}:{ROOT / 'matrix.yaml'}:ro",
+                 f"-v {out}:{out} ", "-e WANDB_API_KEY", "-e NCCL_DEBUG"):
+        assert flag in line, flag
+    assert "MY_SECRET_TOKEN" not in line and SECRET not in line
+    assert line.endswith(f"grpo-stack/cpu:0.1.0 python -m trainer.equivalence tp-equivalence --matrix "
+                         f"{ROOT / 'matrix.yaml'} --out {out} --candidate=1")
+
+
+def test_bench_in_image_runs_the_same_suite_inside_its_image(host_env, capsys):
+    from bench.cli import main as bench
+
+    assert bench(["run", "cpu", "--in-image", "--dry-run", "--runtime", "podman"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    results, runs = ROOT / "bench" / "results", ROOT / "runs" / "bench"
+    assert line.startswith("podman --storage-driver vfs run --rm --user ") and "nvidia.com/gpu" not in line
+    assert f"-v {results}:{results} " in line and f"-v {runs}:{runs} " in line and SECRET not in line
+    assert line.endswith(f"grpo-stack/cpu:0.1.0 python -m bench run cpu --matrix {ROOT / 'matrix.yaml'} --results "
+                         f"{results} --runs {runs} --timeout 1800")
+
+
+def test_a_gate_on_prepared_weights_is_refused_in_image_in_seconds(capsys, tmp_path):
+    """Prepared weights reach a container only as the train command's overrides: a gate of such a recipe is one
+    line on the host, not a run that fails inside."""
+    from trainer.equivalence.run import main as equivalence
+
+    data = yaml.safe_load((ROOT / "matrix.yaml").read_text())
+    model = data["recipes"]["gates-dense"]["model"]
+    data["models"][model]["hf_id"] = "test-org/tiny"
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert equivalence(["tp-equivalence", "--matrix", str(tmp_path / "m.yaml"), "--in-image", "--dry-run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == ("error: --in-image: gate tp-equivalence: recipe gates-dense starts from prepared weights or data, "
+                    "which reach a container only through `python -m trainer gates-dense --in-image`; run this gate "
+                    "on the host")

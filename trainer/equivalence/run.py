@@ -25,6 +25,7 @@ from rich.table import Table
 from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, ResolvedRecipe, load_matrix
 from matrix.schema import Gate, LayoutPatch
 from trainer.atomic import write_bytes, write_json
+from trainer.config import TrainerInputError
 from trainer.equivalence.compare import compare
 from trainer.parallel.layout import ParallelLayout
 
@@ -159,6 +160,23 @@ def run_gate(runner: Runner, name: str, gate: Gate, out: Path, console: Console,
     return passed
 
 
+def _in_image(m: Matrix, args: argparse.Namespace) -> int:
+    """The same gates, inside their recipes' image (one container per image)."""
+    from trainer.in_image import Entry, by_image, run_entries
+
+    names = args.gates or list(m.gates)
+    recipes = {n: [variant(m, m.gates[n].recipe, p) for p in (m.gates[n].reference, *m.gates[n].candidates)]
+               for n in names}
+    matrix, out = Path(args.matrix).resolve(), Path(args.out).resolve()
+    writes = [out] + ([Path(args.cache).resolve()] if args.cache else [])
+    common = ["--matrix", str(matrix), "--out", str(out)] + (["--cache", str(writes[1])] if args.cache else [])
+    common += [f"--candidate={i}" for i in args.candidate or []]
+    entries = [Entry(image, ["python", "-m", "trainer.equivalence", *group, *common],
+                     [r for n in group for r in recipes[n]], writes)
+               for image, group in by_image("gate", recipes).items()]
+    return run_entries(entries, matrix, runtime=args.runtime, dry_run=args.dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.equivalence", description="Run layout-equivalence gates.")
     p.add_argument("gates", nargs="*", help="gate names (default: every gate of the matrix)")
@@ -168,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidate", type=int, action="append", metavar="N",
                    help="run only candidate N (0-based, repeatable) of each named gate; default: all")
     p.add_argument("--plant", metavar="FILE:FUNCTION", help=argparse.SUPPRESS)  # tests: a fault in the candidates
+    p.add_argument("--in-image", action="store_true", help="run inside the gates' built image (trainer/in_image.py)")
+    p.add_argument("--runtime", choices=("docker", "podman", "buildah"), help="with --in-image (default: found)")
+    p.add_argument("--dry-run", action="store_true", help="with --in-image: print the container command(s) only")
     args = p.parse_args(argv)
     console = Console()
     try:
@@ -183,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             wrong = [i for i in args.candidate or [] if not 0 <= i < count]
             if wrong:
                 raise GateInputError(f"--candidate {wrong[0]}: gate {name} has candidates 0..{count - 1}")
-    except GateInputError as exc:
+        if args.dry_run and not args.in_image:
+            raise GateInputError("--dry-run prints the container command of --in-image; add --in-image")
+        if args.in_image:
+            return _in_image(m, args)
+    except (GateInputError, TrainerInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
