@@ -161,11 +161,12 @@ class ProcessWatch:
         self._thread.join()
 
     def _watch(self) -> None:
-        seen, stalled, last = _beats, 0.0, time.monotonic()
+        started = seen = _beats  # a process may run more than one run (tests): count this run's beats
+        stalled, last = 0.0, time.monotonic()
         while not self._stop.wait(self.poll_s):
             now = time.monotonic()
             elapsed, last = now - last, now
-            if _beats != seen or not _beats:  # progress, or still starting (as the launcher's watch: not watched)
+            if _beats != seen or _beats == started:  # progress, or still starting (as the launcher's: not watched)
                 seen, stalled = _beats, 0.0
                 continue
             # a much longer wait than asked: the process was stopped (or the machine slept) — not the run's time

@@ -235,15 +235,26 @@ def test_sigterm_to_the_launcher_of_two_processes_stops_every_rank_with_a_checkp
 # --- a full disk and bad run paths ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 2 MiB (one checkpoint of the tiny run fits, two do not), made and removed here (root only)."""
-    mount = tmp_path / "disk"
+def tmpfs(mount, size):
+    """A tmpfs of ``size`` at ``mount``, made and removed here (root only)."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """2 MiB: one checkpoint of the one-process tiny run fits, two do not."""
+    yield from tmpfs(tmp_path / "disk", "2M")
+
+
+@pytest.fixture
+def small_disk_for_two(tmp_path):
+    """3 MiB: one checkpoint of the two-process tiny run (two rank files) fits, two do not."""
+    yield from tmpfs(tmp_path / "disk", "3M")
 
 
 @pytest.mark.slow
@@ -262,6 +273,24 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(repo, s
     out = trainer(repo, "--resume", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
     same_run(run_dir, straight)
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_two_process_run_is_one_line_and_nothing_half_written(repo, small_disk_for_two):
+    """Every rank stops with the first rank's line; both rank files of the last good checkpoint are kept (the
+    resume once there is space is the one-process test's: the same code)."""
+    run_dir = small_disk_for_two / "run"
+    out = trainer(repo, *MULTI, "--run-dir", str(run_dir))
+    line = last_line(out, code=1)
+    assert line.startswith(f"error: episode 4: no space left on the device of {run_dir / 'checkpoints'}: the "
+                           "checkpoint of episode 4 (this rank's part) needs about 1.1 MiB, "), line
+    assert line.endswith(f"last good checkpoint: episode 2 in {run_dir / 'checkpoints'})")
+    assert sum("error:" in x for x in out.stderr.splitlines()) == 1, out.stderr[-3000:]
+    assert not list((run_dir / "checkpoints").rglob(".tmp-*")) and not list(run_dir.rglob("*.tmp"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["episode-000002", "latest"]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000002").iterdir()) == [
+        "manifest.json", "rank-00000.pt", "rank-00001.pt"]
+    assert [r["episode"] for r in rows(run_dir)] == [1, 2, 3]
 
 
 def test_a_metrics_row_on_a_full_disk_is_a_disk_full_error(small_disk):
