@@ -90,7 +90,12 @@ class Entry:
 
     def needs(self, matrix: Path) -> Needs:
         cache, env = _hf_cache_mount()
-        mounts = [Mount(matrix, matrix), *(Mount(w, w, read_only=False) for w in self.writes), *self.mounts, *cache]
+        mounts = [Mount(matrix, matrix), *(Mount(w, w, read_only=False) for w in self.writes), *self.mounts]
+        for r in self.recipes:  # a folder the matrix names itself is read there at the same (absolute) path
+            weights = Path(r.model.weights) if r.model.weights and Path(r.model.weights).is_absolute() else None
+            if weights is not None and all(m.host != weights for m in mounts):
+                mounts.append(Mount(weights, weights))
+        mounts += cache
         return Needs(image=self.image, command=self.command, gpus=max(map(needs_gpus, self.recipes), default=0),
                      mounts=mounts, env=env)
 

@@ -139,3 +139,14 @@ def test_a_gate_on_prepared_weights_is_refused_in_image_in_seconds(capsys, tmp_p
     assert line == ("error: --in-image: gate tp-equivalence: recipe gates-dense starts from prepared weights or data, "
                     "which reach a container only through `python -m trainer gates-dense --in-image`; run this gate "
                     "on the host")
+
+
+def test_a_gate_on_weights_the_matrix_names_mounts_them_read_only(capsys, tmp_path):
+    from trainer.equivalence.run import main as equivalence
+
+    data = yaml.safe_load((ROOT / "matrix.yaml").read_text())
+    data["models"][data["recipes"]["gates-dense"]["model"]]["weights"] = str(tmp_path / "weights")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    args = ["tp-equivalence", "--matrix", str(tmp_path / "m.yaml"), "--in-image", "--dry-run", "--runtime", "docker"]
+    assert equivalence(args) == 0
+    assert f"-v {tmp_path / 'weights'}:{tmp_path / 'weights'}:ro " in capsys.readouterr().out
