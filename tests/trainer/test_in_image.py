@@ -116,12 +116,12 @@ def test_equivalence_in_image_runs_the_same_gates_inside_their_image(host_env, c
 def test_bench_in_image_runs_the_same_suite_inside_its_image(host_env, capsys):
     from bench.cli import main as bench
 
-    assert bench(["run", "cpu", "--in-image", "--dry-run", "--runtime", "podman"]) == 0
+    assert bench(["run", "demo-cpu", "--in-image", "--dry-run", "--runtime", "podman"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     results, runs = ROOT / "bench" / "results", ROOT / "runs" / "bench"
     assert line.startswith("podman --storage-driver vfs run --rm --user ") and "nvidia.com/gpu" not in line
     assert f"-v {results}:{results} " in line and f"-v {runs}:{runs} " in line and SECRET not in line
-    assert line.endswith(f"grpo-stack/cpu:0.1.0 python -m bench run cpu --matrix {ROOT / 'matrix.yaml'} --results "
+    assert line.endswith(f"grpo-stack/cpu:0.1.0 python -m bench run demo-cpu --matrix {ROOT / 'matrix.yaml'} --results "
                          f"{results} --runs {runs} --timeout 1800")
 
 
