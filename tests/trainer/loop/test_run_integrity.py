@@ -368,6 +368,7 @@ def test_a_stopped_rank_ends_the_run_within_the_stall_timeout_naming_it(repo, tm
     assert not [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow
 def test_a_deadlocked_one_process_run_ends_within_the_stall_timeout_naming_where(repo, tmp_path):
     """Today the watch exists only in the launcher of a multi-process run: this run would hang for good."""
     run_dir, stall = tmp_path / "run", 3
