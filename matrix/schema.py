@@ -460,6 +460,13 @@ class Run(Strict):
     """A multi-process run in which no rank progresses (finishes an episode) for this long is stopped, the stuck
     rank named (trainer.heartbeat). None: 300 s for a CPU recipe, 1800 s for a GPU recipe; set it above a GPU
     recipe's longest episode plus checkpoint."""
+    launcher: Literal["local", "ray"] = "local"
+    """What starts the ranks (trainer.parallel.launcher): local → torch's elastic agent on this host; ray → a Ray
+    placement group over the nodes of a Ray cluster (RAY_ADDRESS / --ray-address, else a local one). `--launcher`
+    overrides it."""
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 0
+    """A multi-process run whose rank fails (raises, is killed, its node lost) is relaunched from its latest
+    checkpoint up to this many times, each restart logged with its cause; 0 → the first failure ends the run."""
 
 
 class FSDPOptions(Strict):

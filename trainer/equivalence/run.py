@@ -26,6 +26,7 @@ from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, ResolvedRecipe, loa
 from matrix.schema import Gate, LayoutPatch
 from trainer.atomic import write_bytes, write_json
 from trainer.equivalence.compare import compare
+from trainer.parallel.launcher import LAUNCHERS
 from trainer.parallel.layout import ParallelLayout
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -75,8 +76,10 @@ class Runner:
     kept from an earlier run would hide whatever the fingerprint cannot see (a driver, NCCL, an environment
     variable, a patched collective, another machine) and print yesterday's verdict."""
 
-    def __init__(self, m: Matrix, cache: Path, plant: str | None = None):
+    def __init__(self, m: Matrix, cache: Path, plant: str | None = None, launcher: str | None = None,
+                 ray_address: str | None = None):
         self.m, self.cache, self.plant = m, cache, plant
+        self.launcher, self.ray_address = launcher, ray_address  # launcher None: each recipe's run.launcher
         self.references: dict[str, dict] = {}  # in memory, this run only: gates of one recipe share a reference
         cache.mkdir(parents=True, exist_ok=True)
         self.code = code_fingerprint()
@@ -103,20 +106,22 @@ class Runner:
     def replay(self, resolved: ResolvedRecipe, steps: int, *, candidate: bool) -> dict:
         from trainer.equivalence.replay import Replay, replay_rank
         from trainer.parallel.launcher import launch
-        from trainer.worker import FAULT_ENV
+        from trainer.parallel.rank import FAULT_ENV
 
         initial, batch = self.inputs(resolved.name)
         job = Replay(resolved, initial, batch, steps)
+        run = functools.partial(launch, replay_rank, resolved.recipe.gpus, job,
+                                launcher=self.launcher or resolved.recipe.run.launcher, ray_address=self.ray_address)
         if not candidate:
             key = _key(resolved.model_dump(mode="json"), steps)
             if key not in self.references:
-                self.references[key] = launch(replay_rank, resolved.recipe.gpus, job)
+                self.references[key] = run()
             return self.references[key]
         if not self.plant:
-            return launch(replay_rank, resolved.recipe.gpus, job)
-        os.environ[FAULT_ENV] = self.plant  # inherited by the candidate's ranks only
+            return run()
+        os.environ[FAULT_ENV] = self.plant  # passed on to the candidate's ranks only
         try:
-            return launch(replay_rank, resolved.recipe.gpus, job)
+            return run()
         finally:
             del os.environ[FAULT_ENV]
 
@@ -168,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidate", type=int, action="append", metavar="N",
                    help="run only candidate N (0-based, repeatable) of each named gate; default: all")
     p.add_argument("--plant", metavar="FILE:FUNCTION", help=argparse.SUPPRESS)  # tests: a fault in the candidates
+    p.add_argument("--launcher", choices=LAUNCHERS,
+                   help="what starts each layout's ranks: local or ray (default: the recipe's run.launcher)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="with --launcher ray: the running cluster to join (default: RAY_ADDRESS, else a local one)")
     args = p.parse_args(argv)
     console = Console()
     try:
@@ -190,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.parallel.launcher import RankFailed
 
     out = Path(args.out)
-    runner = Runner(m, Path(args.cache) if args.cache else out / ".cache", plant=args.plant)
+    runner = Runner(m, Path(args.cache) if args.cache else out / ".cache", plant=args.plant, launcher=args.launcher,
+                    ray_address=args.ray_address)
     failed = []
     for name in args.gates or list(m.gates):
         console.print(f"[bold]gate {name}[/]: {len(m.gates[name].candidates)} candidate(s) against "
