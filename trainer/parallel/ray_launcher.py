@@ -124,7 +124,13 @@ class RayLauncher:
 
         env = {"env_vars": self._passed_env()}
         if self.address:
-            ray.init(address=self.address, runtime_env=env, log_to_driver=True, logging_level="ERROR")
+            from ray._private.services import get_node_ip_address
+
+            # the driver's own address, as routed to the head: nodes that share a filesystem (and so Ray's session
+            # directory) share its cached node address too, and the driver would otherwise take another node's
+            head = self.address.removeprefix("ray://").split(",")[0]
+            ray.init(address=self.address, runtime_env=env, log_to_driver=True, logging_level="ERROR",
+                     _node_ip_address=get_node_ip_address(head if ":" in head else f"{head}:6379"))
             return True
         # a local cluster: CPU ranks share the cores as the local launcher's do
         ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
