@@ -244,15 +244,24 @@ def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:
 
     world = resolved.recipe.gpus
     initial = initial_weights(resolved) if world > 1 and not args.resume and weights is None else None
-    request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
-                         wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
-    try:
-        outcome = launch(run_rank, world, request, launcher=args.launcher or resolved.recipe.run.launcher,
-                         ray_address=args.ray_address, stall_timeout_s=stall_timeout_s(resolved))
-    except RankFailed as exc:
-        # on a line of its own: the driver's progress bar may have been cut short mid-line
-        print(f"\nerror: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)
-        return 1
+    restarts, resume = resolved.recipe.run.max_restarts, bool(args.resume)
+    for attempt in range(restarts + 1):
+        request = RunRequest(resolved, run_dir, resume=resume, tensorboard=args.tensorboard,
+                             wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
+        try:
+            outcome = launch(run_rank, world, request, launcher=args.launcher or resolved.recipe.run.launcher,
+                             ray_address=args.ray_address, ranks_per_node=resolved.gpus_per_node,
+                             stall_timeout_s=stall_timeout_s(resolved))
+            break
+        except RankFailed as exc:
+            # on a line of its own: the driver's progress bar may have been cut short mid-line
+            if attempt == restarts:
+                print(f"\nerror: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)
+                return 1
+            print(f"\nerror: {exc}; every rank was stopped; restart {attempt + 1} of {restarts} (run.max_restarts) "
+                  "from the latest checkpoint", file=sys.stderr, flush=True)
+            _check_resume(run_dir, world)  # what the failure left half-written is cleared, damage skipped
+            resume = True
     if outcome["status"] == "stopped":
         print(f"error: {outcome['message']}", file=sys.stderr)
         return 1

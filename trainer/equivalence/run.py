@@ -111,7 +111,8 @@ class Runner:
         initial, batch = self.inputs(resolved.name)
         job = Replay(resolved, initial, batch, steps)
         run = functools.partial(launch, replay_rank, resolved.recipe.gpus, job,
-                                launcher=self.launcher or resolved.recipe.run.launcher, ray_address=self.ray_address)
+                                launcher=self.launcher or resolved.recipe.run.launcher, ray_address=self.ray_address,
+                                ranks_per_node=resolved.gpus_per_node)
         if not candidate:
             key = _key(resolved.model_dump(mode="json"), steps)
             if key not in self.references:

@@ -30,9 +30,10 @@ class RankFailed(RuntimeError):
 
 
 class Launcher(Protocol):
-    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any,
+    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any, ranks_per_node: int | None = None,
                stall_timeout_s: float | None = None) -> Any:
-        """``fn(*args)`` on ``world_size`` ranks (``world_size`` > 1); rank 0's return value, or ``RankFailed``."""
+        """``fn(*args)`` on ``world_size`` ranks (``world_size`` > 1), ``ranks_per_node`` to a node (None: all on
+        one), numbered node by node; rank 0's return value, or ``RankFailed``."""
 
 
 def launcher_named(name: str, *, ray_address: str | None = None) -> Launcher:
@@ -49,14 +50,15 @@ def launcher_named(name: str, *, ray_address: str | None = None) -> Launcher:
 
 
 def launch(fn: Callable[..., Any], world_size: int, *args: Any, launcher: str = "local",
-           ray_address: str | None = None, stall_timeout_s: float | None = None) -> Any:
+           ray_address: str | None = None, ranks_per_node: int | None = None,
+           stall_timeout_s: float | None = None) -> Any:
     """``fn(*args)`` on ``world_size`` ranks started by ``launcher``; returns rank 0's return value. With
     ``stall_timeout_s``, ranks that stop making progress (``trainer.heartbeat``) are stopped, the stuck one named
     (local launcher; under Ray the collectives' timeout is the bound)."""
     if world_size == 1:
         return fn(*args)
-    return launcher_named(launcher, ray_address=ray_address).launch(fn, world_size, *args,
-                                                                   stall_timeout_s=stall_timeout_s)
+    return launcher_named(launcher, ray_address=ray_address).launch(
+        fn, world_size, *args, ranks_per_node=ranks_per_node, stall_timeout_s=stall_timeout_s)
 
 
 def die_with_parent() -> None:

@@ -39,7 +39,7 @@ def _agent_rank(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class ElasticLauncher:
-    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any,
+    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any, ranks_per_node: int | None = None,
                stall_timeout_s: float | None = None) -> Any:
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch

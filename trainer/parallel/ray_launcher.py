@@ -143,7 +143,7 @@ class RayLauncher:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         return env
 
-    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any,
+    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any, ranks_per_node: int | None = None,
                stall_timeout_s: float | None = None) -> Any:
         import ray
 
@@ -152,11 +152,12 @@ class RayLauncher:
         self._connect(world_size)
         group, actors = None, []
         try:
-            group, order = self._placement(world_size)
-            actors = self._actors(group, order)
+            group, order, gpus = self._placement(world_size, ranks_per_node or world_size)
+            actors = self._actors(group, order, gpus)
             env = self._rendezvous(actors, group, order)
             refs = [actor.run.remote(env[rank], fn, args) for rank, actor in enumerate(actors)]
-            return self._wait(refs)
+            address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+            return self._wait(refs, [address.get(node, node) for _, node in order])
         finally:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
@@ -164,28 +165,32 @@ class RayLauncher:
                 ray.util.remove_placement_group(group)
             ray.shutdown()
 
-    def _placement(self, world_size: int):
-        """The placement group, ready, and its bundle indices in rank order (node by node, the first bundle's
-        node first)."""
+    def _placement(self, world_size: int, ranks_per_node: int):
+        """The placement group, ready: one bundle per node of ``ranks_per_node`` ranks (a device and a CPU each),
+        every bundle on its own node; and each rank's (bundle, node), rank by rank."""
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
+        nodes = -(-world_size // ranks_per_node)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) < nodes:
+            raise RankFailed(f"the Ray cluster has {len(alive)} node(s); {world_size} ranks of {ranks_per_node} per "
+                             f"node (gpus_per_node) need {nodes}: join more nodes (ray start --address ...)")
+        sizes = [min(ranks_per_node, world_size - i * ranks_per_node) for i in range(nodes)]
         gpus = ray.cluster_resources().get("GPU", 0) >= world_size
-        bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
-        group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+        bundles = [{"GPU": n, "CPU": n} if gpus else {"CPU": n} for n in sizes]
+        group = placement_group(bundles, strategy="STRICT_SPREAD" if nodes > 1 else "STRICT_PACK")
         try:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(group)
-            raise RankFailed(f"the Ray cluster has no room for {world_size} bundles of {bundle} after "
+            raise RankFailed(f"the Ray cluster found no room for {nodes} node(s) of {bundles[0]} after "
                              f"{PLACEMENT_TIMEOUT_S:g} s (cluster: {ray.cluster_resources()})") from None
-        nodes = placement_group_table(group)["bundles_to_node_id"]
-        node_order = list(dict.fromkeys(nodes[i] for i in range(world_size)))
-        order = sorted(range(world_size), key=lambda i: (node_order.index(nodes[i]), i))
-        return group, [(i, nodes[i]) for i in order]
+        node_of = placement_group_table(group)["bundles_to_node_id"]
+        return group, [(i, node_of[i]) for i, n in enumerate(sizes) for _ in range(n)], gpus
 
     @staticmethod
-    def _actors(group, order) -> list:
+    def _actors(group, order, gpus: bool) -> list:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -193,10 +198,8 @@ class RayLauncher:
         actors = []
         for rank, (bundle, _) in enumerate(order):
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
-            resources = group.bundle_specs[bundle]
-            actors.append(remote.options(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
-                                         scheduling_strategy=strategy, max_restarts=0,
-                                         name=None).remote(rank))
+            actors.append(remote.options(num_cpus=1, num_gpus=1 if gpus else 0, scheduling_strategy=strategy,
+                                         max_restarts=0).remote(rank))
         return actors
 
     @staticmethod
@@ -217,7 +220,7 @@ class RayLauncher:
         return envs
 
     @staticmethod
-    def _wait(refs: list) -> Any:
+    def _wait(refs: list, hosts: list[str]) -> Any:
         """Rank 0's result once every rank finished, or ``RankFailed`` naming the rank that failed first."""
         import ray
 
@@ -231,7 +234,7 @@ class RayLauncher:
                 rank, cause = rank_of[ready[0]], exc
                 if not _is_death(exc) and _broken_collective(exc):
                     rank, cause = _peer_death(pending, rank_of) or (rank, exc)
-                raise RankFailed(_describe(rank, cause)) from None
+                raise RankFailed(_describe(rank, hosts[rank], cause)) from None
             if rank_of[ready[0]] == 0:
                 result = value
         return result
@@ -253,16 +256,12 @@ def _peer_death(pending: list, rank_of: dict) -> tuple[int, BaseException] | Non
     return None
 
 
-def _describe(rank: int, exc: BaseException) -> str:
+def _describe(rank: int, host: str, exc: BaseException) -> str:
     import ray
 
-    if isinstance(exc, ray.exceptions.NodeDiedError) or "node" in str(exc).lower() and _is_death(exc):
-        lost = "its node was lost" if "node" in str(exc).lower() and "died" in str(exc).lower() else ""
-        if lost:
-            return f"rank {rank} failed: {lost} ({_death_reason(exc)})"
-    if _is_death(exc):
-        return f"rank {rank} failed: its process died ({_death_reason(exc)})"
-    return f"rank {rank} failed: {_first_line(exc)}"
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return f"rank {rank} (node {host}) failed: {_first_line(exc)}"
+    return f"rank {rank} (node {host}) was lost: its process or its node died (Ray: {_death_reason(exc)})"
 
 
 def _death_reason(exc: BaseException) -> str:
