@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 import time
@@ -125,6 +126,13 @@ def _refuse_missing_loggers(args) -> None:
                                     "(pip install -e '.[logging]'; `nox -s train` does when given this flag)") from None
 
 
+def _refuse_missing_launcher(name: str) -> None:
+    """The Ray launcher needs the ray package (the `ray` extra): refused before a run directory exists."""
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise TrainerInputError("launcher ray: the ray package is not installed; install the ray extra "
+                                "(pip install -e '.[ray]'; `nox -s train -- ... --launcher ray` does)")
+
+
 def _checked_weights(resolved) -> Path | None:
     """The pretrained directory the run starts from (None: random init), refused here, before any rank starts,
     when it is missing or describes another model."""
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return in_image(args, resolved)
         _refuse_missing_loggers(args)
+        _refuse_missing_launcher(args.launcher or resolved.recipe.run.launcher)
         lacking = missing(resolved, root=ROOT)
         _refuse_drift(args.ignore_drift)
         if lacking:
