@@ -172,10 +172,6 @@ class RayLauncher:
         from ray.util.placement_group import placement_group, placement_group_table
 
         nodes = -(-world_size // ranks_per_node)
-        alive = [n for n in ray.nodes() if n["Alive"]]
-        if len(alive) < nodes:
-            raise RankFailed(f"the Ray cluster has {len(alive)} node(s); {world_size} ranks of {ranks_per_node} per "
-                             f"node (gpus_per_node) need {nodes}: join more nodes (ray start --address ...)")
         sizes = [min(ranks_per_node, world_size - i * ranks_per_node) for i in range(nodes)]
         gpus = ray.cluster_resources().get("GPU", 0) >= world_size
         bundles = [{"GPU": n, "CPU": n} if gpus else {"CPU": n} for n in sizes]
@@ -184,8 +180,10 @@ class RayLauncher:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(group)
-            raise RankFailed(f"the Ray cluster found no room for {nodes} node(s) of {bundles[0]} after "
-                             f"{PLACEMENT_TIMEOUT_S:g} s (cluster: {ray.cluster_resources()})") from None
+            alive = sum(n["Alive"] for n in ray.nodes())
+            raise RankFailed(f"the Ray cluster ({alive} node(s) alive) had no room after {PLACEMENT_TIMEOUT_S:g} s for "
+                             f"{nodes} node(s) of {bundles[0]} ({world_size} ranks, {ranks_per_node} per node: "
+                             f"gpus_per_node); join nodes with `ray start --address ...`") from None
         node_of = placement_group_table(group)["bundles_to_node_id"]
         return group, [(i, node_of[i]) for i, n in enumerate(sizes) for _ in range(n)], gpus
 
