@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ from matrix import DEFAULT_MATRIX_PATH, load_matrix
 from trainer.atomic import write_json
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.console_log import console_log
-from trainer.parallel.launcher import LAUNCHERS
+from trainer.parallel.launcher import LAUNCHERS, missing_package
 from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
 from trainer.prepare.places import with_prepared_weights
@@ -126,13 +125,6 @@ def _refuse_missing_loggers(args) -> None:
                                     "(pip install -e '.[logging]'; `nox -s train` does when given this flag)") from None
 
 
-def _refuse_missing_launcher(name: str) -> None:
-    """The Ray launcher needs the ray package (the `ray` extra): refused before a run directory exists."""
-    if name == "ray" and importlib.util.find_spec("ray") is None:
-        raise TrainerInputError("launcher ray: the ray package is not installed; install the ray extra "
-                                "(pip install -e '.[ray]'; `nox -s train -- ... --launcher ray` does)")
-
-
 def _checked_weights(resolved) -> Path | None:
     """The pretrained directory the run starts from (None: random init), refused here, before any rank starts,
     when it is missing or describes another model."""
@@ -211,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return in_image(args, resolved)
         _refuse_missing_loggers(args)
-        _refuse_missing_launcher(args.launcher or resolved.recipe.run.launcher)
+        lacking_launcher = missing_package(args.launcher or resolved.recipe.run.launcher)
+        if lacking_launcher:
+            raise TrainerInputError(lacking_launcher)
         lacking = missing(resolved, root=ROOT)
         _refuse_drift(args.ignore_drift)
         if lacking:

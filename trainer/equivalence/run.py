@@ -26,7 +26,7 @@ from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, ResolvedRecipe, loa
 from matrix.schema import Gate, LayoutPatch
 from trainer.atomic import write_bytes, write_json
 from trainer.equivalence.compare import compare
-from trainer.parallel.launcher import LAUNCHERS
+from trainer.parallel.launcher import LAUNCHERS, missing_package
 from trainer.parallel.layout import ParallelLayout
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [g for g in args.gates if g not in m.gates]
         if unknown:
             raise GateInputError(f"unknown gate {unknown[0]!r}; gates: {', '.join(m.gates) or '(none)'}")
+        lacking = missing_package(args.launcher) if args.launcher else None
+        if lacking:
+            raise GateInputError(lacking)
         for name in args.gates or list(m.gates):
             count = len(m.gates[name].candidates)
             wrong = [i for i in args.candidate or [] if not 0 <= i < count]

@@ -36,6 +36,16 @@ class Launcher(Protocol):
         one), numbered node by node; rank 0's return value, or ``RankFailed``."""
 
 
+def missing_package(name: str) -> str | None:
+    """Why launcher ``name`` cannot start here (None: it can): the Ray launcher needs the ray package."""
+    import importlib.util
+
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        return ("launcher ray: the ray package is not installed; install the ray extra (pip install -e '.[ray]'; "
+                "`nox -s train|equivalence -- ... --launcher ray` does)")
+    return None
+
+
 def launcher_named(name: str, *, ray_address: str | None = None) -> Launcher:
     """The launcher ``name`` (one of ``LAUNCHERS``); ``ray_address``: a running Ray cluster (Ray only)."""
     if name == "local":
