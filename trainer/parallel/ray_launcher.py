@@ -145,6 +145,9 @@ class RayLauncher:
 
     def launch(self, fn: Callable[..., Any], world_size: int, *args: Any, ranks_per_node: int | None = None,
                stall_timeout_s: float | None = None) -> Any:
+        # every rank's lines under its own prefix (Ray would fold lines repeated across ranks into one); read when
+        # ray is first imported
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         import ray
 
         if ray.is_initialized():
