@@ -74,8 +74,14 @@ def matrix(session: nox.Session) -> None:
 def train(session: nox.Session) -> None:
     """Train a recipe (default: the embedded CPU demo): `nox -s train -- RECIPE key=value ...`."""
     loggers = any(a.split("=")[0] in ("--tensorboard", "--wandb") for a in session.posargs)
-    python = _install_heavy(session, "logging" if loggers else "")
+    python = _install_heavy(session, ",".join(filter(None, ["logging" if loggers else "", _ray_extra(session)])))
     session.run(python, "-m", "trainer", *(session.posargs or ["demo"]), external=True)
+
+
+def _ray_extra(session: nox.Session) -> str:
+    """"ray" when the arguments ask for the Ray launcher (`--launcher ray`), else ""."""
+    args = " ".join(session.posargs).replace("--launcher=", "--launcher ")
+    return "ray" if "--launcher ray" in args else ""
 
 
 @nox.session(venv_backend="none")
@@ -95,7 +101,7 @@ def convert(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite (CI runs exactly this); posargs go to pytest, e.g. `-- -m 'not slow'`."""
-    python = _install_heavy(session, "images,bench,grading,tensorboard,dev")
+    python = _install_heavy(session, "images,bench,grading,tensorboard,dev,ray")
     session.run(python, "-m", "pytest", *session.posargs, external=True)
 
 
@@ -177,7 +183,7 @@ def build(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def equivalence(session: nox.Session) -> None:
     """Run the layout-equivalence gates of the matrix: `-- GATE ...` (default: all); exit 1 if one fails."""
-    python = _install_heavy(session)
+    python = _install_heavy(session, _ray_extra(session))
     session.run(python, "-m", "trainer.equivalence", *session.posargs, external=True)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from matrix.errors import did_you_mean
-from matrix.schema import Benchmark, Gate, Layout, Matrix, Model, Recipe
+from matrix.schema import Benchmark, Gate, Layout, Matrix, Model, Recipe, node_size
 from trainer.parallel.layout import ParallelLayout
 
 Path = tuple[str | int, ...]
@@ -118,6 +118,9 @@ def check_layout_fits(recipe_name: str, r: Recipe, layout: Layout, model: Model,
     world = dims.world_problem(layout.dp, lname)
     if world:
         yield path + ("gpus",), world
+    nodes = dims.node_problem(node_size(r), r.experts_in_node)
+    if nodes and not world:
+        yield path + (nodes[0],), nodes[1]
 
 
 def check_recipe(name: str, r: Recipe, m: Matrix) -> Iterator[Finding]:

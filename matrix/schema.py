@@ -460,6 +460,13 @@ class Run(Strict):
     """A run in which no rank progresses (finishes an episode) for this long is stopped, the stuck rank named
     (trainer.heartbeat; a one-process run watches itself: a stopped one is paused, not ended). None: 300 s for a CPU recipe, 1800 s for a GPU recipe; set it above a GPU
     recipe's longest episode plus checkpoint."""
+    launcher: Literal["local", "ray"] = "local"
+    """What starts the ranks (trainer.parallel.launcher): local → torch's elastic agent on this host; ray → a Ray
+    placement group over the nodes of a Ray cluster (RAY_ADDRESS / --ray-address, else a local one). `--launcher`
+    overrides it."""
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 0
+    """A multi-process run whose rank fails (raises, is killed, its node lost) is relaunched from its latest
+    checkpoint up to this many times, each restart logged with its cause; 0 → the first failure ends the run."""
 
 
 class FSDPOptions(Strict):
@@ -483,6 +490,11 @@ class Recipe(Strict):
     layout: NonEmptyStr
     gpus: Annotated[int, Field(gt=0, le=100_000)]
     """Devices the recipe runs on (processes, on CPU); the largest clusters have ~100k."""
+    gpus_per_node: PositiveInt | None = None
+    """Devices of one node; None → 8 for a GPU recipe, all of ``gpus`` (one host) for a CPU one. The recipe runs on
+    ``nodes`` = gpus / gpus_per_node nodes; TP groups never cross a node (ranks are numbered node by node)."""
+    experts_in_node: bool = False
+    """Keep each ETP·EP expert group inside a node too (its all-to-all on the node's fast links)."""
     grpo: GRPO
     data: Data
     run: Run
@@ -495,6 +507,14 @@ class Recipe(Strict):
 
 
 # --------------------------------------------------------------------------- gates and benchmarks
+
+
+GPU_NODE = 8  # GPUs of a node when a GPU recipe does not say
+
+
+def node_size(recipe: Recipe) -> int:
+    """Devices per node of ``recipe``: its ``gpus_per_node``, else 8 on GPUs and every process on one CPU host."""
+    return recipe.gpus_per_node or (recipe.gpus if recipe.image == CPU_IMAGE else GPU_NODE)
 
 
 class LayoutPatch(Strict):
@@ -641,6 +661,15 @@ class ResolvedRecipe(BaseModel):
         """Whether the recipe needs GPUs: every recipe of a GPU image; a cpu-image recipe runs on processes, whatever
         its engine (the torch engine, vLLM's CPU build)."""
         return self.recipe.image != CPU_IMAGE
+
+    @property
+    def gpus_per_node(self) -> int:
+        return node_size(self.recipe)
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the recipe runs on (whole nodes: the matrix check refuses a partial one)."""
+        return -(-self.recipe.gpus // self.gpus_per_node)
 
     @property
     def recompute(self) -> str:

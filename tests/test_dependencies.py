@@ -15,7 +15,7 @@ from packaging.specifiers import SpecifierSet
 from images import lockfile
 from matrix import load_matrix
 
-PYPROJECT_EXTRAS_NOX_INSTALLS = ("images", "bench", "grading", "tensorboard", "dev")
+PYPROJECT_EXTRAS_NOX_INSTALLS = ("images", "bench", "grading", "tensorboard", "dev", "ray")
 """The extras `nox -s tests` installs (noxfile.py); with the dependencies, what constraints.txt must not contradict."""
 
 

@@ -3,7 +3,8 @@
 Bad input (recipe, override, a machine that lacks what the recipe needs, a run directory in use) is one line
 and exit code 2, with nothing written; a run stopped by a non-finite loss is exit code 1 with the reason and
 the checkpoint it kept; a failed rank stops every rank and is exit code 1 with the first error.
-Multi-process layouts start one process per `gpus` (processes on CPU) through `trainer.parallel.launcher`.
+Multi-process layouts start one process per `gpus` (processes on CPU) through `trainer.parallel.launcher`: on this
+host (`local`) or over a Ray cluster (`ray`), as `run.launcher` or `--launcher` says.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from matrix import DEFAULT_MATRIX_PATH, load_matrix
 from trainer.atomic import write_json
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.console_log import console_log
+from trainer.parallel.launcher import LAUNCHERS, missing_package
 from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
 from trainer.prepare.places import with_prepared_weights
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="run inside the recipe's built image (docker, podman or buildah; see trainer/in_image.py)")
     p.add_argument("--runtime", choices=("docker", "podman", "buildah"), help="with --in-image (default: found)")
     p.add_argument("--dry-run", action="store_true", help="with --in-image: print the container command(s) only")
+    p.add_argument("--launcher", choices=LAUNCHERS,
+                   help="what starts the ranks: local (this host) or ray (a Ray cluster); default: the recipe's "
+                        "run.launcher")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="with the ray launcher: the running cluster to join (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -196,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return in_image(args, resolved)
         _refuse_missing_loggers(args)
+        lacking_launcher = missing_package(args.launcher or resolved.recipe.run.launcher)
+        if lacking_launcher:
+            raise TrainerInputError(lacking_launcher)
         lacking = missing(resolved, root=ROOT)
         _refuse_drift(args.ignore_drift)
         if lacking:
@@ -237,15 +247,25 @@ def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:
 
     world = resolved.recipe.gpus
     initial = initial_weights(resolved) if world > 1 and not args.resume and weights is None else None
-    request = RunRequest(resolved, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
-                         wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
-    try:
-        with watching(world, stall_timeout_s(resolved)):
-            outcome = launch(run_rank, world, request, stall_timeout_s=stall_timeout_s(resolved))
-    except RankFailed as exc:
-        # on a line of its own: the driver's progress bar may have been cut short mid-line
-        print(f"\nerror: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)
-        return 1
+    restarts, resume = resolved.recipe.run.max_restarts, bool(args.resume)
+    for attempt in range(restarts + 1):
+        request = RunRequest(resolved, run_dir, resume=resume, tensorboard=args.tensorboard,
+                             wandb_project=args.wandb, mllog=args.mllog, initial=initial, weights=weights)
+        try:
+            with watching(world, stall_timeout_s(resolved)):
+                outcome = launch(run_rank, world, request, launcher=args.launcher or resolved.recipe.run.launcher,
+                                 ray_address=args.ray_address, ranks_per_node=resolved.gpus_per_node,
+                                 stall_timeout_s=stall_timeout_s(resolved))
+            break
+        except RankFailed as exc:
+            # on a line of its own: the driver's progress bar may have been cut short mid-line
+            if attempt == restarts:
+                print(f"\nerror: {exc}; every rank was stopped (run directory: {run_dir})", file=sys.stderr)
+                return 1
+            print(f"\nerror: {exc}; every rank was stopped; restart {attempt + 1} of {restarts} (run.max_restarts) "
+                  "from the latest checkpoint", file=sys.stderr, flush=True)
+            _check_resume(run_dir, world)  # what the failure left half-written is cleared, damage skipped
+            resume = True
     if outcome["status"] == "stopped":
         print(f"error: {outcome['message']}", file=sys.stderr)
         return 1

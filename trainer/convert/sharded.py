@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 from torch import Tensor
-from torch.distributed.elastic.multiprocessing.errors import record
 
-# Only light imports at module level: spawned ranks import this module before start_rank quiets megatron.
+# Only light imports at module level: spawned ranks import this module before rank_session quiets megatron.
 from matrix.schema import Layout, Model
 from trainer.convert import ConvertError
 from trainer.convert.layouts import check_fits, conversion_world, matrix_layout
@@ -75,28 +74,24 @@ def _launch(fn, world: int, *args) -> None:
         raise ConvertError(str(e)) from None
 
 
-@record
 def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout, layout_name: str, model: Model,
                 config: dict) -> None:
     """One rank of ``write_sharded``: its dense and expert files, if it owns them (DP / expert-DP rank 0)."""
-    from trainer.worker import start_rank
+    from trainer.parallel.rank import rank_session
 
-    rank, world = start_rank()  # first: it quiets megatron's import warnings
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from safetensors import safe_open
-    from tqdm import tqdm
+    # conversion moves host tensors between files: the CPU platform (rank_session's default) whatever the machine has
+    with rank_session(layout) as me:  # first: it quiets megatron's import warnings
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from safetensors import safe_open
+        from tqdm import tqdm
 
-    from trainer.models.build import build_gpt_model
-    from trainer.models.weight_files import FORMAT
-    from trainer.models.weight_map import rules
-    from trainer.parallel.gather import local_shard, mark_tp_groups, whole_name
-    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
-    from trainer.platform import CPU
+        from trainer.models.build import build_gpt_model
+        from trainer.models.weight_files import FORMAT
+        from trainer.models.weight_map import rules
+        from trainer.parallel.gather import local_shard, mark_tp_groups, whole_name
 
-    # conversion moves host tensors between files: the CPU platform whatever the machine has
-    init_process_groups(layout, rank=rank, world_size=world, platform=CPU)
-    try:
+        rank, world = me.rank, me.world
         gpt = build_gpt_model(model, seed=0, layout=layout)
         mark_tp_groups(gpt)
         dense_file, expert_file = file_names()
@@ -134,8 +129,6 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
                     "model": model.model_dump(mode="json"), "hf_config": config,
                     "files": dict(sorted(kv for part in gathered for kv in part.items()))}
             (out / MCORE_META).write_text(json.dumps(meta, indent=2) + "\n")
-    finally:
-        destroy_process_groups()
 
 
 # ------------------------------------------------------------------ sharded → HF
@@ -162,24 +155,20 @@ def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
     return out_dir
 
 
-@record
 def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str], layout: Layout,
                model: Model) -> None:
-    from trainer.worker import start_rank
+    from trainer.parallel.rank import rank_session
 
-    rank, world = start_rank()  # first: it quiets megatron's import warnings
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    # conversion moves host tensors between files: the CPU platform (rank_session's default) whatever the machine has
+    with rank_session(layout) as me:  # first: it quiets megatron's import warnings
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
 
-    from trainer.convert.hf_mcore import write_hf_like
-    from trainer.models.build import build_gpt_model
-    from trainer.parallel.gather import global_name, whole_tensors
-    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
-    from trainer.platform import CPU
+        from trainer.convert.hf_mcore import write_hf_like
+        from trainer.models.build import build_gpt_model
+        from trainer.parallel.gather import global_name, whole_tensors
 
-    # conversion moves host tensors between files: the CPU platform whatever the machine has
-    init_process_groups(layout, rank=rank, world_size=world, platform=CPU)
-    try:
+        rank, world = me.rank, me.world
         gpt = build_gpt_model(model, seed=0, layout=layout)
         local = local_tensors(gpt, model)
         for name, t in own_shard(gpt, mcore_dir).items():
@@ -193,5 +182,3 @@ def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str],
         if rank == 0:
             whole |= {k: v for part in received for k, v in part.items()}
             write_hf_like(whole.items(), model, like, like_map, out, source=mcore_dir)
-    finally:
-        destroy_process_groups()

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from matrix import ResolvedRecipe
 
@@ -49,23 +48,19 @@ def prepare(resolved: ResolvedRecipe, root) -> tuple[dict, dict]:
         return dict(policy.hf_named_tensors()), collected.batch
 
 
-@record
 def replay_rank(replay: Replay) -> dict:
     """Run ``replay.steps`` learn steps on the saved batch as this rank; the driver returns the record."""
-    from trainer.worker import start_rank
-
-    rank, world = start_rank()
-    from trainer.backends.base import build_backend
-    from trainer.loop import learn
-    from trainer.metrics import StageTimer
-    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
-    from trainer.passes import passes
+    from trainer.parallel.rank import rank_session
     from trainer.platform import choose_platform
 
     r = replay.resolved
-    platform = choose_platform(r.recipe.run.device)
-    init_process_groups(r.layout, rank=rank, world_size=world, platform=platform)
-    try:
+    with rank_session(r.layout, choose_platform(r.recipe.run.device)) as me:
+        from trainer.backends.base import build_backend
+        from trainer.loop import learn
+        from trainer.metrics import StageTimer
+        from trainer.passes import passes
+
+        platform = me.platform
         policy = build_backend(r, seed=r.recipe.run.seed, initial=replay.initial, platform=platform)
         ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, initial=replay.initial,
                             platform=platform) if passes(r).reference else None
@@ -73,8 +68,7 @@ def replay_rank(replay: Replay) -> dict:
         for _ in range(replay.steps):
             batch = platform.to_device({k: v.clone() for k, v in replay.batch.items()})
             stats = learn(batch, r, policy, ref, StageTimer())
-            steps.append({"logprobs": platform.to_host(batch["old_logprobs"]), "loss": stats["loss"], "grad_norm": stats["grad_norm"]})
+            steps.append({"logprobs": platform.to_host(batch["old_logprobs"]), "loss": stats["loss"],
+                          "grad_norm": stats["grad_norm"]})
         weights = dict(policy.hf_named_tensors())  # HF names: layouts of different backends compare
-        return {"steps": steps, "weights": weights, "world_size": world}
-    finally:
-        destroy_process_groups()
+        return {"steps": steps, "weights": weights, "world_size": me.world}

@@ -27,6 +27,7 @@ from matrix.schema import Gate, LayoutPatch
 from trainer.atomic import write_bytes, write_json
 from trainer.config import TrainerInputError
 from trainer.equivalence.compare import compare
+from trainer.parallel.launcher import LAUNCHERS, missing_package
 from trainer.parallel.layout import ParallelLayout
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -76,8 +77,10 @@ class Runner:
     kept from an earlier run would hide whatever the fingerprint cannot see (a driver, NCCL, an environment
     variable, a patched collective, another machine) and print yesterday's verdict."""
 
-    def __init__(self, m: Matrix, cache: Path, plant: str | None = None):
+    def __init__(self, m: Matrix, cache: Path, plant: str | None = None, launcher: str | None = None,
+                 ray_address: str | None = None):
         self.m, self.cache, self.plant = m, cache, plant
+        self.launcher, self.ray_address = launcher, ray_address  # launcher None: each recipe's run.launcher
         self.references: dict[str, dict] = {}  # in memory, this run only: gates of one recipe share a reference
         cache.mkdir(parents=True, exist_ok=True)
         self.code = code_fingerprint()
@@ -104,20 +107,23 @@ class Runner:
     def replay(self, resolved: ResolvedRecipe, steps: int, *, candidate: bool) -> dict:
         from trainer.equivalence.replay import Replay, replay_rank
         from trainer.parallel.launcher import launch
-        from trainer.worker import FAULT_ENV
+        from trainer.parallel.rank import FAULT_ENV
 
         initial, batch = self.inputs(resolved.name)
         job = Replay(resolved, initial, batch, steps)
+        run = functools.partial(launch, replay_rank, resolved.recipe.gpus, job,
+                                launcher=self.launcher or resolved.recipe.run.launcher, ray_address=self.ray_address,
+                                ranks_per_node=resolved.gpus_per_node)
         if not candidate:
             key = _key(resolved.model_dump(mode="json"), steps)
             if key not in self.references:
-                self.references[key] = launch(replay_rank, resolved.recipe.gpus, job)
+                self.references[key] = run()
             return self.references[key]
         if not self.plant:
-            return launch(replay_rank, resolved.recipe.gpus, job)
-        os.environ[FAULT_ENV] = self.plant  # inherited by the candidate's ranks only
+            return run()
+        os.environ[FAULT_ENV] = self.plant  # passed on to the candidate's ranks only
         try:
-            return launch(replay_rank, resolved.recipe.gpus, job)
+            return run()
         finally:
             del os.environ[FAULT_ENV]
 
@@ -189,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-image", action="store_true", help="run inside the gates' built image (trainer/in_image.py)")
     p.add_argument("--runtime", choices=("docker", "podman", "buildah"), help="with --in-image (default: found)")
     p.add_argument("--dry-run", action="store_true", help="with --in-image: print the container command(s) only")
+    p.add_argument("--launcher", choices=LAUNCHERS,
+                   help="what starts each layout's ranks: local or ray (default: the recipe's run.launcher)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="with --launcher ray: the running cluster to join (default: RAY_ADDRESS, else a local one)")
     args = p.parse_args(argv)
     console = Console()
     try:
@@ -199,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [g for g in args.gates if g not in m.gates]
         if unknown:
             raise GateInputError(f"unknown gate {unknown[0]!r}; gates: {', '.join(m.gates) or '(none)'}")
+        lacking = missing_package(args.launcher) if args.launcher else None
+        if lacking:
+            raise GateInputError(lacking)
         for name in args.gates or list(m.gates):
             count = len(m.gates[name].candidates)
             wrong = [i for i in args.candidate or [] if not 0 <= i < count]
@@ -215,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.parallel.launcher import RankFailed
 
     out = Path(args.out)
-    runner = Runner(m, Path(args.cache) if args.cache else out / ".cache", plant=args.plant)
+    runner = Runner(m, Path(args.cache) if args.cache else out / ".cache", plant=args.plant, launcher=args.launcher,
+                    ray_address=args.ray_address)
     failed = []
     for name in args.gates or list(m.gates):
         console.print(f"[bold]gate {name}[/]: {len(m.gates[name].candidates)} candidate(s) against "

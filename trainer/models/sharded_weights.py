@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# Only light imports at module level: spawned ranks import this module before start_rank quiets megatron.
+# Only light imports at module level: spawned ranks import this module before rank_session quiets megatron.
 from matrix.schema import Layout, Model
 from trainer.models.weight_files import MCORE_INDEX, MCORE_META, WeightsError, read_mcore_model, weight_map
 

@@ -1,1 +1,2 @@
-"""Parallel layouts: process-group set-up today; one file per parallelism (TP, PP, CP, EP, FSDP) later."""
+"""Parallel layouts, process groups, one file per parallelism, the launcher seam (local and Ray) and what each rank
+does first and last (``rank``)."""

@@ -182,6 +182,24 @@ class ParallelLayout:
             return f"{self.world_size} is not a multiple of {arithmetic}; use a multiple of {self.min_world}"
         return None
 
+    def node_problem(self, gpus_per_node: int, experts_in_node: bool = False) -> tuple[str, str] | None:
+        """(what, why) when ``gpus_per_node``-device nodes cannot hold this layout: the world is whole nodes, and
+        ranks are numbered node by node, so a TP group (the innermost, consecutive ranks) stays inside a node when
+        its size divides the node's; with ``experts_in_node`` the ETP·EP expert groups too. None: they can."""
+        if self.world_size <= gpus_per_node:
+            return None  # one node holds every rank
+        if self.world_size % gpus_per_node:
+            return "gpus_per_node", (f"{self.world_size} GPUs are not whole nodes of {gpus_per_node}; use a "
+                                     f"multiple of {gpus_per_node} GPUs or another gpus_per_node")
+        if gpus_per_node % self.tp:
+            return "gpus_per_node", (f"tp={self.tp} would split tensor-parallel groups across nodes of "
+                                     f"{gpus_per_node}; use a tp that divides {gpus_per_node}")
+        if experts_in_node and gpus_per_node % (self.etp * self.ep):
+            return "gpus_per_node", (f"ETP·EP={self.etp}·{self.ep}={self.etp * self.ep} would split expert groups "
+                                     f"across nodes of {gpus_per_node} (experts_in_node: true); use degrees whose "
+                                     f"product divides {gpus_per_node}")
+        return None
+
 
 def derived_sizes(layout: Layout, gpus: int) -> tuple[int, int]:
     """(minimum GPU count, data-parallel size) of a matrix layout on ``gpus`` devices."""

@@ -53,7 +53,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _serve(conn, server_class, args: tuple) -> None:
     """The child: build the server, then answer calls until "shutdown" or the driver goes away."""
-    from trainer.parallel.launcher import die_with_parent
+    from trainer.parallel.ranks import die_with_parent
 
     die_with_parent()
     os.setpgid(0, 0)  # its own process group: shutdown stops whatever the engine started with it

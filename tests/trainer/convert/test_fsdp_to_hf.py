@@ -20,12 +20,10 @@ def train_and_checkpoint(resolved, hf_dir, run_dir):
     from trainer.models.hf_checkpoint import load_hf_checkpoint
     from trainer.parallel.job import Job
     from trainer.parallel.layout import ParallelLayout
-    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
-    from trainer.worker import start_rank
+    from trainer.parallel.rank import rank_session
 
-    rank, world = start_rank()
-    init_process_groups(resolved.layout, rank=rank, world_size=world)
-    try:
+    with rank_session(resolved.layout) as me:
+        rank, world = me.rank, me.world
         tensors, _ = load_hf_checkpoint(hf_dir)
         policy = FSDPBackend(resolved, seed=0, initial=tensors)
         ids = torch.randint(1, 128, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -39,8 +37,6 @@ def train_and_checkpoint(resolved, hf_dir, run_dir):
         job = Job(ParallelLayout.of(resolved.layout, world), rank)
         checkpoint.save(run_dir, 1, {"episode": 1, "world_size": world}, job, {"policy": policy})
         return policy.whole_weights()
-    finally:
-        destroy_process_groups()
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def ctrl_c_twice_after_row_1():
 
 def sigterm_to_launcher_after_row_1():
     """A scheduler's SIGTERM to the job's process (the launcher; in a one-process run, the rank itself)."""
-    from trainer.parallel.launcher import rank_and_world
+    from trainer.parallel.ranks import rank_and_world
 
     _, world = rank_and_world()
     _after_row(1, lambda: os.kill(os.getppid() if world > 1 else os.getpid(), signal.SIGTERM))

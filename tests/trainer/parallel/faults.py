@@ -126,3 +126,22 @@ def tied_embedding_gradients_not_summed():
 
 
 __all__ = ["torch"]
+
+
+def hold_after_the_first_checkpoint():
+    """Every rank waits after its first episode (past the episode-1 checkpoint) while the file named by
+    GRPO_STACK_TEST_HOLD exists: the two-host test kills a host there, mid-run."""
+    import os
+    import time
+
+    from trainer import heartbeat
+
+    beat, beats = heartbeat.beat, [0]
+
+    def held_beat():
+        beat()
+        beats[0] += 1
+        while beats[0] >= 2 and os.path.exists(os.environ["GRPO_STACK_TEST_HOLD"]):
+            time.sleep(0.2)
+
+    heartbeat.beat = held_beat

@@ -76,13 +76,11 @@ def stream_a_trained_fsdp_policy(resolved):
     from trainer.backends.fsdp import FSDPBackend
     from trainer.parallel.job import Job
     from trainer.parallel.layout import ParallelLayout
-    from trainer.parallel.process_groups import destroy_process_groups, init_process_groups
+    from trainer.parallel.rank import rank_session
     from trainer.weight_sync import sync_weights
-    from trainer.worker import start_rank
 
-    rank, world = start_rank()
-    init_process_groups(resolved.layout, rank=rank, world_size=world)
-    try:
+    with rank_session(resolved.layout) as me:
+        rank, world = me.rank, me.world
         policy = FSDPBackend(resolved, seed=0)
         ids = torch.randint(1, 128, (4, 12), generator=torch.Generator().manual_seed(0))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.ones(4, 11)}
@@ -95,8 +93,6 @@ def stream_a_trained_fsdp_policy(resolved):
         trained = dict(stream())
         return job.on_driver(lambda: {"watch": vars(watch), "sent": sent, "trained": trained,
                                       "engine": {k: v.clone() for k, v in engine.model.named_parameters()}})
-    finally:
-        destroy_process_groups()
 
 
 @pytest.mark.slow

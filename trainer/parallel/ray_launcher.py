@@ -1,0 +1,275 @@
+"""The Ray launcher: one placement group with a bundle per rank over the nodes of a Ray cluster.
+
+It joins the cluster at ``--ray-address`` / ``RAY_ADDRESS``, or starts a local one for the run. The placement group
+holds one bundle per rank (``{"GPU": 1, "CPU": 1}`` when the cluster has the GPUs, else ``{"CPU": 1}``), packed
+onto as few nodes as hold it; ranks are numbered node by node, so that consecutive ranks (megatron's TP, then
+ETP·EP, groups) share a node. Each rank is a Ray actor that runs the same entry point the local launcher runs,
+with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR / MASTER_PORT set to rank 0's node address and
+a free port there. Its output reaches the driver with a ``rank N`` prefix (the actor's ``__repr__``).
+
+Run files: rank 0 writes them into the run directory the driver names, and every rank writes its checkpoint shard
+there, so the nodes must share that filesystem (the same path on every node).
+
+The first failure ends the run: a rank that raises, a rank's process that dies, a node that is lost. Every actor
+is killed and the placement group removed whatever happened, and the line names the rank. A rank whose collective
+broke because a peer vanished is not the cause: for a few seconds the launcher waits for the peer's death to be
+reported and names that rank instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.parallel.ranks import RankFailed
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+# Environment the driver passes on to every rank: the project's own switches (tests' planted faults) and where the
+# code is (the nodes share the filesystem).
+PASSED_ON = ("GRPO_STACK_",)
+# Seconds the launcher waits, after a rank's collective broke, for the death of the rank that broke it to be
+# reported (a lost node is declared dead after Ray's health checks: health_check_period_ms × failure_threshold).
+PEER_DEATH_WAIT_S = 20.0
+PLACEMENT_TIMEOUT_S = 120.0
+# How a collective fails when its peer went away (gloo, NCCL): a consequence, not the cause.
+BROKEN_COLLECTIVE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "DistBackendError",
+                     "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
+
+
+def _interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` on this node (what gloo and NCCL should bind)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == address:
+                return name
+    return None
+
+
+class RankActor:
+    """One rank: a process on the node of its bundle that runs the entry point once."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __repr__(self) -> str:  # Ray prefixes the actor's output with it
+        return f"rank {self.rank}"
+
+    def node_address(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def free_port(self, address: str) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+            return s.getsockname()[1]
+
+    def run(self, env: dict[str, str], fn: Callable[..., Any], args: tuple) -> Any:
+        import ray
+
+        os.environ.update(env)
+        interface = _interface_of(ray.util.get_node_ip_address())
+        if interface:  # the node's address, not whatever the host name resolves to
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+        try:
+            return fn(*args)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error a rank raised, as one line (its type and message)."""
+    import ray
+
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+    text = " ".join(str(cause).split()) if cause is not None else ""
+    if isinstance(exc, ray.exceptions.RayTaskError) and cause is not None:
+        return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    return text or type(exc).__name__
+
+
+def _is_death(exc: BaseException) -> bool:
+    import ray
+
+    return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.WorkerCrashedError |
+                      ray.exceptions.NodeDiedError)
+
+
+def _broken_collective(exc: BaseException) -> bool:
+    text = _first_line(exc)
+    return any(marker in text for marker in BROKEN_COLLECTIVE)
+
+
+class RayLauncher:
+    def __init__(self, address: str | None = None):
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+
+    def _connect(self, world_size: int) -> bool:
+        """Join the cluster (True) or start a local one for this run (False)."""
+        import ray
+
+        env = {"env_vars": self._passed_env()}
+        if self.address:
+            from ray._private.services import get_node_ip_address
+
+            # the driver's own address, as routed to the head: nodes that share a filesystem (and so Ray's session
+            # directory) share its cached node address too, and the driver would otherwise take another node's
+            head = self.address.removeprefix("ray://").split(",")[0]
+            ray.init(address=self.address, runtime_env=env, log_to_driver=True, logging_level="ERROR",
+                     _node_ip_address=get_node_ip_address(head if ":" in head else f"{head}:6379"))
+            return True
+        # a local cluster: CPU ranks share the cores as the local launcher's do
+        ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env=env, log_to_driver=True, logging_level="ERROR")
+        return False
+
+    @staticmethod
+    def _passed_env() -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ON)}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        return env
+
+    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any, ranks_per_node: int | None = None,
+               stall_timeout_s: float | None = None) -> Any:
+        # every rank's lines under its own prefix (Ray would fold lines repeated across ranks into one); read when
+        # ray is first imported
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        import ray
+
+        if ray.is_initialized():
+            raise RuntimeError("the Ray launcher connects by itself: call it with no Ray connection open")
+        self._connect(world_size)
+        group, actors = None, []
+        try:
+            group, order, gpus = self._placement(world_size, ranks_per_node or world_size)
+            actors = self._actors(group, order, gpus)
+            env = self._rendezvous(actors, group, order)
+            refs = [actor.run.remote(env[rank], fn, args) for rank, actor in enumerate(actors)]
+            address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+            return self._wait(refs, [address.get(node, node) for _, node in order])
+        finally:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            if group is not None:
+                ray.util.remove_placement_group(group)
+            ray.shutdown()
+
+    def _placement(self, world_size: int, ranks_per_node: int):
+        """The placement group, ready: one bundle per node of ``ranks_per_node`` ranks (a device and a CPU each),
+        every bundle on its own node; and each rank's (bundle, node), rank by rank."""
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        nodes = -(-world_size // ranks_per_node)
+        sizes = [min(ranks_per_node, world_size - i * ranks_per_node) for i in range(nodes)]
+        gpus = ray.cluster_resources().get("GPU", 0) >= world_size
+        bundles = [{"GPU": n, "CPU": n} if gpus else {"CPU": n} for n in sizes]
+        group = placement_group(bundles, strategy="STRICT_SPREAD" if nodes > 1 else "STRICT_PACK")
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            alive = sum(n["Alive"] for n in ray.nodes())
+            raise RankFailed(f"the Ray cluster ({alive} node(s) alive) had no room after {PLACEMENT_TIMEOUT_S:g} s for "
+                             f"{nodes} node(s) of {bundles[0]} ({world_size} ranks, {ranks_per_node} per node: "
+                             f"gpus_per_node); join nodes with `ray start --address ...`") from None
+        node_of = placement_group_table(group)["bundles_to_node_id"]
+        return group, [(i, node_of[i]) for i, n in enumerate(sizes) for _ in range(n)], gpus
+
+    @staticmethod
+    def _actors(group, order, gpus: bool) -> list:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        remote = ray.remote(RankActor)
+        actors = []
+        for rank, (bundle, _) in enumerate(order):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
+            actors.append(remote.options(num_cpus=1, num_gpus=1 if gpus else 0, scheduling_strategy=strategy,
+                                         max_restarts=0).remote(rank))
+        return actors
+
+    @staticmethod
+    def _rendezvous(actors, group, order) -> list[dict[str, str]]:
+        """Each rank's launcher variables: rank 0's node address and a free port there for the rendezvous."""
+        import ray
+
+        address = ray.get(actors[0].node_address.remote())
+        port = ray.get(actors[0].free_port.remote(address))
+        world = len(actors)
+        nodes = [node for _, node in order]
+        envs = []
+        for rank, node in enumerate(nodes):
+            on_node = [r for r, n in enumerate(nodes) if n == node]
+            envs.append({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(on_node.index(rank)),
+                         "LOCAL_WORLD_SIZE": str(len(on_node)), "GROUP_RANK": str(list(dict.fromkeys(nodes)).index(node)),
+                         "MASTER_ADDR": address, "MASTER_PORT": str(port)})
+        return envs
+
+    @staticmethod
+    def _wait(refs: list, hosts: list[str]) -> Any:
+        """Rank 0's result once every rank finished, or ``RankFailed`` naming the rank that failed first."""
+        import ray
+
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending, result = list(refs), None
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                value = ray.get(ready[0])
+            except (ray.exceptions.RayError, Exception) as exc:  # noqa: BLE001 - any failure of a rank ends the run
+                rank, cause = rank_of[ready[0]], exc
+                if not _is_death(exc) and _broken_collective(exc):
+                    rank, cause = _peer_death(pending, rank_of) or (rank, exc)
+                raise RankFailed(_describe(rank, hosts[rank], cause)) from None
+            if rank_of[ready[0]] == 0:
+                result = value
+        return result
+
+
+def _peer_death(pending: list, rank_of: dict) -> tuple[int, BaseException] | None:
+    """The rank, among ``pending``, whose death is reported within ``PEER_DEATH_WAIT_S`` (None: none died)."""
+    import ray
+
+    deadline = time.monotonic() + PEER_DEATH_WAIT_S
+    while pending and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001
+                if _is_death(exc):
+                    return rank_of[ref], exc
+    return None
+
+
+def _describe(rank: int, host: str, exc: BaseException) -> str:
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return f"rank {rank} (node {host}) failed: {_first_line(exc)}"
+    return f"rank {rank} (node {host}) was lost: its process or its node died (Ray: {_death_reason(exc)})"
+
+
+def _death_reason(exc: BaseException) -> str:
+    """The short reason Ray gives for an actor's death (its first sentence)."""
+    text = " ".join(str(exc).split())
+    for marker in ("The actor died because ", "The actor is dead because "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    return text.split(". ")[0][:300]
