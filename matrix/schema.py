@@ -599,6 +599,8 @@ class Benchmark(Strict):
     repeats: PositiveInt = 1
     overrides: dict[NonEmptyStr, OverrideValue] = {}
     """Trainer overrides applied to every run of the suite."""
+    env: dict[NonEmptyStr, str] = {}
+    """Environment variables set for every run of the suite (say OMP_NUM_THREADS: threads per process)."""
 
     def entries(self) -> list[BenchRecipe]:
         """Every entry of `recipes` as a BenchRecipe (a bare name is a recipe under its own name)."""
