@@ -102,7 +102,7 @@ class PendingCollect:
 
     def __init__(self, episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine):
         grpo, seed, n = r.recipe.grpo, r.recipe.run.seed, r.recipe.grpo.samples_per_prompt
-        self.episode, self.r, self.task, self._collected, self._packed = episode, r, task, None, None
+        self.r, self.task, self._collected = r, task, None
         self.picked: list[Prompt] = random.Random(_episode_seed(seed, episode, 0)).sample(task.train,
                                                                                           grpo.prompts_per_episode)
         self.started = time.perf_counter()
@@ -114,25 +114,16 @@ class PendingCollect:
             self._collected = self._score(self.generation.result())
         return self._collected
 
-    def packed(self) -> dict[str, torch.Tensor]:
-        """The batch's tokens, masks and engine log-probs (waits for the generation; no reward yet)."""
-        if self._packed is None:
-            outs = self.generation.result()
-            self.seconds = time.perf_counter() - self.started
-            group = [p for p in self.picked for _ in range(self.r.recipe.grpo.samples_per_prompt)]
-            batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], self.task.pad_id)
-            # the engine's sampling log-probs (raw, or processed ones equal to raw: trainer.rollout.factory refuses
-            # the rest), under the response mask: mismatch metrics, `grpo.tis_cap`
-            batch["engine_logprobs"] = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])
-            self._packed = batch
-        return self._packed
-
     def _score(self, outs: list[RolloutOutput]) -> Collected:
         r, task, n = self.r, self.task, self.r.recipe.grpo.samples_per_prompt
         group = [p for p in self.picked for _ in range(n)]  # the rows of `outs`
         timer = StageTimer()
-        batch = self.packed()
-        timer.seconds["rollout"] = self.seconds
+        timer.seconds["rollout"] = time.perf_counter() - self.started
+        with timer("rollout"):
+            batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], task.pad_id)
+            # the engine's sampling log-probs (raw, or processed ones equal to raw: trainer.rollout.factory refuses
+            # the rest), under the response mask: mismatch metrics, `grpo.tis_cap`
+            batch["engine_logprobs"] = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])
         with timer("reward"):
             scored = [task.score(o.text, p) for o, p in zip(outs, group, strict=True)]
             rewards = torch.tensor([value for value, _ in scored])

@@ -23,10 +23,6 @@ trainer's) and ``policy/batch_version`` (episodes trained when the batch's weigh
 
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import replace
-
 from matrix import ResolvedRecipe
 from trainer.algo.mismatch import mismatch_metrics
 from trainer.backends.base import TrainingBackend
@@ -63,12 +59,6 @@ class Pipeline:
         self.in_flight_version = (
             0  # every rank: episodes trained when the in-flight batch's weights were synced
         )
-        # One process: the old log-probs of the batch in flight are computed by a helper thread as soon as the
-        # engine has generated it, under `behaviour`, while the trainer trains (on 2 cores: the engine's core,
-        # idle by then). Several processes compute them at the start of the episode that trains on the batch: a
-        # collective in a second thread would interleave with the training's.
-        self.early = job.world_size == 1
-        self.helper: _OldLogprobs | None = None
 
     def start(self, start: int, behaviour_version: int) -> None:
         """Before episode ``start`` + 1: the engine gets ``behaviour``'s weights (version ``behaviour_version``) and
@@ -81,28 +71,18 @@ class Pipeline:
             return
         self.in_flight = self.job.on_driver(lambda: PendingCollect(episode, self.r, self.task, self.engine))
         self.in_flight_version = version
-        if self.early and version < episode - 1:  # stale when trained (policy version episode - 1)
-            self.helper = _OldLogprobs(self.in_flight, self.behaviour, self.r, self.job)
 
-    def _join(self) -> float:
-        """Wait for the helper thread (it owns the in-flight generation until then); returns its seconds."""
-        helper, self.helper = self.helper, None
-        return helper.join() if helper is not None else 0.0
-
-    def _take(self) -> tuple[Collected, int, float]:
-        seconds = self._join()
+    def _take(self) -> tuple[Collected, int]:
         collected = self.job.broadcast(self.job.on_driver(lambda: self.in_flight.finish()))
         self.in_flight = None
-        return collected, self.in_flight_version, seconds
+        return collected, self.in_flight_version
 
     def episode(self, episode: int, timer: StageTimer) -> tuple[dict, list[dict]]:
         """Train on ``episode``'s batch while the engine generates the next; returns its row and samples."""
         r, job, grpo = self.r, self.job, self.r.recipe.grpo
         version = episode - 1  # episodes the policy has trained
-        with timer(
-            "rollout"
-        ):  # what the trainer waits for the engine (and the helper): the overlap hides the rest
-            collected, batch_version, early_seconds = self._take()
+        with timer("rollout"):  # what the trainer waits for the engine: the overlap hides the rest
+            collected, batch_version = self._take()
         timer.seconds["reward"] += collected.seconds["reward"]
         staleness = (version - batch_version) * grpo.steps_per_episode
         if not 0 <= staleness <= grpo.max_staleness:
@@ -112,55 +92,20 @@ class Pipeline:
             )
         with timer("sync"):
             synced = sync_weights(self.policy, self.engine, job)
+        self._generate(episode + 1, version)
 
         batch = job.platform.to_device(collected.batch)
         stale = batch_version < version
         need = self.need.for_batch(stale)
-        done = replace(need, old_logprobs=need.old_logprobs and "old_logprobs" not in batch)  # by the helper
-        logprob_passes(batch, r, self.behaviour if stale else self.policy, self.ref, timer, done)
-        self.behaviour.copy_weights_from(self.policy)  # version e-1: the weights that generate episode e+1
-        self._generate(episode + 1, version)
+        logprob_passes(batch, r, self.behaviour if stale else self.policy, self.ref, timer, need)
+        self.behaviour.copy_weights_from(self.policy)  # version e-1: the weights generating episode e+1
         stats = train_steps(batch, r, self.policy, timer, need)
         mismatch = mismatch_metrics(batch["old_logprobs"], batch["engine_logprobs"], batch["response_mask"])
         row = episode_row(collected, stats, mismatch, synced, timer, grpo)
-        return row | {
-            "policy/staleness": staleness,
-            "policy/batch_version": batch_version,
-            "time/old_logprob_overlapped": early_seconds,
-        }, collected.samples
+        return row | {"policy/staleness": staleness, "policy/batch_version": batch_version}, collected.samples
 
     def pause(self) -> None:
         """Finish the in-flight generation and give the engine the policy's weights (for eval). Collective."""
         job = self.job
-        self._join()
         job.on_driver(lambda: self.in_flight and self.in_flight.finish())
         sync_weights(self.policy, self.engine, job)
-
-
-class _OldLogprobs:
-    """A thread that waits for ``pending``'s generation, then writes its old log-probs under ``behaviour`` into the
-    batch; ``join`` re-raises what it raised. ``behaviour`` must not change until joined."""
-
-    def __init__(self, pending: PendingCollect, behaviour: TrainingBackend, r: ResolvedRecipe, job: Job):
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-
-        def run() -> None:
-            try:
-                batch = pending.packed()
-                started = time.perf_counter()
-                batch["old_logprobs"] = behaviour.logprobs(
-                    job.platform.to_device(batch), micro_batch_size=r.recipe.grpo.micro_batch_size
-                )
-                self.seconds = time.perf_counter() - started
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the trainer's thread by join
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name="old-logprobs", daemon=True)
-        self.thread.start()
-
-    def join(self) -> float:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.seconds

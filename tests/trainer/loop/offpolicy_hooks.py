@@ -18,16 +18,15 @@ def record():
 
     checkpoint.KEEP = 1_000
     out = Path(os.environ["OFFPOLICY_BATCHES"])
-    original = pipeline.Pipeline._take
+    original = pipeline.Pipeline.episode
 
-    def take(self):
-        episode = self.in_flight.episode
-        collected, *rest = original(self)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(collected.batch, out / f"episode-{episode}.pt")  # the batch the trainer is about to train on
-        return collected, *rest
+    def episode(self, number, timer):
+        if self.in_flight is not None:  # the driver: the batch it is about to train on
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(self.in_flight.finish().batch, out / f"episode-{number}.pt")
+        return original(self, number, timer)
 
-    pipeline.Pipeline._take = take
+    pipeline.Pipeline.episode = episode
 
 
 def record_then_kill_after_row_3():
@@ -55,7 +54,6 @@ def record_with_stale_fault():
     def remember(self, *args, **kwargs):
         init(self, *args, **kwargs)
         policies.append(self.policy)
-        self.early = False  # every old-log-prob pass in-line, through logprob_passes
 
     def from_current_weights(batch, r, old, ref, timer, need):
         return original(batch, r, policies[-1], ref, timer, need)
