@@ -18,6 +18,9 @@ gives a batch that can be saved and replayed; ``learn`` (old/ref log-probs → t
 consumes it. The equivalence gates replay one collected batch across layouts through the same ``learn``.
 The loop sees a training backend, a rollout engine and a ``Job`` (who drives), never a process group.
 
+With ``grpo.max_staleness`` ≥ 1 the episodes run through ``trainer.pipeline`` instead: the engine, in a process of
+its own, generates the next episode's rollout while the ranks learn on this one.
+
 Every random choice of an episode is derived from (seed, episode), never carried from the previous one,
 so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
 """
@@ -33,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from matrix import ResolvedRecipe
-from matrix.schema import Sampling
+from matrix.schema import GRPO, Sampling
 from trainer import checkpoint, heartbeat, interrupts
 from trainer.algo import group_outcome_ratios
 from trainer.algo.mismatch import mismatch_metrics, scatter_responses
@@ -204,7 +207,7 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
 
 
 def episode_row(collected: Collected, stats: dict[str, float], mismatch: dict[str, float], synced: int,
-                timer: StageTimer, grpo) -> dict:
+                timer: StageTimer, grpo: GRPO) -> dict:
     """An episode's metrics from its batch, its train stats, mismatch metrics and sync."""
     lengths, rewards = collected.lengths, collected.rewards
     all_tokens = collected.prompt_tokens + int(lengths.sum())
