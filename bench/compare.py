@@ -180,3 +180,29 @@ def curves(result: Result, key: str = "reward/mean") -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).pivot_table(index="episode", columns="cell", values=key, aggfunc="mean")
+
+
+def episode_rates(result: Result) -> pd.DataFrame:
+    """Per cell and repeat: steady episodes per second of wall clock (``clock/unix`` of the first and last steady
+    rows: everything an episode costs, overlapped or not), that rate over the first cell's in the same repeat
+    (a suite's repeats interleave its cells, so each repeat is a pair run back to back), the mean reward of the
+    last 10% of episodes and the largest ``policy/staleness`` logged (absent: a synchronous run, 0)."""
+    warmup = result.settings.get("warmup_episodes", 0)
+    rows = []
+    for c in result.cells:
+        steady = [r for r in c.episodes if r["episode"] > warmup and "clock/unix" in r]
+        if c.status != "ok" or len(steady) < 2:
+            continue
+        last = c.episodes[-max(1, len(c.episodes) // 10):]
+        rows.append({"cell": f"{c.recipe}/{c.layout}", "repeat": c.repeat,
+                     "episodes/s": (len(steady) - 1) / (steady[-1]["clock/unix"] - steady[0]["clock/unix"]),
+                     "last-10% reward": sum(r["reward/mean"] for r in last) / len(last),
+                     "max staleness": max(r.get("policy/staleness", 0) for r in c.episodes),
+                     "load (1 min)": c.load_average[0] if c.load_average else None})
+    table = pd.DataFrame(rows, columns=["cell", "repeat", "episodes/s", "last-10% reward", "max staleness",
+                                        "load (1 min)"])
+    if not table.empty:
+        first = table["cell"].iloc[0]
+        base = table[table["cell"] == first].set_index("repeat")["episodes/s"]
+        table.insert(3, "ratio to first cell", table["episodes/s"] / table["repeat"].map(base))
+    return table

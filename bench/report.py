@@ -14,7 +14,16 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from tqdm import tqdm
 
 from bench import plots
-from bench.compare import cell_table, compare, curves, failures, flagged, one_peak_per_machine, verdicts
+from bench.compare import (
+    cell_table,
+    compare,
+    curves,
+    episode_rates,
+    failures,
+    flagged,
+    one_peak_per_machine,
+    verdicts,
+)
 from bench.result import Result
 from trainer.atomic import write_bytes
 
@@ -105,6 +114,12 @@ def write_report(results: list[Result], out: Path, *, threshold: float) -> dict[
                _md(c["frame"]), ""]
     for name, table in cells.items():
         md += [f"## Cells of {name} ({named[name].id})", "", _md(table), ""]
+        rates = episode_rates(named[name])
+        if len(rates["cell"].unique()) > 1:
+            ratios = rates.groupby("cell", sort=False)["ratio to first cell"].median()
+            md += ["### Episode rate (wall clock, steady episodes; repeats run the cells back to back)", "",
+                   "Median ratio to the first cell: " + ", ".join(f"{k} {v:.3g}×" for k, v in ratios.items()), "",
+                   _md(rates), ""]
         fails = failures(named[name])
         if not fails.empty:
             md += ["### Failed cells", "", _md(fails), ""]

@@ -94,7 +94,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_cell(p: Plan, repeat: int, *, image: str, matrix_path: Path, cell_dir: Path, peak: Peak,
-             timeout: float, cwd: Path) -> Cell:
+             timeout: float, cwd: Path, env: dict[str, str] | None = None) -> Cell:
     """One run into `cell_dir`/run (the trainer wants a fresh directory); its stdout/stderr beside it."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     run_dir = cell_dir / "run"
@@ -102,7 +102,8 @@ def run_cell(p: Plan, repeat: int, *, image: str, matrix_path: Path, cell_dir: P
     started = time.perf_counter()
     with (cell_dir / "stdout.txt").open("w") as out, (cell_dir / "stderr.txt").open("w") as err:
         # its own process group, so a timeout also ends the ranks a launcher started
-        proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, start_new_session=True,
+                                env=os.environ | (env or {}))
         try:
             code, rss = _wait(proc, timeout)
         except BaseException:
@@ -145,7 +146,7 @@ def run_suite(name: str, *, root: Path, matrix_path: Path, results_dir: Path, ru
                 continue
             bar.set_postfix_str(f"{p.name} {p.layout} #{repeat}")
             cell = run_cell(p, repeat, image=image, matrix_path=matrix_path, peak=peak, timeout=timeout, cwd=root,
-                            cell_dir=runs_dir / result_id / f"{p.name}--{p.layout}--r{repeat}")
+                            env=suite.env, cell_dir=runs_dir / result_id / f"{p.name}--{p.layout}--r{repeat}")
             if cell.status == "failed":
                 failed.add(p)
                 bar.write(f"failed: {p.name} on {p.layout} (exit {cell.returncode}): "

@@ -398,6 +398,23 @@ class GRPO(Strict):
     At least 1: a token on which the two agree (ratio 1) must keep its whole loss. Needs the engine's raw
     log-probs (`trainer.algo.mismatch`: SGLang's are temperature-scaled unless the temperature is 1)."""
 
+    max_staleness: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """Off-policy pipelining (trainer.pipeline): optimizer steps by which the weights that generated a trained batch
+    may lag the trainer's. 0 → every episode generates, then trains (synchronous, on-policy). k ≥ 1 → the engine,
+    in a process of its own, generates the next episode while the trainer trains on this one, one episode ahead:
+    a batch is then `steps_per_episode` steps old, so k must be at least `steps_per_episode`."""
+
+    @field_validator("max_staleness")
+    @classmethod
+    def _staleness_holds_one_episode(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps_per_episode", 1)
+        if 0 < value < steps:
+            raise PydanticCustomError(
+                "max_staleness_below_episode", "max_staleness {k} is below steps_per_episode {steps}: a batch "
+                "generated one episode ahead is {steps} optimizer steps old; use 0 (synchronous) or at least {steps}",
+                {"k": value, "steps": steps})
+        return value
+
     @field_validator("tis_cap")
     @classmethod
     def _tis_cap_keeps_agreeing_tokens(cls, value: float | None) -> float | None:
@@ -602,6 +619,8 @@ class Benchmark(Strict):
     repeats: PositiveInt = 1
     overrides: dict[NonEmptyStr, OverrideValue] = {}
     """Trainer overrides applied to every run of the suite."""
+    env: dict[NonEmptyStr, str] = {}
+    """Environment variables set for every run of the suite (say OMP_NUM_THREADS: threads per process)."""
 
     def entries(self) -> list[BenchRecipe]:
         """Every entry of `recipes` as a BenchRecipe (a bare name is a recipe under its own name)."""

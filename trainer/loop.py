@@ -18,6 +18,9 @@ gives a batch that can be saved and replayed; ``learn`` (old/ref log-probs → t
 consumes it. The equivalence gates replay one collected batch across layouts through the same ``learn``.
 The loop sees a training backend, a rollout engine and a ``Job`` (who drives), never a process group.
 
+With ``grpo.max_staleness`` ≥ 1 the episodes run through ``trainer.pipeline`` instead: the engine, in a process of
+its own, generates the next episode's rollout while the ranks learn on this one.
+
 Every random choice of an episode is derived from (seed, episode), never carried from the previous one,
 so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
 """
@@ -33,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from matrix import ResolvedRecipe
-from matrix.schema import Sampling
+from matrix.schema import GRPO, Sampling
 from trainer import checkpoint, heartbeat, interrupts
 from trainer.algo import group_outcome_ratios
 from trainer.algo.mismatch import mismatch_metrics, scatter_responses
@@ -45,7 +48,7 @@ from trainer.metrics import MetricsLog, StageTimer, length_stats
 from trainer.objective import advantages, make_loss_fn
 from trainer.parallel.job import Job
 from trainer.passes import Passes, passes
-from trainer.rollout.base import NonFiniteLogitsError, RolloutEngine, SamplingParams
+from trainer.rollout.base import NonFiniteLogitsError, RolloutEngine, RolloutOutput, SamplingParams
 from trainer.tasks import Prompt, Task
 from trainer.warmstart import warm_start
 from trainer.weight_sync import sync_weights
@@ -97,29 +100,49 @@ class Collected:
     samples: list[dict] = field(default_factory=list)  # a few rows for samples.jsonl (run.samples_per_episode)
 
 
+class PendingCollect:
+    """An episode's rollout started in the engine; ``finish`` waits for it, then scores it (once)."""
+
+    def __init__(self, episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine):
+        grpo, seed, n = r.recipe.grpo, r.recipe.run.seed, r.recipe.grpo.samples_per_prompt
+        self.r, self.task, self._collected = r, task, None
+        self.picked: list[Prompt] = random.Random(_episode_seed(seed, episode, 0)).sample(task.train,
+                                                                                          grpo.prompts_per_episode)
+        self.started = time.perf_counter()
+        params = _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1), n)
+        self.generation = engine.start_generate([p.ids for p in self.picked], params)  # n per prompt
+
+    def finish(self) -> Collected:
+        if self._collected is None:
+            self._collected = self._score(self.generation.result())
+        return self._collected
+
+    def _score(self, outs: list[RolloutOutput]) -> Collected:
+        r, task, n = self.r, self.task, self.r.recipe.grpo.samples_per_prompt
+        group = [p for p in self.picked for _ in range(n)]  # the rows of `outs`
+        timer = StageTimer()
+        timer.seconds["rollout"] = time.perf_counter() - self.started
+        with timer("rollout"):
+            batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], task.pad_id)
+            # the engine's sampling log-probs (raw, or processed ones equal to raw: trainer.rollout.factory refuses
+            # the rest), under the response mask: mismatch metrics, `grpo.tis_cap`
+            batch["engine_logprobs"] = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])
+        with timer("reward"):
+            scored = [task.score(o.text, p) for o, p in zip(outs, group, strict=True)]
+            rewards = torch.tensor([value for value, _ in scored])
+            batch["advantages"] = advantages(r.recipe.grpo, rewards).float()
+        samples = [{"prompt": task.decode(group[i].ids), "response": outs[i].text,
+                    "ground_truth": group[i].ground_truth, "reward": scored[i][0],
+                    "logprobs": [round(float(x), 6) for x in outs[i].logprobs]}
+                   for i in range(0, len(group), n)[: r.recipe.run.samples_per_episode]]  # the first of each prompt
+        return Collected(batch, rewards, torch.tensor([len(o.token_ids) for o in outs]),
+                         sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")},
+                         reward_failures=sum(not ok for _, ok in scored), samples=samples)
+
+
 def collect(episode: int, r: ResolvedRecipe, task: Task, engine: RolloutEngine) -> Collected:
     """Rollout → reward → advantages for ``episode`` (prompts and sampling seeded by the episode)."""
-    grpo, seed, n = r.recipe.grpo, r.recipe.run.seed, r.recipe.grpo.samples_per_prompt
-    picked: list[Prompt] = random.Random(_episode_seed(seed, episode, 0)).sample(task.train, grpo.prompts_per_episode)
-    group = [p for p in picked for _ in range(n)]
-    timer = StageTimer()
-    with timer("rollout"):
-        params = _params(grpo.sampling, r, task, _episode_seed(seed, episode, 1), n)
-        outs = engine.generate([p.ids for p in picked], params)  # n per prompt: the rows of `group`
-        batch = pack([p.ids for p in group], [list(o.token_ids) for o in outs], task.pad_id)
-        # the engine's sampling log-probs (raw, or processed ones equal to raw: trainer.rollout.factory refuses
-        # the rest), under the response mask: mismatch metrics, `grpo.tis_cap`
-        batch["engine_logprobs"] = scatter_responses(batch["response_mask"], [o.logprobs for o in outs])
-    with timer("reward"):
-        scored = [task.score(o.text, p) for o, p in zip(outs, group, strict=True)]
-        rewards = torch.tensor([value for value, _ in scored])
-        batch["advantages"] = advantages(grpo, rewards).float()
-    samples = [{"prompt": task.decode(group[i].ids), "response": outs[i].text, "ground_truth": group[i].ground_truth,
-                "reward": scored[i][0], "logprobs": [round(float(x), 6) for x in outs[i].logprobs]}
-               for i in range(0, len(group), n)[: r.recipe.run.samples_per_episode]]  # the first of each prompt
-    return Collected(batch, rewards, torch.tensor([len(o.token_ids) for o in outs]),
-                     sum(len(p.ids) for p in group), {k: timer.seconds[k] for k in ("rollout", "reward")},
-                     reward_failures=sum(not ok for _, ok in scored), samples=samples)
+    return PendingCollect(episode, r, task, engine).finish()
 
 
 def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, ref: TrainingBackend | None,
@@ -127,14 +150,29 @@ def learn(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBac
     """Old and reference log-probs where ``need`` (default: ``passes(r)``) says so, then the recipe's train
     steps on ``batch``; every rank calls it. ``batch["old_logprobs"]`` holds the old log-probs afterwards either
     way (from the separate pass, or from the training forward). ``ref`` is None when no reference is needed."""
-    grpo, need = r.recipe.grpo, need or passes(r)
-    mbs = grpo.micro_batch_size
+    need = need or passes(r)
+    logprob_passes(batch, r, policy, ref, timer, need)
+    return train_steps(batch, r, policy, timer, need)
+
+
+def logprob_passes(batch: dict[str, torch.Tensor], r: ResolvedRecipe, old: TrainingBackend, ref: TrainingBackend | None,
+                   timer: StageTimer, need: Passes) -> None:
+    """The no-grad passes ``need`` asks for: ``batch["old_logprobs"]`` from ``old`` (the policy, or under
+    off-policy pipelining the weights that generated the batch) and ``batch["ref_logprobs"]``."""
+    mbs = r.recipe.grpo.micro_batch_size
     if need.old_logprobs:
         with timer("old_logprob"):
-            batch["old_logprobs"] = policy.logprobs(batch, micro_batch_size=mbs)
+            batch["old_logprobs"] = old.logprobs(batch, micro_batch_size=mbs)
     if need.reference:
         with timer("ref_logprob"):
             batch["ref_logprobs"] = ref.logprobs(batch, micro_batch_size=mbs)
+
+
+def train_steps(batch: dict[str, torch.Tensor], r: ResolvedRecipe, policy: TrainingBackend, timer: StageTimer,
+                need: Passes) -> dict[str, float]:
+    """The recipe's optimizer steps on ``batch`` (after ``logprob_passes``); returns the last step's stats."""
+    grpo = r.recipe.grpo
+    mbs = grpo.micro_batch_size
     make_loss = lambda tokens: make_loss_fn(grpo, tokens, need)  # noqa: E731
     with timer("train"):
         if need.old_logprobs:
@@ -165,6 +203,12 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
     with timer("sync"):
         synced = sync_weights(policy, engine, job)
 
+    return episode_row(collected, stats, mismatch, synced, timer, grpo), collected.samples
+
+
+def episode_row(collected: Collected, stats: dict[str, float], mismatch: dict[str, float], synced: int,
+                timer: StageTimer, grpo: GRPO) -> dict:
+    """An episode's metrics from its batch, its train stats, mismatch metrics and sync."""
     lengths, rewards = collected.lengths, collected.rewards
     all_tokens = collected.prompt_tokens + int(lengths.sum())
     return {
@@ -179,19 +223,21 @@ def run_episode(episode: int, r: ResolvedRecipe, task: Task, policy: TrainingBac
         "throughput/train_tokens_per_s": all_tokens * grpo.steps_per_episode / max(timer.seconds["train"], 1e-9),
         "tokens/prompt": collected.prompt_tokens,
         "tokens/response": int(lengths.sum()),
-    }, collected.samples
+    }
 
 
 def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBackend, ref: TrainingBackend | None,
-          engine: RolloutEngine | None, log: MetricsLog, job: Job, resume: bool = False) -> dict:
+          engine: RolloutEngine | None, log: MetricsLog, job: Job, resume: bool = False,
+          behaviour: TrainingBackend | None = None) -> dict:
     """Run (or resume) recipe ``r`` in ``run_dir``; returns the summary. Raises RunStopped on a non-finite loss.
 
     Collective: every rank of ``job`` calls it; ``engine`` and ``log`` matter on the driver only. ``ref`` is
-    None when the recipe needs no reference model (``trainer.passes``).
+    None when the recipe needs no reference model, ``behaviour`` when it does not pipeline (``trainer.passes``).
     """
     run, need = r.recipe.run, passes(r)
     start = 0
-    models = {"policy": policy, "reference": ref}
+    models = {"policy": policy, "reference": ref} | ({"behaviour": behaviour} if behaviour is not None else {})
+    in_flight = False  # whether a checkpoint gave the pipeline the weights of its in-flight batch
     saved = checkpoint.latest_episode(run_dir) if resume else None
     if saved is not None:
         start, directory = saved
@@ -199,7 +245,9 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         if ref is not None and state.get("reference") is None:
             raise RunStopped(f"the checkpoint of episode {start} holds no reference model (its run had "
                              "none: kl_coef 0 without log_reference_kl), but this recipe needs one")
-        checkpoint.restore(directory, state, models)
+        # a synchronous run's checkpoint resumed with pipelining: its first batch is generated on-policy
+        in_flight = state.get("behaviour") is not None
+        checkpoint.restore(directory, state, models | ({} if in_flight else {"behaviour": None}))
         # the row of the checkpoint's episode rides in it: a kill between the checkpoint and the row loses nothing
         if log.truncate_after(start) != start and state.get("row") is not None:
             log.log(start, state["row"])
@@ -209,7 +257,16 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
             warm_start(policy, task, r, show=job.is_driver)
             if ref is not None:
                 ref.copy_weights_from(policy)
-    sync_weights(policy, engine, job)
+    if behaviour is None:
+        pipeline = None
+        sync_weights(policy, engine, job)
+    else:
+        from trainer.pipeline import Pipeline
+
+        if not in_flight:
+            behaviour.copy_weights_from(policy)
+        pipeline = Pipeline(r, task, policy, ref, behaviour, engine, job, need)
+        pipeline.start(start, behaviour_version=start - 1 if in_flight else start)
 
     def save(episode: int, row: dict | None) -> None:
         if not policy.weights_finite():
@@ -237,11 +294,16 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         for episode in bar:
             timer, started = StageTimer(job.platform), time.perf_counter()
             try:
-                row, samples = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
+                if pipeline is None:
+                    row, samples = run_episode(episode, r, task, policy, ref, engine, timer, job, need)
+                else:
+                    row, samples = pipeline.episode(episode, timer)
             except (NonFiniteLossError, NonFiniteLogitsError) as exc:
                 raise _stopped(run_dir, episode, exc) from None
             if r.recipe.eval.every and episode % r.recipe.eval.every == 0:
                 with timer("eval"):
+                    if pipeline is not None:
+                        pipeline.pause()  # the engine, free of its in-flight generation, gets the weights just trained
                     row |= job.on_driver(lambda e=episode: evaluate(engine, task, r, _episode_seed(run.seed, e, 2))) or {}
 
             def finished(row: dict = row, timer: StageTimer = timer, started: float = started) -> dict:

@@ -86,10 +86,12 @@ def _train_rank(request: RunRequest, me) -> dict:
         policy = build_backend(r, seed=r.recipe.run.seed, **start)
         # no reference model when nothing reads it (kl_coef 0, no log_reference_kl): its weights' memory saved
         ref = build_backend(r, seed=r.recipe.run.seed, trainable=False, **start) if passes(r).reference else None
+        # off-policy pipelining: the weights that generate the batch in flight (trainer.pipeline)
+        behaviour = build_backend(r, seed=r.recipe.run.seed, trainable=False, **start) if passes(r).behaviour else None
         try:
             engine = job.on_driver(lambda: build_engine(r, task))
             summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,
-                            resume=request.resume)
+                            resume=request.resume, behaviour=behaviour)
         except (RunStopped, EngineError) as exc:
             if isinstance(exc, EngineError) and me.world > 1:
                 raise  # the launcher stops every rank (they wait in a collective) and reports this one line

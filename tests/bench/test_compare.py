@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from bench.compare import compare, flagged, summarise, verdicts
+from bench.compare import compare, episode_rates, flagged, summarise, verdicts
 from bench.peak import Peak
 from bench.result import Cell, Result
 
@@ -86,3 +86,24 @@ def test_cells_missing_on_one_side_are_reported_not_flagged():
     v = verdicts(compare(base, cand, threshold=0.10))
     assert v[("dense-512", "pp2", "host")] == "missing in candidate"
     assert set(v.drop(("dense-512", "pp2", "host"))) == {""}
+
+
+def test_episode_rate_is_wall_clock_per_repeat_pair_with_its_ratio_staleness_and_final_reward():
+    """Two cells run as pairs: the second takes 2/3 of the first's wall time per episode → ratio 1.5."""
+    cells = []
+    for repeat in range(2):
+        for name, seconds, staleness in (("staleness-0", 3.0, None), ("staleness-1", 2.0, 1)):
+            rows = [{"episode": e, "clock/unix": 1000.0 + e * seconds,
+                     "reward/mean": 0.5 if e > 9 else 0.1, **({"policy/staleness": staleness} if staleness else {})}
+                    for e in range(1, 11)]
+            rows[0]["clock/unix"] -= 40  # a slow warm-up episode: outside the steady window
+            cells.append(Cell(recipe=name, layout="single", image="host", gpus=1, repeat=repeat, status="ok",
+                              returncode=0, seconds=30.0, command=["python"], run_dir="x", episodes=rows))
+    result = Result(id="pairs", suite="t", created="2026-01-01T00:00:00+00:00",
+                    settings={"episodes": 10, "warmup_episodes": 1, "repeats": 2}, environment=ENVIRONMENT,
+                    peak=Peak(device="cpu", flops_per_s=1e11, per_device=False, source="test"), cells=cells)
+    rates = episode_rates(result).set_index(["cell", "repeat"])
+    assert rates.loc[("staleness-0/single", 0), "episodes/s"] == pytest.approx(1 / 3)
+    assert rates.loc[("staleness-1/single", 1), "ratio to first cell"] == pytest.approx(1.5)
+    assert list(rates["max staleness"]) == [0, 1, 0, 1]
+    assert rates.loc[("staleness-1/single", 0), "last-10% reward"] == pytest.approx(0.5)

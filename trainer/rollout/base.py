@@ -7,7 +7,7 @@ trains and wakes it, weights first, then the KV cache, around each weight sync).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -91,6 +91,18 @@ class RolloutOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class Generation:
+    """A generation started by ``RolloutEngine.start_generate``: ``result()`` waits for its outputs (once)."""
+
+    def __init__(self, wait: Callable[[], list[RolloutOutput]]):
+        self._wait, self._outputs = wait, None
+
+    def result(self) -> list[RolloutOutput]:
+        if self._outputs is None:
+            self._outputs, self._wait = self._wait(), None
+        return self._outputs
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """A generator of completions whose weights the trainer pushes after each step.
@@ -107,6 +119,12 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[RolloutOutput]:
         """``params.n`` outputs per prompt, prompt-major (prompt 0's n samples first), prompts in order; prompts
         are token-id lists of any lengths."""
+        ...
+
+    def start_generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
+        """``generate`` without waiting: an engine in its own process generates while the caller goes on (the
+        off-policy pipeline, ``trainer.pipeline``), and takes no other call until the result is taken; an engine
+        in the caller's process generates before it returns."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:

@@ -1,6 +1,6 @@
 """The rollout engine a recipe names (``recipe.rollout.engine``), built in one place, and checked once started.
 
-torch: in the driver's process (CPU). vllm: vLLM 0.8.5 in a process of its own (its CPU build runs here, V0).
+torch: in the driver's process (CPU), or in its own under ``grpo.max_staleness`` ≥ 1. vllm: vLLM 0.8.5 in a process of its own (its CPU build runs here, V0).
 sglang (SGLang 0.5.2): its adapter is not built yet. The preflight has already refused a recipe whose engine
 does not import on this machine.
 """
@@ -15,6 +15,13 @@ from trainer.tasks import Task
 
 
 def _torch_engine(r: ResolvedRecipe, task: Task) -> RolloutEngine:
+    """In the driver's process; in a process of its own when the off-policy pipeline overlaps it with training."""
+    if r.recipe.grpo.max_staleness:
+        from trainer.models.config import hf_config
+        from trainer.rollout.torch_engine import TorchProcessEngine
+
+        return TorchProcessEngine(hf_config(r.model), engine_rollout(r), decode=task.decode, seed=r.recipe.run.seed,
+                                  pad_token_id=task.pad_id)
     from trainer.rollout.torch_engine import TorchEngine
 
     return TorchEngine(r.model, decode=task.decode, eos_token_id=task.eos_id, pad_token_id=task.pad_id)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from trainer.rollout.base import EngineError
+from trainer.rollout.base import EngineError, Generation
 from trainer.rollout.buckets import MB
 
 POLL_SECONDS = 0.5
@@ -97,6 +97,7 @@ class EngineProcess:
         child.close()
         self.pid = self._process.pid
         self._stopped = False
+        self._in_flight: str | None = None  # the method sent and not yet received
         atexit.register(self.shutdown)
         try:
             self.info = self._reply("start", failed=f"{name} engine failed to start")
@@ -126,11 +127,23 @@ class EngineProcess:
         return value
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.send(method, *args, **kwargs)
+        return self.receive()
+
+    def send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Start ``method`` in the server without waiting (one call in flight at a time); ``receive`` answers it."""
+        if self._in_flight is not None:
+            raise EngineError(f"{self.name} engine: {method} called while {self._in_flight} is in flight")
         self.check_health(method)
         try:
             self._conn.send((method, args, kwargs))
         except (BrokenPipeError, ConnectionError):
             raise self._died(method) from None
+        self._in_flight = method
+
+    def receive(self) -> Any:
+        """The answer of the call in flight (waits for it)."""
+        method, self._in_flight = self._in_flight, None
         return self._reply(method)
 
     def check_health(self, during: str = "a health check") -> None:
@@ -194,7 +207,7 @@ class ProcessEngine:
 
     name = "engine"
 
-    def __init__(self, server_class: type, hf_config, rollout, *, decode, seed: int):
+    def __init__(self, server_class: type, hf_config, rollout, *, decode, seed: int, settings: dict | None = None):
         import shutil
         import tempfile
 
@@ -207,7 +220,7 @@ class ProcessEngine:
         self._config_dir = tempfile.mkdtemp(prefix=f"grpo-{self.name}-")
         self._remove_config = lambda: shutil.rmtree(self._config_dir, ignore_errors=True)
         write_config(hf_config, self._config_dir)  # the engine builds the model from it (dummy weights)
-        settings = rollout.model_dump()
+        settings = rollout.model_dump() | (settings or {})  # settings: what a server needs beyond rollout's
         try:
             self._process = EngineProcess(self.name, server_class, self._config_dir, settings, seed)
         except EngineError:
@@ -217,11 +230,18 @@ class ProcessEngine:
         self.logprob_kind = self.info["logprob_kind"]
 
     def generate(self, prompts, params) -> list:
+        return self.start_generate(prompts, params).result()
+
+    def start_generate(self, prompts, params) -> Generation:
+        """The server generates while the driver goes on; no other call until ``result()`` is taken."""
+        if not prompts:
+            return Generation(lambda: [])
+        self._process.send("generate", [list(p) for p in prompts], params)
+        return Generation(lambda: self._outputs(prompts, params, self._process.receive()))
+
+    def _outputs(self, prompts, params, results) -> list:
         from trainer.rollout.base import RolloutOutput
 
-        if not prompts:
-            return []
-        results = self._process.call("generate", [list(p) for p in prompts], params)
         outputs = []
         for i, (token_ids, logprobs, finish) in enumerate(results):
             prompt = list(prompts[i // params.n])

@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from matrix.schema import Model
 from trainer.models.config import hf_config as hf_config_of
-from trainer.rollout.base import NonFiniteLogitsError, RolloutOutput, SamplingParams, WakeTag
+from trainer.rollout.base import Generation, NonFiniteLogitsError, RolloutOutput, SamplingParams, WakeTag
+from trainer.rollout.buckets import FlatBucket
+from trainer.rollout.process import ProcessEngine
 
 
 def filter_logits(logits: Tensor, *, top_k: int, top_p: float) -> Tensor:
@@ -100,6 +102,11 @@ class TorchEngine:
                 params[name].copy_(tensor)
                 del tensor  # a streamed sync gathers the next one while this loop waits: hold one at a time
         self.weight_version += 1  # no prefix cache outlives a generate call: nothing to reset
+
+    def start_generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
+        """Generates now (this process has no other thread to generate in): see ``TorchProcessEngine``."""
+        outputs = self.generate(prompts, params)
+        return Generation(lambda: outputs)
 
     def sleep(self) -> None:
         """No-op: the KV cache lives only inside ``generate`` and the CPU shares no device with the trainer."""
@@ -188,3 +195,47 @@ class TorchEngine:
                 )
             )
         return outputs
+
+
+class TorchServer:
+    """The engine process's side of ``TorchProcessEngine``: a ``TorchEngine`` built from the HF config the driver
+    wrote, answering ``trainer.rollout.process``'s server calls."""
+
+    def __init__(self, config_dir: str, settings: dict, seed: int):
+        from transformers import AutoConfig
+
+        self.engine = TorchEngine(AutoConfig.from_pretrained(config_dir), decode=lambda ids: "",
+                                  pad_token_id=settings["pad_token_id"], seed=seed)
+
+    def describe(self) -> dict:
+        return {"logprob_kind": TorchEngine.logprob_kind, "engine": "torch", "threads": torch.get_num_threads()}
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], list[float], str]]:
+        return [(o.token_ids, o.logprobs, o.finish_reason) for o in self.engine.generate(prompts, params)]
+
+    def load_bucket(self, bucket: FlatBucket) -> None:
+        self.engine.update_weights(bucket.tensors())
+
+    def weights_loaded(self, version: int) -> None:
+        """Nothing cached outlives a generate call."""
+
+    def sleep(self, level: int) -> None:
+        """The CPU shares no device memory with the trainer."""
+
+    def wake(self, tags: list[str]) -> None:
+        """See ``sleep``."""
+
+    def close(self) -> None:
+        del self.engine
+
+
+class TorchProcessEngine(ProcessEngine):
+    """The torch engine in a process of its own (``grpo.max_staleness`` ≥ 1: it generates the next episode while
+    the trainer trains on this one; ``trainer.pipeline``). Same sampling and log-probs as ``TorchEngine``, whose
+    thread count follows the process's (``OMP_NUM_THREADS``)."""
+
+    name = "torch"
+
+    def __init__(self, hf_config, rollout, *, decode, seed: int, pad_token_id: int):
+        super().__init__(TorchServer, hf_config, rollout, decode=decode, seed=seed,
+                         settings={"pad_token_id": pad_token_id})
