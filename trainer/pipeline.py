@@ -26,7 +26,7 @@ from __future__ import annotations
 from matrix import ResolvedRecipe
 from trainer.algo.mismatch import mismatch_metrics
 from trainer.backends.base import TrainingBackend
-from trainer.loop import Collected, PendingCollect, episode_row, logprob_passes, train_steps
+from trainer.episode import Collected, PendingCollect, episode_row, logprob_passes, train_steps
 from trainer.metrics import StageTimer
 from trainer.parallel.job import Job
 from trainer.passes import Passes

@@ -102,7 +102,7 @@ def spy_batch():
     ({"steps_per_episode": 2, "kl_coef": 0.01}, ["logprobs"] + 2 * [("train_step", False, True, True)], ["logprobs"]),
 ])
 def test_learn_runs_the_passes_the_recipe_needs(matrix, grpo, policy_calls, ref_calls):
-    from trainer.loop import learn
+    from trainer.episode import learn
 
     r = recipe(matrix, **grpo)
     policy, ref = Spy(), (Spy() if ref_calls else None)
@@ -187,7 +187,7 @@ def test_a_stale_old_logprob_would_change_the_gradient(matrix, groups):
 def reward_curve(r, task, initial, need, episodes):
     """Rewards per episode of ``episodes`` GRPO episodes from ``initial`` weights, running the passes ``need``."""
     from trainer.backends.base import build_backend
-    from trainer.loop import collect, learn
+    from trainer.episode import collect, learn
     from trainer.rollout.factory import build_engine
 
     policy = build_backend(r, seed=r.recipe.run.seed, initial=initial)

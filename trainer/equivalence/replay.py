@@ -28,7 +28,7 @@ class Replay:
 def prepare(resolved: ResolvedRecipe, root) -> tuple[dict, dict]:
     """(whole initial weights, collected batch) of one episode of ``resolved`` on one process."""
     from trainer.backends.base import build_backend
-    from trainer.loop import collect
+    from trainer.episode import collect
     from trainer.parallel.process_groups import process_groups
     from trainer.rollout.factory import build_engine
     from trainer.tasks import build_task
@@ -56,7 +56,7 @@ def replay_rank(replay: Replay) -> dict:
     r = replay.resolved
     with rank_session(r.layout, choose_platform(r.recipe.run.device)) as me:
         from trainer.backends.base import build_backend
-        from trainer.loop import learn
+        from trainer.episode import learn
         from trainer.metrics import StageTimer
         from trainer.passes import passes
 

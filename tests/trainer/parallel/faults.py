@@ -41,10 +41,10 @@ def tokens_counted_twice_across_cp():
 
 def loss_scaled_by_cp():
     """The loss multiplied by the CP size (a normalisation applied twice, inverted)."""
-    from trainer import loop
+    from trainer import episode
     from trainer.parallel import cp
 
-    original = loop.make_loss_fn
+    original = episode.make_loss_fn
 
     def scaled(grpo, tokens, *passes):
         inner = original(grpo, tokens, *passes)
@@ -55,7 +55,7 @@ def loss_scaled_by_cp():
 
         return loss_fn
 
-    loop.make_loss_fn = scaled
+    episode.make_loss_fn = scaled
 
 
 def tp_logprobs_reduced_with_max():
