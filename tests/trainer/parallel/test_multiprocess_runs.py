@@ -34,8 +34,11 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2", "dp2"])
+@pytest.mark.parametrize("layout", ["cp2", "dp2"])
 def test_layout_run_follows_the_single_process_run(repo, tmp_path, single, layout):
+    """The whole loop on a layout follows one process. Each layout's numerics are its gate's (`nox -s equivalence`
+    compares per token, loss, grad norm and weights); tp2 and pp2 also run end to end in test_pretrained_runs.py,
+    test_rehearse.py and the kill test below; cp2 runs end to end only here, and dp2's ranks train on different rows."""
     run_dir = tmp_path / "run"
     out = trainer(repo, *BASE, f"layout={layout}", "gpus=2", "--run-dir", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -80,10 +83,12 @@ def test_killing_one_rank_stops_every_rank_with_the_first_error(repo, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [["tiny-qwen2.5", "layout=tp2", "gpus=2"], ["tiny-qwen3-fsdp"]],
-                         ids=["megatron-tp2", "fsdp2"])
-def test_resume_after_sigkill_is_exact_with_two_processes(repo, tmp_path, recipe):
-    args = [*recipe, "run.episodes=4", "run.checkpoint_every=2", "run.seed=5"]
+def test_resume_after_sigkill_is_exact_with_two_processes(repo, tmp_path):
+    """The launcher and both ranks killed at once past a checkpoint; the resumed rows equal an uninterrupted run's.
+
+    FSDP2 (a DCP checkpoint sharded over the ranks): its resume across processes is tested nowhere else. Megatron's
+    two-process resume is exact in test_run_integrity (Ctrl-C on dp2), its one-process SIGKILL resume there too."""
+    args = ["tiny-qwen3-fsdp", "run.episodes=4", "run.checkpoint_every=2", "run.seed=5"]
     straight = tmp_path / "straight"
     assert trainer(repo, *args, "--run-dir", str(straight)).returncode == 0
     killed = tmp_path / "killed"
