@@ -9,8 +9,7 @@ Weights: each bucket of the driver's sync (``rollout.sync_bucket_mb``) becomes o
 dtype (it concatenates, so one dtype per bucket), sent with ``update_weights_from_tensor(load_format=
 "flattened_bucket")`` as one ``MultiprocessingSerializer`` payload per TP rank (each scheduler deserializes its own
 and calls the model's ``load_weights`` on the HF-named tensors, which slices them for TP); the tensors stay in host
-shared memory. The cache is flushed
-once after the last bucket (``flush_cache``), not per bucket.
+shared memory. The cache is flushed once after the last bucket (``flush_cache``), not per bucket.
 
 Log-probs: SGLang 0.5.2 returns ``log_softmax(logits / temperature)`` unless ``RETURN_ORIGINAL_LOGPROB`` is set,
 when it returns the raw ``log_softmax(logits)`` — the trainer's kind. The server sets it (unless the environment
