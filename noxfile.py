@@ -154,6 +154,30 @@ def tests_vllm(session: nox.Session) -> None:
         session.run("pytest", "tests/vllm", *session.posargs)
 
 
+SGLANG_CPU_DIR = Path(__file__).parent / "trainer" / "rollout" / "sglang_cpu"
+SGLANG_WHEELS = VLLM_WHEELS.parent / "sglang-wheels"
+
+
+@nox.session(python=PYTHON, default=False)
+def tests_sglang(session: nox.Session) -> None:
+    """SGLang 0.5.2's real classes on CPU (it has no CPU engine): its wheel, sha256-checked, without its CUDA
+    dependencies, plus what its ServerArgs, io_struct and weight-sync modules import; then tests/sglang."""
+    requirements, wheel = str(SGLANG_CPU_DIR / "requirements.txt"), str(SGLANG_CPU_DIR / "sglang.txt")
+    pip = ("python", "-m", "pip")
+    wanted = hashlib.sha256(Path(requirements).read_bytes() + Path(wheel).read_bytes()).hexdigest()[:16]
+    complete = SGLANG_WHEELS / f"complete-{wanted}"  # written after both downloads: a rerun asks PyPI nothing
+    if not complete.exists():
+        session.run(*pip, "download", "-q", "-d", str(SGLANG_WHEELS), "-r", requirements)
+        session.run(*pip, "download", "-q", "-d", str(SGLANG_WHEELS), "--no-deps", "--require-hashes", "-r", wheel)
+        complete.touch()
+    offline = ("--no-index", "--find-links", str(SGLANG_WHEELS))
+    session.install(*offline, "-r", requirements)
+    session.install(*offline, "--no-deps", "--require-hashes", "-r", wheel)  # the hash is checked again here
+    session.install("--no-deps", "--no-build-isolation", "-e", ".")
+    session.env["GRPO_REQUIRE_SGLANG"] = "1"  # tests/sglang fail, not skip, when SGLang does not import here
+    session.run("pytest", "tests/sglang", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def lock(session: nox.Session) -> None:
     """Resolve each image's Python set with hashes into images/locks/ (`-- --check` is offline)."""

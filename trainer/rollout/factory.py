@@ -1,8 +1,8 @@
 """The rollout engine a recipe names (``recipe.rollout.engine``), built in one place, and checked once started.
 
-torch: in the driver's process (CPU), or in its own under ``grpo.max_staleness`` ≥ 1. vllm: vLLM 0.8.5 in a process of its own (its CPU build runs here, V0).
-sglang (SGLang 0.5.2): its adapter is not built yet. The preflight has already refused a recipe whose engine
-does not import on this machine.
+torch: in the driver's process (CPU), or in its own under ``grpo.max_staleness`` ≥ 1. vllm: vLLM 0.8.5 in a process
+of its own (its CPU build runs here, V0). sglang: SGLang 0.5.2 in a process of its own (GPU only: it has no CPU
+engine). The preflight has already refused a recipe whose engine does not import on this machine.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def _process_engine(module: str, cls: str) -> Callable[[ResolvedRecipe, Task], R
 ENGINES: dict[str, Callable[[ResolvedRecipe, Task], RolloutEngine]] = {
     "torch": _torch_engine,
     "vllm": _process_engine("trainer.rollout.vllm_engine", "VllmEngine"),
+    "sglang": _process_engine("trainer.rollout.sglang_engine", "SglangEngine"),
 }
 
 

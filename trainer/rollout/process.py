@@ -194,6 +194,19 @@ def write_config(hf_config, directory: str) -> None:
     (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_dtype(config_dir: str) -> str:
+    """The dtype an engine serves the model in: the one ``write_config`` recorded (float32 when none)."""
+    import json
+
+    dtype = json.loads((Path(config_dir) / "config.json").read_text()).get("torch_dtype") or "float32"
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"model dtype {dtype}: engines serve {', '.join(MODEL_DTYPES)}")
+    return dtype
+
+
 class ProcessEngine:
     """The ``RolloutEngine`` of a server in its own process (vLLM, SGLang): the driver-side half of an adapter.
 

@@ -23,9 +23,8 @@ from pathlib import Path
 
 from trainer.rollout.base import SamplingParams
 from trainer.rollout.buckets import FlatBucket
-from trainer.rollout.process import ProcessEngine
+from trainer.rollout.process import ProcessEngine, model_dtype
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 CPU_KV_CACHE_GB = "1"  # VLLM_CPU_KVCACHE_SPACE when unset: plenty for the tiny CPU recipes
 
 
@@ -99,11 +98,12 @@ class VllmServer:
 
         config = json.loads((Path(config_dir) / "config.json").read_text())
         _register_architecture(config["architectures"][0])
-        dtype = DTYPES[config.get("torch_dtype") or "float32"]
         from vllm.platforms import current_platform
 
         self.llm = vllm.LLM(
-            **engine_arguments(config_dir, settings, seed, dtype, cpu=current_platform.is_cpu())
+            **engine_arguments(
+                config_dir, settings, seed, model_dtype(config_dir), cpu=current_platform.is_cpu()
+            )
         )
         self.v1 = type(self.llm.llm_engine).__module__.startswith("vllm.v1")
         self.version = vllm.__version__
