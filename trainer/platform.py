@@ -20,6 +20,7 @@ import importlib.util
 import os
 import resource
 import sys
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -204,6 +205,24 @@ class CudaPlatform(Platform):
 
 CPU = CpuPlatform()
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RankResources:
+    """What one rank reserves on a Ray cluster: host cores and GPUs (``trainer.parallel.ray_launcher``)."""
+
+    cpus: int
+    gpus: int
+
+    def bundle(self, ranks: int) -> dict[str, int]:
+        """A placement-group bundle of ``ranks`` ranks, in Ray's resource names."""
+        return {"CPU": self.cpus * ranks} | ({"GPU": self.gpus * ranks} if self.gpus else {})
+
+
+def rank_resources(cluster: dict[str, float], world_size: int) -> RankResources:
+    """A GPU and a host core per rank where the Ray cluster (its total resources ``cluster``) has a GPU for every
+    rank; a host core otherwise (the CPU platform's processes)."""
+    return RankResources(cpus=1, gpus=1 if cluster.get("GPU", 0) >= world_size else 0)
 
 
 def visible_gpus() -> int:

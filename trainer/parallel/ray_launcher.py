@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.parallel.ranks import RankFailed
+from trainer.platform import RankResources, rank_resources
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 # Environment the driver passes on to every rank: the project's own switches (tests' planted faults) and where the
@@ -155,8 +156,8 @@ class RayLauncher:
         self._connect(world_size)
         group, actors = None, []
         try:
-            group, order, gpus = self._placement(world_size, ranks_per_node or world_size)
-            actors = self._actors(group, order, gpus)
+            group, order, per_rank = self._placement(world_size, ranks_per_node or world_size)
+            actors = self._actors(group, order, per_rank)
             env = self._rendezvous(actors, group, order)
             refs = [actor.run.remote(env[rank], fn, args) for rank, actor in enumerate(actors)]
             address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
@@ -176,8 +177,8 @@ class RayLauncher:
 
         nodes = -(-world_size // ranks_per_node)
         sizes = [min(ranks_per_node, world_size - i * ranks_per_node) for i in range(nodes)]
-        gpus = ray.cluster_resources().get("GPU", 0) >= world_size
-        bundles = [{"GPU": n, "CPU": n} if gpus else {"CPU": n} for n in sizes]
+        per_rank = rank_resources(ray.cluster_resources(), world_size)
+        bundles = [per_rank.bundle(n) for n in sizes]
         group = placement_group(bundles, strategy="STRICT_SPREAD" if nodes > 1 else "STRICT_PACK")
         try:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -188,10 +189,10 @@ class RayLauncher:
                              f"{nodes} node(s) of {bundles[0]} ({world_size} ranks, {ranks_per_node} per node: "
                              f"gpus_per_node); join nodes with `ray start --address ...`") from None
         node_of = placement_group_table(group)["bundles_to_node_id"]
-        return group, [(i, node_of[i]) for i, n in enumerate(sizes) for _ in range(n)], gpus
+        return group, [(i, node_of[i]) for i, n in enumerate(sizes) for _ in range(n)], per_rank
 
     @staticmethod
-    def _actors(group, order, gpus: bool) -> list:
+    def _actors(group, order, per_rank: RankResources) -> list:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -199,7 +200,7 @@ class RayLauncher:
         actors = []
         for rank, (bundle, _) in enumerate(order):
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
-            actors.append(remote.options(num_cpus=1, num_gpus=1 if gpus else 0, scheduling_strategy=strategy,
+            actors.append(remote.options(num_cpus=per_rank.cpus, num_gpus=per_rank.gpus, scheduling_strategy=strategy,
                                          max_restarts=0).remote(rank))
         return actors
 
