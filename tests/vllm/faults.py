@@ -8,13 +8,13 @@ def kill_engine_at_second_generate() -> None:
     """SIGKILL the engine process just before the second generate call reaches it (episode 2's rollout)."""
     from trainer.rollout import process
 
-    call, calls = process.EngineProcess.call, []
+    send, calls = process.EngineProcess.send, []  # every call, and generate's start, goes through send
 
-    def killing_call(self, method, *args, **kwargs):
+    def killing_send(self, method, *args, **kwargs):
         if method == "generate":
             calls.append(method)
             if len(calls) == 2:
                 os.kill(self.pid, signal.SIGKILL)
-        return call(self, method, *args, **kwargs)
+        return send(self, method, *args, **kwargs)
 
-    process.EngineProcess.call = killing_call
+    process.EngineProcess.send = killing_send
