@@ -1,10 +1,23 @@
-"""Shared fixtures: the repository root and the committed matrix."""
+"""Shared fixtures: the repository root and the committed matrix; which engine folders are collected here."""
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# tests/<package> runs in its own nox session's environment (`nox -s tests_vllm`, `nox -s tests_sglang`), where the
+# engine's package imports; elsewhere the folder is not collected. The session sets the folder's variable so that a
+# package that does not import there fails the session instead of skipping it.
+ENGINE_FOLDERS = {"vllm": "GRPO_REQUIRE_VLLM", "sglang": "GRPO_REQUIRE_SGLANG"}
+collect_ignore_glob = []
+for _package, _required in ENGINE_FOLDERS.items():
+    if importlib.util.find_spec(_package) is None:
+        if os.environ.get(_required):
+            raise pytest.UsageError(f"{_required}=1 but {_package} is not installed in this environment")
+        collect_ignore_glob.append(f"{_package}/test_*.py")
 
 
 @pytest.fixture
@@ -15,3 +28,10 @@ def repo() -> Path:
 @pytest.fixture
 def matrix_text() -> str:
     return (REPO / "matrix.yaml").read_text()
+
+
+@pytest.fixture(scope="session")
+def matrix():
+    from matrix import load_matrix
+
+    return load_matrix()

@@ -1,15 +1,9 @@
-"""Fixtures: the matrix, megatron process groups torn down after each test that uses them, tiny HF checkpoints."""
+"""Fixtures (the matrix: tests/conftest.py): megatron process groups torn down after each test that uses them, tiny HF checkpoints."""
 
 import pytest
 import torch
 
-from matrix import load_matrix
 from trainer.parallel.process_groups import process_groups
-
-
-@pytest.fixture(scope="session")
-def matrix():
-    return load_matrix()
 
 
 @pytest.fixture

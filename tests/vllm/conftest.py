@@ -1,27 +1,11 @@
-"""Tests of the real vLLM 0.8.5 engine (its CPU build): they run in `nox -s tests_vllm`'s environment.
+"""Tests of the real vLLM 0.8.5 engine (its CPU build): they run in `nox -s tests_vllm`'s environment (collected
+only where vLLM imports: tests/conftest.py)."""
 
-Elsewhere (the main test env has no vLLM) this folder is not collected; `nox -s tests_vllm` sets
-GRPO_REQUIRE_VLLM=1 so that a vLLM that does not import there fails the session instead of skipping it.
-"""
-
-import importlib.util
 import os
 import time
 
 import psutil
 import pytest
-
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-if not HAVE_VLLM and os.environ.get("GRPO_REQUIRE_VLLM"):
-    raise pytest.UsageError("GRPO_REQUIRE_VLLM=1 but vllm is not installed in this environment")
-collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
-
-
-@pytest.fixture(scope="session")
-def matrix():
-    from matrix import load_matrix
-
-    return load_matrix()
 
 
 @pytest.fixture(scope="session")
