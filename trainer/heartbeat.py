@@ -66,14 +66,29 @@ def _state(pid: int) -> str:
         return "?"
 
 
-class StallWatch:
+class _WatchThread:
+    """A daemon thread running ``self._watch`` while the ``with`` block runs; ``self._stop`` tells it to end."""
+
+    def _start_watching(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+        self._thread.start()
+
+    def _stop_watching(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        raise NotImplementedError
+
+
+class StallWatch(_WatchThread):
     """In the launcher's process while ranks run: ``with StallWatch(world, timeout_s) as watch`` sets the
     ranks' heartbeat directory; ``watch.verdict`` is the line naming the stuck rank once it stopped them."""
 
     def __init__(self, world_size: int, timeout_s: float):
         self.world_size, self.timeout_s = world_size, timeout_s
         self.verdict: str | None = None
-        self._stop = threading.Event()
 
     def __enter__(self) -> StallWatch:
         self._dir = tempfile.TemporaryDirectory(prefix="grpo-heartbeat-")
@@ -83,13 +98,11 @@ class StallWatch:
         # ranks this watch killed: noise after the one line that says what happened
         os.environ["PYTHONWARNINGS"] = ",".join(
             filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
-        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
-        self._thread.start()
+        self._start_watching()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._stop_watching()
         for key, value in self._previous.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -142,23 +155,20 @@ def _end_run(line: str) -> None:
     os._exit(1)
 
 
-class ProcessWatch:
+class ProcessWatch(_WatchThread):
     """``with ProcessWatch(timeout_s)``: once this process, having beaten at least once, goes ``timeout_s`` of
     its running time without another beat, ``on_stall`` gets one line naming where the main thread is (by
     default: printed, and the process exits 1). What it can and cannot see: the module docstring."""
 
     def __init__(self, timeout_s: float, on_stall: Callable[[str], None] = _end_run, poll_s: float = POLL_S):
         self.timeout_s, self.on_stall, self.poll_s = timeout_s, on_stall, poll_s
-        self._stop = threading.Event()
 
     def __enter__(self) -> ProcessWatch:
-        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
-        self._thread.start()
+        self._start_watching()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._stop_watching()
 
     def _watch(self) -> None:
         started = seen = _beats  # a process may run more than one run (tests): count this run's beats
