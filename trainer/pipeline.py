@@ -56,9 +56,7 @@ class Pipeline:
         self.r, self.task, self.job, self.need = r, task, job, need
         self.policy, self.ref, self.behaviour, self.engine = policy, ref, behaviour, engine
         self.in_flight: PendingCollect | None = None  # driver only
-        self.in_flight_version = (
-            0  # every rank: episodes trained when the in-flight batch's weights were synced
-        )
+        self.in_flight_version = 0  # every rank: episodes trained when the in-flight batch's weights were synced
 
     def start(self, start: int, behaviour_version: int) -> None:
         """Before episode ``start`` + 1: the engine gets ``behaviour``'s weights (version ``behaviour_version``) and

@@ -8,7 +8,7 @@ one line naming the rank and its first error. One rank runs in-process under eve
 Two implementations, chosen by ``run.launcher`` or ``--launcher``:
 
 - ``local`` (``trainer.parallel.local_launcher``): torch's elastic agent, every rank on this host;
-- ``ray`` (``trainer.parallel.ray_launcher``): one Ray placement group with a bundle per rank, across the nodes
+- ``ray`` (``trainer.parallel.ray_launcher``): one Ray placement group with a bundle per node, across the nodes
   of a Ray cluster.
 
 What every rank does first and last (process groups, threads, signals, seed) is ``trainer.parallel.rank``.

@@ -1,9 +1,10 @@
-"""The Ray launcher: one placement group with a bundle per rank over the nodes of a Ray cluster.
+"""The Ray launcher: one placement group with a bundle per node over the nodes of a Ray cluster.
 
 It joins the cluster at ``--ray-address`` / ``RAY_ADDRESS``, or starts a local one for the run. The placement group
-holds one bundle per rank (``{"GPU": 1, "CPU": 1}`` when the cluster has the GPUs, else ``{"CPU": 1}``), packed
-onto as few nodes as hold it; ranks are numbered node by node, so that consecutive ranks (megatron's TP, then
-ETP·EP, groups) share a node. Each rank is a Ray actor that runs the same entry point the local launcher runs,
+holds one bundle per node of ``gpus_per_node`` ranks, each bundle on a node of its own (STRICT_SPREAD; STRICT_PACK
+for one node), a GPU and a core per rank when the cluster has the GPUs, else a core (``trainer.platform.
+rank_resources``); ranks are numbered node by node, so that consecutive ranks (megatron's TP, then ETP·EP, groups)
+share a node. Each rank is a Ray actor that runs the same entry point the local launcher runs,
 with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR / MASTER_PORT set to rank 0's node address and
 a free port there. Its output reaches the driver with a ``rank N`` prefix (the actor's ``__repr__``).
 
@@ -119,8 +120,8 @@ class RayLauncher:
     def __init__(self, address: str | None = None):
         self.address = address or os.environ.get("RAY_ADDRESS") or None
 
-    def _connect(self, world_size: int) -> bool:
-        """Join the cluster (True) or start a local one for this run (False)."""
+    def _connect(self, world_size: int) -> None:
+        """Join the cluster, or start a local one for this run."""
         import ray
 
         env = {"env_vars": self._passed_env()}
@@ -132,11 +133,10 @@ class RayLauncher:
             head = self.address.removeprefix("ray://").split(",")[0]
             ray.init(address=self.address, runtime_env=env, log_to_driver=True, logging_level="ERROR",
                      _node_ip_address=get_node_ip_address(head if ":" in head else f"{head}:6379"))
-            return True
+            return
         # a local cluster: CPU ranks share the cores as the local launcher's do
         ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
                  runtime_env=env, log_to_driver=True, logging_level="ERROR")
-        return False
 
     @staticmethod
     def _passed_env() -> dict[str, str]:
