@@ -20,6 +20,25 @@ for _package, _required in ENGINE_FOLDERS.items():
         collect_ignore_glob.append(f"{_package}/test_*.py")
 
 
+# Modules that must not run at the same time as each other under pytest-xdist (`nox -s tests` runs one worker per
+# core): the image builds share buildah's and the disk's capacity, which two at once would only split.
+SHARED_GROUPS = {
+    "image-builds": ("images/test_build_cpu_slow.py", "images/test_build_docker_slow.py"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each module is one unit of work for pytest-xdist's ``loadgroup`` scheduling (its module-scoped fixtures, e.g.
+    a shared training run, then run once), or its ``SHARED_GROUPS`` group's."""
+    if not config.pluginmanager.hasplugin("xdist"):  # the engine sessions' environments run without it
+        return
+    group_of = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.path.relative_to(REPO / "tests").as_posix()
+            item.add_marker(pytest.mark.xdist_group(group_of.get(module, module)))
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

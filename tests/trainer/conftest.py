@@ -9,7 +9,6 @@ from trainer.parallel.process_groups import process_groups
 @pytest.fixture
 def groups():
     """gloo world size 1 + megatron parallel_state (all degrees 1), destroyed after the test."""
-    torch.set_num_threads(2)
     with process_groups():
         yield
 

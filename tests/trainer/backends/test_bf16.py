@@ -60,7 +60,6 @@ def step_update(resolved, precision: str, initial: dict) -> dict[str, torch.Tens
     "family", [pytest.param(f, marks=pytest.mark.slow) if f == "mla-moe" else f for f in RECIPES]
 )  # MLA+MoE: ~27 s on the shared CI-sized machine
 def test_one_bf16_step_moves_the_weights_as_the_fp32_step(matrix, family):
-    torch.set_num_threads(2)
     resolved = one_process(matrix.resolve(RECIPES[family]))
     with process_groups(Layout(fsdp=resolved.layout.fsdp)):
         initial = dict(build_backend(resolved, seed=0, trainable=False).hf_named_tensors())

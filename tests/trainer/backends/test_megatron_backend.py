@@ -113,7 +113,6 @@ def run_three_steps(resolved, seed):
 
 
 def test_same_seed_is_bit_identical(resolved):
-    torch.set_num_threads(2)
     s1, w1 = run_three_steps(resolved, 3)
     s2, w2 = run_three_steps(resolved, 3)
     s3, w3 = run_three_steps(resolved, 4)

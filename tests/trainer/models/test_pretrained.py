@@ -29,7 +29,6 @@ def dirs(tmp_path_factory, matrix, save_tiny_hf):
 @pytest.mark.parametrize("recipe", ["tiny-qwen3", "tiny-qwen3-fsdp"])
 @pytest.mark.parametrize("kind", ["hf", "mcore"])
 def test_backend_starts_from_the_directory_not_from_the_seed(dirs, recipe, kind):
-    torch.set_num_threads(2)
     r = resolve(recipe, {})
     expected, _ = load_hf_checkpoint(dirs["hf"])
     with process_groups(r.layout):
@@ -111,7 +110,6 @@ def test_fsdp_ranks_refuse_a_sharded_directory_too(dirs, tmp_path):
 def test_hybrid_checkpoint_loads_every_parameter(tmp_path, matrix, save_tiny_hf):
     """Qwen3-Next (gated delta net, gated attention, MoE with a gated shared expert): built without megatron's
     initialisation, every parameter comes from the file."""
-    torch.set_num_threads(2)
     r = resolve("tiny-qwen3-next", {})
     expected, _ = load_hf_checkpoint(save_tiny_hf(matrix.models["tiny-qwen3-next"], tmp_path / "hf", seed=5))
     with process_groups(r.layout):
@@ -122,7 +120,6 @@ def test_hybrid_checkpoint_loads_every_parameter(tmp_path, matrix, save_tiny_hf)
 
 
 def test_moe_checkpoint_loads_every_parameter_and_the_routers_expert_bias(tmp_path, matrix, save_tiny_hf):
-    torch.set_num_threads(2)
     r = resolve("tiny-moonlight", {})
     expected, _ = load_hf_checkpoint(save_tiny_hf(matrix.models["tiny-moonlight"], tmp_path / "hf", seed=3))
     with process_groups(r.layout):

@@ -9,7 +9,6 @@ from trainer.rollout.torch_engine import filter_logits
 
 @pytest.fixture
 def engine(matrix):
-    torch.set_num_threads(2)
     return TorchEngine(matrix.models["tiny-qwen2.5"], decode=lambda ids: " ".join(map(str, ids)), seed=0)
 
 
