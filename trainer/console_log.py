@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 _terminal_stderr: int | None = None  # while console_log runs: the real stderr, for a message that cannot wait
@@ -50,6 +51,10 @@ def _append(log, lock: threading.Lock, data: bytes) -> bool:
 def console_log(path: Path) -> Iterator[None]:
     """Copy fds 1 and 2 (and so the ranks') into ``path`` for the block."""
     global _terminal_stderr
+    # A child started in the block that outlives it would hold the pipes open and make the pumps' join wait its
+    # full timeout: multiprocessing's resource tracker (started by the first spawned process: the off-policy or
+    # vLLM engine's) lives until this process exits. Started here, it keeps the terminal's fds.
+    resource_tracker.ensure_running()
     sys.stdout.flush()
     sys.stderr.flush()
     lock, log = threading.Lock(), path.open("ab")
