@@ -102,12 +102,12 @@ def convert(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Run the test suite (CI runs exactly this); posargs go to pytest, e.g. `-- -m 'not slow'` (`-- -n 0`: one process).
 
-    One pytest worker per core (pytest-xdist), each handed whole test modules (tests/conftest.py), with one torch
-    thread per process: two threads each would oversubscribe the cores.
+    One pytest worker per core (pytest-xdist), each handed whole test modules (tests/conftest.py: `work_unit`), with
+    one torch thread per process: two threads each would oversubscribe the cores.
     """
     python = _install_heavy(session, "images,bench,grading,tensorboard,dev,ray")
     session.env["OMP_NUM_THREADS"] = "1"
-    session.run(python, "-m", "pytest", "--numprocesses", "auto", "--dist", "loadgroup", *session.posargs,
+    session.run(python, "-m", "pytest", "--numprocesses", "auto", "--dist", "loadscope", *session.posargs,
                 external=True)
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the repository root and the committed matrix; which engine folders are collected here."""
 
+import collections
 import importlib.util
 import os
 from pathlib import Path
@@ -21,22 +22,36 @@ for _package, _required in ENGINE_FOLDERS.items():
 
 
 # Modules that must not run at the same time as each other under pytest-xdist (`nox -s tests` runs one worker per
-# core): the image builds share buildah's and the disk's capacity, which two at once would only split.
-SHARED_GROUPS = {
-    "image-builds": ("images/test_build_cpu_slow.py", "images/test_build_docker_slow.py"),
-}
+# core), by path prefix under tests/: the image tests render and build into the repository's one build/ folder
+# (and one edits a trainer file for a rebuild).
+SHARED_GROUPS = {"images": ("images/", "trainer/test_in_image.py")}
+
+
+def work_unit(nodeid: str) -> str:
+    """What one pytest-xdist worker runs whole, in one go: a test module (its module-scoped fixtures, e.g. a shared
+    training run, then run once), or the ``SHARED_GROUPS`` group it is in."""
+    module = nodeid.split("::", 1)[0].removeprefix("tests/")
+    return next((group for group, prefixes in SHARED_GROUPS.items() if module.startswith(prefixes)), module)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent from the engine sessions' environments
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling over ``work_unit``s, in collection order. (Its ``loadgroup`` mode would group by
+    marks, but it renames node ids through an attribute that pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order below: it is by length, not by test count
+    return WorkUnits(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each module is one unit of work for pytest-xdist's ``loadgroup`` scheduling (its module-scoped fixtures, e.g.
-    a shared training run, then run once), or its ``SHARED_GROUPS`` group's."""
-    if not config.pluginmanager.hasplugin("xdist"):  # the engine sessions' environments run without it
-        return
-    group_of = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.path.relative_to(REPO / "tests").as_posix()
-            item.add_marker(pytest.mark.xdist_group(group_of.get(module, module)))
+    """Work units with the most slow tests first, so that no long one starts last; each unit's tests together."""
+    slow = collections.Counter(work_unit(item.nodeid) for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (-slow[work_unit(item.nodeid)], work_unit(item.nodeid)))
 
 
 @pytest.fixture

@@ -47,17 +47,28 @@ def _append(log, lock: threading.Lock, data: bytes) -> bool:
         return False
 
 
+def _start_resource_tracker(stderr: int) -> None:
+    """multiprocessing's resource tracker, started by the first spawned process (the launcher's ranks, an engine's
+    process), lives until this process exits: started inside the block, it would hold the pipes open and the
+    pumps' join would wait its full timeout. Started now, with ``stderr`` as its stderr: its warnings (semaphores
+    of a killed rank) still reach train.log, not the terminal's last line."""
+    saved = os.dup(2)
+    os.dup2(stderr, 2)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @contextmanager
 def console_log(path: Path) -> Iterator[None]:
     """Copy fds 1 and 2 (and so the ranks') into ``path`` for the block."""
     global _terminal_stderr
-    # A child started in the block that outlives it would hold the pipes open and make the pumps' join wait its
-    # full timeout: multiprocessing's resource tracker (started by the first spawned process: the off-policy or
-    # vLLM engine's) lives until this process exits. Started here, it keeps the terminal's fds.
-    resource_tracker.ensure_running()
     sys.stdout.flush()
     sys.stderr.flush()
     lock, log = threading.Lock(), path.open("ab")
+    _start_resource_tracker(log.fileno())
     saved, threads = {}, []
     for fd in (1, 2):
         read_end, write_end = os.pipe()
