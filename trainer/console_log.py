@@ -15,12 +15,18 @@ from contextlib import contextmanager, suppress
 from multiprocessing import resource_tracker
 from pathlib import Path
 
-_terminal_stderr: int | None = None  # while console_log runs: the real stderr, for a message that cannot wait
+# While console_log runs: the real stderr and train.log's fd, for a message that cannot wait for the pumps.
+_terminal_stderr: int | None = None
+_log_fd: int | None = None
 
 
 def say_now(text: str) -> None:
-    """Write ``text`` to the terminal's stderr at once (a process about to ``os._exit`` cannot wait for the pump)."""
+    """Write ``text`` to the terminal's stderr and to train.log at once (a process about to ``os._exit`` cannot
+    wait for the pump)."""
     os.write(_terminal_stderr if _terminal_stderr is not None else 2, text.encode())
+    if _log_fd is not None:
+        with suppress(OSError):  # a full disk: the terminal has it
+            os.write(_log_fd, text.lstrip("\n").encode())  # O_APPEND: one write lands whole, between the pumps' lines
 
 
 def _pump(source: int, terminal: int, log, lock: threading.Lock) -> None:
@@ -64,7 +70,7 @@ def _start_resource_tracker(stderr: int) -> None:
 @contextmanager
 def console_log(path: Path) -> Iterator[None]:
     """Copy fds 1 and 2 (and so the ranks') into ``path`` for the block."""
-    global _terminal_stderr
+    global _terminal_stderr, _log_fd
     sys.stdout.flush()
     sys.stderr.flush()
     lock, log = threading.Lock(), path.open("ab")
@@ -77,11 +83,11 @@ def console_log(path: Path) -> Iterator[None]:
         os.close(write_end)
         threads.append(threading.Thread(target=_pump, args=(read_end, saved[fd], log, lock), daemon=True))
         threads[-1].start()
-    _terminal_stderr = saved[2]
+    _terminal_stderr, _log_fd = saved[2], log.fileno()
     try:
         yield
     finally:
-        _terminal_stderr = None
+        _terminal_stderr = _log_fd = None
         sys.stdout.flush()
         sys.stderr.flush()
         for fd, original in saved.items():

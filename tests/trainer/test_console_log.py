@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent(
     import multiprocessing, sys, time
     from pathlib import Path
 
-    from trainer.console_log import console_log
+    from trainer.console_log import console_log, say_now
 
     def child():
         print("line of the spawned child", flush=True)
@@ -22,13 +22,14 @@ SCRIPT = textwrap.dedent(
             process.start()
             process.join()
             print("line of the parent", flush=True)
+            say_now("\\nline said now\\n")
             entered = time.monotonic()
         print(f"closed in {time.monotonic() - entered:.1f} s")
     """
 )
 
 
-def test_a_spawned_child_is_logged_and_does_not_hold_the_log_open(tmp_path):
+def test_a_spawned_child_and_a_line_said_now_are_logged_and_nothing_holds_the_log_open(tmp_path):
     """multiprocessing's resource tracker, started by the first spawned process, lives until the parent exits:
     started inside the block it held the capture pipes open, and closing the block waited 10 s per stream."""
     script = tmp_path / "run.py"
@@ -38,5 +39,6 @@ def test_a_spawned_child_is_logged_and_does_not_hold_the_log_open(tmp_path):
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "train.log").read_text()
     assert "line of the spawned child" in log and "line of the parent" in log
+    assert "\nline said now\n" in log and "line said now" in done.stderr  # not through the pumps: at once, in both
     closed = float(done.stdout.rsplit("closed in ", 1)[1].split()[0])
     assert closed < 5, f"closing the console log took {closed} s"

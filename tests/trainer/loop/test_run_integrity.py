@@ -379,6 +379,7 @@ def test_a_deadlocked_one_process_run_ends_within_the_stall_timeout_naming_where
     assert line.startswith(f"error: no progress for {stall} s (run.stall_timeout_s); stuck: the run's one process, "
                            f"its main thread at {KILL_POINTS}:"), line
     assert line.endswith("(deadlock)"), line
+    assert line in (run_dir / "train.log").read_text().splitlines()  # said at once, so the log has it too
     assert [r["episode"] for r in rows(run_dir)] == [1]
     assert time.time() - started < 240
 
