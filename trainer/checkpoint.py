@@ -68,7 +68,7 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
 
     job.on_driver(prepare)
     job.barrier()
-    part = _rank_file(tmp, job.rank)
+    part, full = _rank_file(tmp, job.rank), None
     try:
         state = state | {name: model.save(tmp / name) if model is not None else None
                          for name, model in (models or {}).items()}
@@ -76,8 +76,14 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
     except (OSError, RuntimeError) as exc:
         if not is_disk_full(exc):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays `latest`
-        raise DiskFull(root, _nbytes(state), f"the checkpoint of episode {episode} (this rank's part)") from None
+        full = DiskFull(root, _nbytes(state), f"the checkpoint of episode {episode} (this rank's part)")
+    # The folder goes only once every rank has stopped writing into it: removed while another rank still wrote,
+    # that rank failed on the missing folder, and its error could be the one the run reported.
+    if job.max(int(full is not None)):
+        if full is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays `latest`
+            raise full
+        job.barrier()  # the ranks that had space wait here until the run stops with the full rank's line
     part.with_suffix(".partial").rename(part)
     job.barrier()
 
