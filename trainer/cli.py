@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:
     from trainer.heartbeat import stall_timeout_s, watching
+    from trainer.interrupts import StoppedAtOnce
     from trainer.parallel.launcher import RankFailed, launch
     from trainer.worker import RunRequest, initial_weights, run_rank
 
@@ -257,6 +258,9 @@ def _train(args, resolved, run_dir: Path, weights: Path | None) -> int:
                                  ray_address=args.ray_address, ranks_per_node=resolved.gpus_per_node,
                                  stall_timeout_s=stall_timeout_s(resolved))
             break
+        except StoppedAtOnce as exc:  # the launcher stopped every rank first
+            print(f"\n{exc}", file=sys.stderr)
+            return 128 + exc.signum
         except RankFailed as exc:
             # on a line of its own: the driver's progress bar may have been cut short mid-line
             if attempt == restarts:

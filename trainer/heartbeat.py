@@ -47,19 +47,54 @@ def stall_timeout_s(resolved) -> float:
 
 
 _beats = 0  # this process's beats: what its own ProcessWatch compares
+_sink: Callable[[], None] | None = None  # where a launcher that does not read the files wants the beats
 
 
 def beat() -> None:
     """This rank made progress."""
     global _beats
     _beats += 1
+    if _sink is not None:
+        _sink()
+        return
     directory = os.environ.get(ENV)
     if directory:
         path = Path(directory) / f"rank-{int(os.environ.get('RANK', 0)):05d}"
         path.write_text(str(os.getpid()))  # rewriting moves its mtime: the beat
 
 
-def _state(pid: int) -> str:
+def report_beats_to(sink: Callable[[], None] | None) -> None:
+    """Send this process's beats to ``sink`` instead of the heartbeat file (the Ray launcher's ranks: their
+    launcher runs on another host); None: back to the file."""
+    global _sink
+    _sink = sink
+
+
+def stall_verdict(world_size: int, timeout_s: float, beats: dict[int, tuple[float, int]],
+                  state_of: Callable[[int, int], str]) -> str | None:
+    """The line that ends a stalled run, or None while some rank made progress within ``timeout_s``.
+
+    ``beats``: rank → (seconds since its last beat, pid) for the ranks that have beaten; ``state_of(rank, pid)``:
+    the process's state letter (``/proc/PID/stat``) where the rank runs."""
+    if not beats or min(age for age, _ in beats.values()) < timeout_s:
+        return None
+    return f"no rank made progress for {timeout_s:g} s (run.stall_timeout_s); stuck: {_blame(world_size, beats, state_of)}"
+
+
+def _blame(world_size: int, beats: dict[int, tuple[float, int]], state_of: Callable[[int, int], str]) -> str:
+    for rank, (_, pid) in sorted(beats.items()):
+        state = state_of(rank, pid)
+        if state in STATES:
+            return f"rank {rank} ({STATES[state]})"
+    silent = sorted(set(range(world_size)) - set(beats))
+    if silent:
+        return f"rank {silent[0]} (it never reached its first episode)"
+    rank = max(beats, key=lambda r: beats[r][0])
+    return f"rank {rank} (its last progress is the oldest)"
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` on this host ("?" when it is gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -120,23 +155,12 @@ class StallWatch(_WatchThread):
                 continue
         return beats
 
-    def _blame(self, beats: dict[int, tuple[float, int]]) -> str:
-        for rank, (_, pid) in sorted(beats.items()):
-            if _state(pid) in STATES:
-                return f"rank {rank} ({STATES[_state(pid)]})"
-        silent = sorted(set(range(self.world_size)) - set(beats))
-        if silent:
-            return f"rank {silent[0]} (it never reached its first episode)"
-        rank = max(beats, key=lambda r: beats[r][0])
-        return f"rank {rank} (its last progress is the oldest)"
-
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
-            beats = self._beats()
-            if not beats or min(age for age, _ in beats.values()) < self.timeout_s:
+            verdict = stall_verdict(self.world_size, self.timeout_s, self._beats(), lambda _, pid: process_state(pid))
+            if verdict is None:
                 continue
-            self.verdict = (f"no rank made progress for {self.timeout_s:g} s (run.stall_timeout_s); stuck: "
-                            f"{self._blame(beats)}")
+            self.verdict = verdict
             for proc in multiprocessing.active_children():
                 proc.kill()  # SIGKILL ends a stopped process too
             return

@@ -15,7 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -72,28 +72,47 @@ def reset() -> None:
     _received = 0
 
 
+class StoppedAtOnce(BaseException):
+    """A second Ctrl-C in a launcher that must clean up before it exits (Ray: actors, placement group); the CLI
+    prints ``_at_once``'s line and exits 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} again: stopped at once, without a checkpoint")
+        self.signum = signum
+
+
+def _to_children(signum: int) -> None:
+    for proc in multiprocessing.active_children():
+        with suppress(ProcessLookupError):
+            os.kill(proc.pid, signum)
+
+
+def _kill_children_and_exit(signum: int) -> None:
+    for proc in multiprocessing.active_children():
+        proc.kill()
+    _at_once(signum)
+
+
 @contextmanager
-def forwarding() -> Iterator[None]:
-    """In the launcher's process while its ranks run: pass a signal on to every rank; a second Ctrl-C kills
-    them and exits. Torch's elastic agent must leave these signals alone (``AGENT_SIGNALS``): it would kill the
-    ranks."""
+def forwarding(deliver: Callable[[int], None] = _to_children,
+               at_once: Callable[[int], None] = _kill_children_and_exit) -> Iterator[None]:
+    """In the launcher's process while its ranks run: pass a signal on to every rank (``deliver``, by default to
+    this process's children); a second Ctrl-C calls ``at_once``, which stops the ranks and exits (or raises
+    ``StoppedAtOnce`` for the launcher to clean up). Torch's elastic agent must leave these signals alone
+    (``AGENT_SIGNALS``): it would kill the ranks."""
     global _received
 
     def handle(signum: int, frame) -> None:
         global _received
-        ranks = multiprocessing.active_children()
         if _received and signum == signal.SIGINT:
-            for proc in ranks:
-                proc.kill()
-            _at_once(signum)
+            at_once(signum)
+            return
         _received = _received or signum
         from trainer.console_log import say_now
 
         say_now(f"\n{signal.Signals(signum).name}: every rank stops after this episode with a checkpoint (Ctrl-C "
                 "again to stop at once)\n")
-        for proc in ranks:
-            with suppress(ProcessLookupError):
-                os.kill(proc.pid, signum)
+        deliver(signum)
 
     previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
     try:

@@ -63,8 +63,8 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, launcher: str = 
            ray_address: str | None = None, ranks_per_node: int | None = None,
            stall_timeout_s: float | None = None) -> Any:
     """``fn(*args)`` on ``world_size`` ranks started by ``launcher``; returns rank 0's return value. With
-    ``stall_timeout_s``, ranks that stop making progress (``trainer.heartbeat``) are stopped, the stuck one named
-    (local launcher; under Ray the collectives' timeout is the bound)."""
+    ``stall_timeout_s``, ranks that stop making progress (``trainer.heartbeat``) are stopped, the stuck one named.
+    Under either launcher a signal to this process reaches every rank (``trainer.interrupts``)."""
     if world_size == 1:
         return fn(*args)
     return launcher_named(launcher, ray_address=ray_address).launch(

@@ -15,11 +15,18 @@ The first failure ends the run: a rank that raises, a rank's process that dies, 
 is killed and the placement group removed whatever happened, and the line names the rank. A rank whose collective
 broke because a peer vanished is not the cause: for a few seconds the launcher waits for the peer's death to be
 reported and names that rank instead.
+
+As under the local launcher, a stuck rank ends the run within ``run.stall_timeout_s`` (``trainer.heartbeat``): the
+ranks' beats go to a small actor on the driver's node (one clock for every host), and the process state of a rank
+(stopped by a signal, waiting on the kernel) is read on its own node. Ctrl-C or SIGTERM to the driver is passed on
+to every rank's process, wherever it runs, so that all checkpoint after the same episode and stop; a second Ctrl-C
+stops every rank at once, without a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -38,6 +45,8 @@ PASSED_ON = ("GRPO_STACK_",)
 # reported (a lost node is declared dead after Ray's health checks: health_check_period_ms × failure_threshold).
 PEER_DEATH_WAIT_S = 20.0
 PLACEMENT_TIMEOUT_S = 120.0
+# How often the driver reads the ranks' beats and passes on a signal it got; how long it waits for such a reading.
+POLL_S, QUERY_TIMEOUT_S = 1.0, 10.0
 # How a collective fails when its peer went away (gloo, NCCL): a consequence, not the cause.
 BROKEN_COLLECTIVE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "DistBackendError",
                      "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
@@ -59,6 +68,47 @@ def _interface_of(address: str) -> str | None:
     return None
 
 
+class Beats:
+    """The run's heartbeat board, an actor on the driver's node: each rank's last beat on this one clock."""
+
+    def __init__(self):
+        self.last: dict[int, tuple[float, int]] = {}
+
+    def beat(self, rank: int, pid: int) -> None:
+        self.last[rank] = (time.monotonic(), pid)
+
+    def ages(self) -> dict[int, tuple[float, int]]:
+        now = time.monotonic()
+        return {rank: (now - at, pid) for rank, (at, pid) in self.last.items()}
+
+
+class NodeAgent:
+    """An actor on each node of the run, started with the ranks (a task would first wait for a new worker process):
+    signals the ranks' processes there and reads their states."""
+
+    def send_signal(self, pids: list[int], signum: int) -> None:
+        import contextlib
+
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def state(self, pid: int) -> str:
+        from trainer.heartbeat import process_state
+
+        return process_state(pid)
+
+
+def _agents(nodes: list[str]) -> dict[str, Any]:
+    """A ``NodeAgent`` on each of ``nodes`` (needing no CPU: the ranks hold them)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=0)(NodeAgent)
+    return {node: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
+            for node in dict.fromkeys(nodes)}
+
+
 class RankActor:
     """One rank: a process on the node of its bundle that runs the entry point once."""
 
@@ -67,6 +117,9 @@ class RankActor:
 
     def __repr__(self) -> str:  # Ray prefixes the actor's output with it
         return f"rank {self.rank}"
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_address(self) -> str:
         import ray
@@ -78,9 +131,15 @@ class RankActor:
             s.bind((address, 0))
             return s.getsockname()[1]
 
-    def run(self, env: dict[str, str], fn: Callable[..., Any], args: tuple) -> Any:
+    def run(self, env: dict[str, str], fn: Callable[..., Any], args: tuple, beats) -> Any:
         import ray
 
+        from trainer import heartbeat
+
+        rank, pid = self.rank, os.getpid()
+        heartbeat.report_beats_to(lambda: beats.beat.remote(rank, pid))  # not waited for
+        # Ray's workers block SIGINT in their main thread, where the rank's handler (trainer.interrupts) must see it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.environ.update(env)
         interface = _interface_of(ray.util.get_node_ip_address())
         if interface:  # the node's address, not whatever the host name resolves to
@@ -153,17 +212,26 @@ class RayLauncher:
 
         if ray.is_initialized():
             raise RuntimeError("the Ray launcher connects by itself: call it with no Ray connection open")
+        from trainer.interrupts import forwarding
+
         self._connect(world_size)
-        group, actors = None, []
+        group, actors, helpers = None, [], []
         try:
             group, order, per_rank = self._placement(world_size, ranks_per_node or world_size)
             actors = self._actors(group, order, per_rank)
             env = self._rendezvous(actors, group, order)
-            refs = [actor.run.remote(env[rank], fn, args) for rank, actor in enumerate(actors)]
+            beats = ray.remote(num_cpus=0)(Beats).remote()
+            nodes = [node for _, node in order]
+            agents = _agents(nodes)
+            helpers = [beats, *agents.values()]
+            watch = _Watch(nodes, ray.get([a.pid.remote() for a in actors]), beats, agents, stall_timeout_s)
+            refs = [actor.run.remote(env[rank], fn, args, beats) for rank, actor in enumerate(actors)]
             address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-            return self._wait(refs, [address.get(node, node) for _, node in order])
+
+            with forwarding(deliver=watch.signals.append, at_once=watch.signals_at_once.append):
+                return self._wait(refs, [address.get(node, node) for _, node in order], watch)
         finally:
-            for actor in actors:
+            for actor in [*actors, *helpers]:
                 ray.kill(actor, no_restart=True)
             if group is not None:
                 ray.util.remove_placement_group(group)
@@ -222,14 +290,18 @@ class RayLauncher:
         return envs
 
     @staticmethod
-    def _wait(refs: list, hosts: list[str]) -> Any:
-        """Rank 0's result once every rank finished, or ``RankFailed`` naming the rank that failed first."""
+    def _wait(refs: list, hosts: list[str], watch: _Watch) -> Any:
+        """Rank 0's result once every rank finished, or ``RankFailed`` naming the rank that failed first (or the
+        one that stalled the others)."""
         import ray
 
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending, result = list(refs), None
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+            watch.check()
+            if not ready:
+                continue
             try:
                 value = ray.get(ready[0])
             except (ray.exceptions.RayError, Exception) as exc:  # noqa: BLE001 - any failure of a rank ends the run
@@ -240,6 +312,64 @@ class RayLauncher:
             if rank_of[ready[0]] == 0:
                 result = value
         return result
+
+
+class _Watch:
+    """The driver's view of its ranks while they run: signals to pass on, and their beats against the stall
+    timeout (None: not watched)."""
+
+    def __init__(self, nodes: list[str], pids: list[int], beats, agents: dict[str, Any], stall_timeout_s: float | None):
+        self.nodes, self.pids, self.beats, self.agents = nodes, pids, beats, agents
+        self.stall_timeout_s = stall_timeout_s
+        # filled by the signal handler (which must not raise inside Ray's wait); acted on in the driver's loop
+        self.signals: list[int] = []
+        self.signals_at_once: list[int] = []
+
+    def _signal(self, signum: int) -> list:
+        return [agent.send_signal.remote([pid for n, pid in zip(self.nodes, self.pids, strict=True) if n == node],
+                                         signum) for node, agent in self.agents.items()]
+
+    def _kill_ranks(self) -> None:
+        """SIGKILL every rank's process: ``ray.kill`` cannot end one that a signal stopped."""
+        import contextlib
+
+        import ray
+
+        with contextlib.suppress(ray.exceptions.RayError):  # the actors are killed anyway
+            ray.get(self._signal(signal.SIGKILL), timeout=QUERY_TIMEOUT_S)
+
+    def check(self) -> None:
+        """Pass on the signals received (a second Ctrl-C: ``StoppedAtOnce``); raise ``RankFailed`` once no rank
+        made progress for the stall timeout. Either way every rank's process is killed first."""
+        from trainer.interrupts import StoppedAtOnce
+
+        if self.signals_at_once:
+            self._kill_ranks()
+            raise StoppedAtOnce(self.signals_at_once[0])
+        while self.signals:
+            self._signal(self.signals.pop(0))
+        if self.stall_timeout_s is None:
+            return
+        import ray
+
+        from trainer.heartbeat import stall_verdict
+
+        try:
+            ages = ray.get(self.beats.ages.remote(), timeout=QUERY_TIMEOUT_S)
+        except ray.exceptions.RayError:  # no reading this time: the next poll tries again
+            return
+        verdict = stall_verdict(len(self.nodes), self.stall_timeout_s, ages, self._state)
+        if verdict is not None:
+            self._kill_ranks()
+            raise RankFailed(verdict)
+
+    def _state(self, rank: int, pid: int) -> str:
+        import ray
+
+        try:
+            return ray.get(self.agents[self.nodes[rank]].state.remote(pid), timeout=QUERY_TIMEOUT_S)
+        except ray.exceptions.RayError:
+            return "?"
 
 
 def _peer_death(pending: list, rank_of: dict) -> tuple[int, BaseException] | None:

@@ -77,3 +77,20 @@ def deadlock_after_row_1():
         lock.acquire()
 
     _after_row(1, deadlock)
+
+
+def rank_1_stops_after_episode_2():
+    """Rank 1 stops itself (SIGSTOP, as Ctrl-Z or a debugger would) after its beat of episode 2: a stuck rank
+    whichever launcher started it (the test cannot reach a Ray actor's process from outside)."""
+    from trainer import heartbeat
+    from trainer.parallel.ranks import rank_and_world
+
+    original, beats = heartbeat.beat, []
+
+    def beat():
+        original()
+        beats.append(None)
+        if rank_and_world()[0] == 1 and len(beats) == 3:  # the first beat comes before episode 1
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    heartbeat.beat = beat
