@@ -93,6 +93,9 @@ class NodeAgent:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    def ready(self) -> None:
+        """Answered once the agent's process runs: the launcher waits for every agent before the ranks start."""
+
     def state(self, pid: int) -> str:
         from trainer.heartbeat import process_state
 
@@ -224,6 +227,7 @@ class RayLauncher:
             nodes = [node for _, node in order]
             agents = _agents(nodes)
             helpers = [beats, *agents.values()]
+            ray.get([agent.ready.remote() for agent in agents.values()])  # a stall's verdict must not wait for one
             watch = _Watch(nodes, ray.get([a.pid.remote() for a in actors]), beats, agents, stall_timeout_s)
             refs = [actor.run.remote(env[rank], fn, args, beats) for rank, actor in enumerate(actors)]
             address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}

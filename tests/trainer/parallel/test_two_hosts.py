@@ -298,3 +298,67 @@ def test_dp2_over_two_hosts_survives_a_lost_host_and_equals_the_local_launcher(h
     got = rows(run_dir)
     assert got == rows(local_dp2) and all(r["grad_norm"] > 0 for r in got)
     assert_same_state(run_dir, local_dp2)
+
+
+STOP_FAULT = f"{REPO / 'tests' / 'trainer' / 'loop' / 'kill_points.py'}:rank_1_stops_after_episode_2"
+
+
+def _popen_on_head(hosts: Hosts, args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    cmd = hosts.on(hosts.head, *[sys.executable, "-m", "trainer", *on_ray(*args)])
+    with log.open("w") as err:
+        return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=err, stderr=subprocess.STDOUT,
+                                text=True)
+
+
+def test_sigterm_to_the_driver_checkpoints_the_ranks_on_both_hosts_and_resumes_exactly(hosts, local_dp2, tmp_path):
+    """A scheduler's SIGTERM reaches the driver only; the rank on the worker host gets it from the driver, and both
+    ranks checkpoint after episode 1 (they hold there, planted, until the signal has been passed on)."""
+    run_dir, hold, log = tmp_path / "run", tmp_path / "hold", tmp_path / "stderr"
+    hold.touch()
+    proc = _popen_on_head(hosts, [*DP2, "--run-dir", str(run_dir)], log, GRPO_STACK_PLANT_FAULT=HOLD_FAULT,
+                          GRPO_STACK_TEST_HOLD=str(hold))
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert len(hosts.ranks(hosts.worker)) == 1
+        os.kill(proc.pid, 15)  # `ip netns exec` execs: this is the driver
+        time.sleep(3)
+        hold.unlink()
+        assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and text.strip().splitlines()[-1].startswith("interrupted at episode 1; kept "), text[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000001").glob("rank-*")) == [
+        "rank-00000.pt", "rank-00001.pt"]
+    assert not hosts.ranks(hosts.head) and not hosts.ranks(hosts.worker)
+    out = trainer(*on_ray("--resume", str(run_dir)), ns=hosts.head, hosts=hosts)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert rows(run_dir) == rows(local_dp2)
+    assert_same_state(run_dir, local_dp2)
+
+
+def test_a_stopped_rank_on_the_worker_host_ends_the_run_within_the_stall_timeout_naming_it(hosts, tmp_path):
+    run_dir, log, stall = tmp_path / "run", tmp_path / "stderr", 8
+    args = [*RECIPE, "run.episodes=100000", "run.checkpoint_every=0", "layout=dp2", "gpus=2", "gpus_per_node=1",
+            f"run.stall_timeout_s={stall}", "--run-dir", str(run_dir)]
+    proc = _popen_on_head(hosts, args, log, GRPO_STACK_PLANT_FAULT=STOP_FAULT)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        started = time.monotonic()
+        assert proc.wait(timeout=stall + 90) == 1, log.read_text()[-3000:]
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith(f"error: no rank made progress for {stall} s (run.stall_timeout_s); stuck: rank 1 "
+                           "(stopped by a signal); every rank was stopped"), last
+    assert took < stall + 40, took
+    assert not hosts.ranks(hosts.head) and not hosts.ranks(hosts.worker)
