@@ -26,9 +26,9 @@ from bench.environment import capture
 from bench.peak import Peak, device_peak
 from bench.result import Cell, Result
 from matrix import load_matrix
+from matrix.layout import derived_sizes
 from matrix.schema import Benchmark, Matrix
 from trainer.config import TrainerInputError, parse_overrides, resolve
-from trainer.parallel.layout import derived_sizes
 
 STDERR_TAIL = 4000  # characters of a failed run's stderr kept in the result
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from matrix.errors import did_you_mean
+from matrix.layout import ParallelLayout
 from matrix.schema import Benchmark, Gate, Layout, Matrix, Model, Recipe, node_size
-from trainer.parallel.layout import ParallelLayout
 
 Path = tuple[str | int, ...]
 Finding = tuple[Path, str]
@@ -94,7 +94,7 @@ def check_model(name: str, model: Model) -> Iterator[Finding]:
 
 def check_layout_fits(recipe_name: str, r: Recipe, layout: Layout, model: Model, path: Path) -> Iterator[Finding]:
     """REFERENCE §5 rules of one layout applied to one recipe's model, sequence length and GPU count; the
-    arithmetic itself lives in ``trainer.parallel.layout.ParallelLayout``."""
+    arithmetic itself lives in ``matrix.layout.ParallelLayout``."""
     lname, at = r.layout, ("layouts", r.layout)
     dims = ParallelLayout.of(layout, r.gpus)
     if layout.fsdp:

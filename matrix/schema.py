@@ -20,6 +20,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from matrix.layout import derived_sizes
+
 INT32_MAX = 2**31 - 1  # every size ends up in a tensor shape or a megatron-core config: an int32 holds it
 PositiveInt = Annotated[int, Field(gt=0, le=INT32_MAX)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -643,8 +645,6 @@ class Matrix(Strict):
 
     def resolve(self, recipe_name: str) -> ResolvedRecipe:
         """The recipe with its references replaced by the entries they name, plus derived sizes."""
-        from trainer.parallel.layout import derived_sizes
-
         recipe = self.recipes[recipe_name]
         layout = self.layouts[recipe.layout]
         min_gpus, dp = derived_sizes(layout, recipe.gpus)

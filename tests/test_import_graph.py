@@ -1,15 +1,14 @@
 """The trainer's import graph, read from the source with ``ast`` (nothing is imported): no module imports another
-that imports it back, directly or through others, and runtime weight loading (``trainer.models``) never imports
-the offline converter (``trainer.convert``), which depends on it. Imports inside functions count: they run too."""
+that imports it back, directly or through others, the matrix never imports the trainer (which reads it), and
+runtime weight loading (``trainer.models``) never imports the offline converter (``trainer.convert``), which depends
+on it. Imports inside functions count: they run too; imports under ``if TYPE_CHECKING:`` do not."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
-# trainer only: matrix.schema imports trainer.parallel.layout lazily (derived_sizes), a cycle across packages
-# that is still open
-PACKAGES = ("trainer",)
+PACKAGES = ("trainer", "matrix")
 
 
 def modules(repo: Path, package: str) -> dict[str, Path]:
@@ -20,11 +19,23 @@ def modules(repo: Path, package: str) -> dict[str, Path]:
     return found
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node under ``tree`` but those under ``if TYPE_CHECKING:`` (only a type checker runs them)."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            for other in child.orelse:
+                yield other
+                yield from runtime_nodes(other)
+            continue
+        yield child
+        yield from runtime_nodes(child)
+
+
 def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The project modules ``name`` imports: ``from a.b import c`` is a.b, and a.b.c where that is a module."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -85,6 +96,12 @@ def test_no_module_imports_itself_back(edges):
     assert cycles(edges) == [], "import cycles (each a set of modules importing one another)"
 
 
+def test_the_matrix_does_not_import_the_trainer(edges):
+    offenders = sorted(f"{a} imports {b}" for a, targets in edges.items() if a.startswith("matrix")
+                       for b in targets if b.startswith("trainer"))
+    assert offenders == [], "the trainer reads the matrix, not back (the layout arithmetic lives in matrix.layout)"
+
+
 def test_runtime_weight_loading_does_not_import_the_converter(edges):
     offenders = sorted(
         f"{a} imports {b}"
@@ -105,7 +122,10 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
     (tmp_path / "trainer" / "models" / "pretrained.py").write_text(
         "def f():\n    from ..convert import sharded\n"
     )
-    (tmp_path / "trainer" / "convert" / "sharded.py").write_text("from trainer.models.pretrained import f\n")
+    (tmp_path / "trainer" / "convert" / "sharded.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from trainer.models import other\n"
+        "from trainer.models.pretrained import f\n")
+    (tmp_path / "trainer" / "models" / "other.py").write_text("")
     g = {k: v for k, v in graph(tmp_path).items() if k.startswith("trainer")}
     assert g["trainer.models.pretrained"] == {"trainer.convert", "trainer.convert.sharded"}
     assert cycles(g) == [["trainer.convert.sharded", "trainer.models.pretrained"]]

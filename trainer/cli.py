@@ -18,11 +18,11 @@ import warnings
 from pathlib import Path
 
 from matrix import DEFAULT_MATRIX_PATH, load_matrix
+from matrix.layout import ParallelLayout
 from trainer.atomic import write_json
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.console_log import console_log
 from trainer.parallel.launcher import LAUNCHERS, missing_package
-from trainer.parallel.layout import ParallelLayout
 from trainer.preflight import missing
 from trainer.prepare.places import with_prepared_weights
 from trainer.run_dir import LOCK, RunLock, check_same, make_dir, record_session, resume_arguments, saved_run

@@ -14,8 +14,8 @@ import importlib.util
 from math import lcm
 
 from matrix import Matrix, ResolvedRecipe
+from matrix.layout import ParallelLayout
 from matrix.schema import CPU_IMAGE, Rollout
-from trainer.parallel.layout import ParallelLayout
 from trainer.rollout.vllm_cpu import HEAD_SIZES
 
 EPISODES = 2

@@ -65,12 +65,12 @@ def run_rank(request: RunRequest) -> dict:
 
 
 def _train_rank(request: RunRequest, me) -> dict:
+    from matrix.layout import ParallelLayout
     from trainer.backends.base import build_backend
     from trainer.interrupts import RunInterrupted
     from trainer.loop import RunStopped, train
     from trainer.metrics import DiscardLog, MetricsLog
     from trainer.parallel.job import Job
-    from trainer.parallel.layout import ParallelLayout
     from trainer.passes import passes
     from trainer.rollout.base import EngineError
     from trainer.rollout.factory import build_engine

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from matrix.layout import ParallelLayout
 from trainer import checkpoint
 from trainer.parallel.job import Job
-from trainer.parallel.layout import ParallelLayout
 
 ONE_PROCESS = Job(ParallelLayout(world_size=1))
 

@@ -26,7 +26,7 @@ def matrix_layout(name: str) -> Layout:
 def conversion_world(layout: Layout) -> tuple[Layout, int]:
     """The layout as a conversion runs it (CP 1) and its world: the fewest ranks megatron's dense and expert
     grids both fit, lcm(TP·PP, ETP·EP·PP)."""
-    from trainer.parallel.layout import ParallelLayout
+    from matrix.layout import ParallelLayout
 
     layout = layout.model_copy(update={"cp": 1, "dp": None})
     return layout, ParallelLayout.of(layout, 1).min_world
@@ -34,7 +34,7 @@ def conversion_world(layout: Layout) -> tuple[Layout, int]:
 
 def check_fits(layout: Layout, name: str, model: Model, world: int, where: Path) -> None:
     """The trainer's own checks of a layout against a model (heads % TP, experts % EP, layers over stages)."""
-    from trainer.parallel.layout import ParallelLayout
+    from matrix.layout import ParallelLayout
 
     for key, message in ParallelLayout.of(layout, world).model_problems(model.shape, str(where)):
         raise ConvertError(f"--layout {name}: {key}: {message}")

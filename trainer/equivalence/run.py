@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.table import Table
 
 from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, ResolvedRecipe, load_matrix
+from matrix.layout import ParallelLayout
 from matrix.schema import Gate, LayoutPatch
 from trainer.atomic import write_bytes, write_json
 from trainer.config import TrainerInputError
 from trainer.equivalence.compare import compare
 from trainer.parallel.launcher import LAUNCHERS, missing_package
-from trainer.parallel.layout import ParallelLayout
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

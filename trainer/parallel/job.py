@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from trainer.parallel.layout import ParallelLayout
+from matrix.layout import ParallelLayout
 from trainer.platform import CPU, Platform
 
 T = TypeVar("T")

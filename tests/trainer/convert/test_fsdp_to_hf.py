@@ -15,11 +15,11 @@ from trainer.convert.fsdp_hf import split_grouped
 def train_and_checkpoint(resolved, hf_dir, run_dir):
     """One FSDP rank: start from the HF checkpoint, take a train step, checkpoint; the driver returns the
     trained whole weights."""
+    from matrix.layout import ParallelLayout
     from trainer import checkpoint
     from trainer.backends.fsdp import FSDPBackend
     from trainer.models.hf_checkpoint import load_hf_checkpoint
     from trainer.parallel.job import Job
-    from trainer.parallel.layout import ParallelLayout
     from trainer.parallel.rank import rank_session
 
     with rank_session(resolved.layout) as me:

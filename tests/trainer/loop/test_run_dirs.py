@@ -25,10 +25,10 @@ def test_run_dir_that_holds_a_run_is_refused_without_resume(repo, tmp_path):
 
 
 def test_resume_with_another_layout_is_refused(repo, tmp_path):
+    from matrix.layout import ParallelLayout
     from trainer.checkpoint import save
     from trainer.config import resolve
     from trainer.parallel.job import Job
-    from trainer.parallel.layout import ParallelLayout
 
     (tmp_path / "config.json").write_text(json.dumps({"recipe": "tiny-qwen2.5", "overrides": [], "rehearse": False,
                                                       "resolved": resolve("tiny-qwen2.5", {}).model_dump(mode="json")}))

@@ -1,7 +1,7 @@
 """ParallelLayout: the degree arithmetic, checked without process groups (torchtitan's test_parallel_dims)."""
 
+from matrix.layout import ParallelLayout, derived_sizes
 from matrix.schema import MLA, Layout, MoE, Shape
-from trainer.parallel.layout import ParallelLayout, derived_sizes
 
 DENSE = Shape(layers=6, hidden=64, ffn_hidden=128, heads=4, query_groups=2, vocab=128, max_position=256)
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from trainer.parallel.layout import ParallelLayout
+from matrix.layout import ParallelLayout
 from trainer.rehearse import rehearsal
 
 

@@ -73,9 +73,9 @@ class LiveTensors:
 def stream_a_trained_fsdp_policy(resolved):
     """One of two FSDP ranks: a train step, then the weight sync into the driver's engine through a watch on the
     stream. The driver returns what the watch saw, the bytes sync reported, and the engine's and policy's weights."""
+    from matrix.layout import ParallelLayout
     from trainer.backends.fsdp import FSDPBackend
     from trainer.parallel.job import Job
-    from trainer.parallel.layout import ParallelLayout
     from trainer.parallel.rank import rank_session
     from trainer.weight_sync import sync_weights
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import lcm
+from typing import TYPE_CHECKING
 
-from matrix.schema import Layout, Shape
+if TYPE_CHECKING:  # the schema imports this module: the arithmetic reads its entries' fields only
+    from matrix.schema import Layout, Shape
 
 Finding = tuple[str, str]  # (layout key the problem is about, message)
 
