@@ -25,12 +25,32 @@ from pathlib import Path
 
 from trainer.convert import ConvertError
 from trainer.models.weight_files import WeightsError
+from trainer.parallel.launcher import LAUNCHERS, Placement, missing_package
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _placement_options(a: argparse.ArgumentParser) -> None:
+    """Where a sharded conversion's ranks run (as `python -m trainer`'s options)."""
+    a.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="what starts the layout's ranks: local (this host) or ray (a Ray cluster's nodes)")
+    a.add_argument("--ray-address", default=None,
+                   help="with --launcher ray: the running cluster to join (default: RAY_ADDRESS, else a local one)")
+    a.add_argument("--ranks-per-node", type=int, default=None,
+                   help="with --launcher ray: ranks on each node (default: all on one)")
+
+
+def _placement(args: argparse.Namespace) -> Placement:
+    lacking = missing_package(args.launcher)
+    if lacking:
+        raise ConvertError(lacking)
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        raise ConvertError(f"--ranks-per-node {args.ranks_per_node}: give a positive number of ranks")
+    return Placement(args.launcher, args.ray_address, args.ranks_per_node)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,10 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--layout", default="single",
                    help="a matrix layout: files per TP/PP/EP/ETP shard, read back by the trainer's ranks of that layout "
                         "('single': one unsharded state; FSDP layouts load HF checkpoints and are refused)")
+    _placement_options(a)
     a = sub.add_parser("mcore-to-hf", help="megatron-core → HF safetensors")
     a.add_argument("mcore_dir", type=Path)
     a.add_argument("out_dir", type=Path)
     a.add_argument("--like", type=Path, required=True, help="the HF checkpoint whose shard layout and files to use")
+    _placement_options(a)
     a = sub.add_parser("fsdp-to-hf", help="FSDP training checkpoint (torch distributed checkpoint) → HF safetensors")
     a.add_argument("ckpt_dir", type=Path, help="RUN/checkpoints/episode-N, or a run directory (its latest)")
     a.add_argument("out_dir", type=Path)
@@ -77,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "hf-to-mcore":
         from trainer.convert.sharded import write_sharded
 
-        print(f"wrote {write_sharded(args.hf_dir, args.out_dir, args.layout)}")
+        print(f"wrote {write_sharded(args.hf_dir, args.out_dir, args.layout, _placement(args))}")
     elif args.command == "mcore-to-hf":
         from trainer.convert.sharded import mcore_to_hf_either
 
-        print(f"wrote {mcore_to_hf_either(args.mcore_dir, args.out_dir, args.like)}")
+        print(f"wrote {mcore_to_hf_either(args.mcore_dir, args.out_dir, args.like, _placement(args))}")
     elif args.command == "fsdp-to-hf":
         from trainer.convert.fsdp_hf import fsdp_to_hf
 

@@ -29,22 +29,27 @@ from trainer.models.sharded_weights import (
     own_shard,
 )
 from trainer.models.weight_files import MCORE_META, read_json, read_mcore_model, weight_map
+from trainer.parallel.launcher import LOCAL, Placement
 
 
-def mcore_to_hf_either(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
-    """A megatron-core directory back to HF, sharded (its layout's ranks) or unsharded (streamed)."""
+def mcore_to_hf_either(mcore_dir: Path, out_dir: Path, like: Path, placement: Placement = LOCAL) -> Path:
+    """A megatron-core directory back to HF, sharded (its layout's ranks, started as ``placement`` says) or
+    unsharded (streamed)."""
     from trainer.convert.hf_mcore import mcore_to_hf
 
     _, meta = read_mcore_model(mcore_dir)
-    return read_sharded(mcore_dir, out_dir, like) if "degrees" in meta else mcore_to_hf(mcore_dir, out_dir, like)
+    if "degrees" in meta:
+        return read_sharded(mcore_dir, out_dir, like, placement)
+    return mcore_to_hf(mcore_dir, out_dir, like)
 
 
 # ------------------------------------------------------------------ HF → sharded
 
 
-def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str) -> Path:
+def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str, placement: Placement = LOCAL) -> Path:
     """Convert an HF checkpoint into megatron-core state sharded for a matrix layout's TP/PP/EP/ETP degrees
-    (a layout whose degrees are all 1, such as ``single``, writes the unsharded form)."""
+    (a layout whose degrees are all 1, such as ``single``, writes the unsharded form), by the layout's ranks
+    started as ``placement`` says."""
     from trainer.convert.hf_mcore import check_names, hf_to_mcore
     from trainer.models.config import model_from_hf_config
     from trainer.models.shapes import check_shapes, expected_hf_shapes
@@ -61,15 +66,15 @@ def write_sharded(hf_dir: Path, out_dir: Path, layout_name: str) -> Path:
     layout, world = conversion_world(layout)
     check_fits(layout, layout_name, model, world, hf_dir)
     with atomic_directory(out_dir) as tmp:
-        _launch(_write_rank, world, hf_dir, mapping, tmp, layout, layout_name, model, config)
+        _launch(placement, _write_rank, world, hf_dir, mapping, tmp, layout, layout_name, model, config)
     return out_dir
 
 
-def _launch(fn, world: int, *args) -> None:
-    from trainer.parallel.launcher import RankFailed, launch
+def _launch(placement: Placement, fn, world: int, *args) -> None:
+    from trainer.parallel.launcher import RankFailed
 
     try:
-        launch(fn, world, *args)
+        placement.launch(fn, world, *args)
     except RankFailed as e:
         raise ConvertError(str(e)) from None
 
@@ -134,7 +139,7 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
 # ------------------------------------------------------------------ sharded → HF
 
 
-def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
+def read_sharded(mcore_dir: Path, out_dir: Path, like: Path, placement: Placement = LOCAL) -> Path:
     """A sharded megatron-core directory back to HF with ``like``'s shard layout: the layout's ranks load their
     shards, the whole tensors are gathered so that rank 0 then holds the whole model, and rank 0 writes."""
     from trainer.convert.hf_mcore import like_weight_map
@@ -151,7 +156,7 @@ def read_sharded(mcore_dir: Path, out_dir: Path, like: Path) -> Path:
                     sequence_parallel=degrees["tp"] > 1 and model.shape.moe is not None)
     layout, world = conversion_world(layout)
     with atomic_directory(out_dir) as tmp:
-        _launch(_read_rank, world, mcore_dir, tmp, like, like_map, layout, model)
+        _launch(placement, _read_rank, world, mcore_dir, tmp, like, like_map, layout, model)
     return out_dir
 
 

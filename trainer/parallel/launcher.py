@@ -17,6 +17,7 @@ What every rank does first and last (process groups, threads, signals, seed) is 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from trainer.parallel.ranks import RankFailed, die_with_parent, rank_and_world
@@ -24,8 +25,8 @@ from trainer.parallel.ranks import RankFailed, die_with_parent, rank_and_world
 # what each launcher needs installed beyond the trainer's own dependencies
 PACKAGE_NEEDED = {"local": None, "ray": "ray"}
 LAUNCHERS = tuple(PACKAGE_NEEDED)
-__all__ = ["LAUNCHERS", "RankFailed", "die_with_parent", "launch", "launcher_named", "missing_package",
-           "rank_and_world"]
+__all__ = ["LAUNCHERS", "LOCAL", "Placement", "RankFailed", "die_with_parent", "launch", "launcher_named",
+           "missing_package", "rank_and_world"]
 
 
 class Launcher(Protocol):
@@ -69,3 +70,19 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, launcher: str = 
         return fn(*args)
     return launcher_named(launcher, ray_address=ray_address).launch(
         fn, world_size, *args, ranks_per_node=ranks_per_node, stall_timeout_s=stall_timeout_s)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which launcher starts a job's ranks and where (a conversion's; a training run reads its recipe and CLI)."""
+
+    launcher: str = "local"
+    ray_address: str | None = None
+    ranks_per_node: int | None = None
+
+    def launch(self, fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
+        return launch(fn, world_size, *args, launcher=self.launcher, ray_address=self.ray_address,
+                      ranks_per_node=self.ranks_per_node)
+
+
+LOCAL = Placement()

@@ -143,3 +143,29 @@ def test_a_config_that_contradicts_the_tensors_is_one_line_before_any_rank_start
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has shape [128, 64], but config.json describes [96, 64]" in err[0], err
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+@pytest.mark.slow
+def test_the_ray_launcher_converts_both_ways_as_the_local_one(sharded, hf_dirs, tmp_path, read_checkpoint):
+    """hf-to-mcore and mcore-to-hf with `--launcher ray` (a one-host cluster the launcher starts): the same files as
+    the local launcher's conversion, byte for byte, and the HF checkpoint back bit for bit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    src, local = hf_dirs["tiny-qwen3"], sharded("tiny-qwen3", "tp2")
+
+    def convert(*args):
+        out = subprocess.run([sys.executable, "-m", "trainer.convert", *args, "--launcher", "ray"], cwd=repo,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    convert("hf-to-mcore", str(src), str(tmp_path / "mcore"), "--layout", "tp2")
+    files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "mcore") for p in (tmp_path / "mcore").rglob("*") if p.is_file())
+    assert all((local / f).read_bytes() == (tmp_path / "mcore" / f).read_bytes() for f in files)
+    convert("mcore-to-hf", str(tmp_path / "mcore"), str(tmp_path / "back"), "--like", str(src))
+    (index, original), (back_index, back) = read_checkpoint(src), read_checkpoint(tmp_path / "back")
+    assert back_index == index and set(back) == set(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)

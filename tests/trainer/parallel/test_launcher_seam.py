@@ -3,6 +3,7 @@
 import importlib.util
 
 from trainer import cli
+from trainer.convert.__main__ import main as convert
 from trainer.equivalence import run as equivalence
 
 
@@ -19,3 +20,6 @@ def test_the_ray_launcher_without_ray_is_one_line_exit_2(monkeypatch, tmp_path, 
     assert not (tmp_path / "run").exists()
     assert equivalence.main(["tp-equivalence", "--launcher", "ray", "--out", str(tmp_path / "gates")]) == 2
     assert "the ray package is not installed" in capsys.readouterr().err and not (tmp_path / "gates").exists()
+    assert convert(["hf-to-mcore", str(tmp_path), str(tmp_path / "mcore"), "--layout", "tp2", "--launcher", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the ray package is not installed" in err and not (tmp_path / "mcore").exists()
