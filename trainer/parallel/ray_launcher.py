@@ -6,7 +6,7 @@ for one node), a GPU and a core per rank when the cluster has the GPUs, else a c
 rank_resources``); ranks are numbered node by node, so that consecutive ranks (megatron's TP, then ETP·EP, groups)
 share a node. Each rank is a Ray actor that runs the same entry point the local launcher runs,
 with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR / MASTER_PORT set to rank 0's node address and
-a free port there. Its output reaches the driver with a ``rank N`` prefix (the actor's ``__repr__``).
+the port of the rendezvous store rank 0's process hosts (every rank joins it as a client, as under torchrun). Its output reaches the driver with a ``rank N`` prefix (the actor's ``__repr__``).
 
 Run files: rank 0 writes them into the run directory the driver names, and every rank writes its checkpoint shard
 there, so the nodes must share that filesystem (the same path on every node).
@@ -129,10 +129,14 @@ class RankActor:
 
         return ray.util.get_node_ip_address()
 
-    def free_port(self, address: str) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((address, 0))
-            return s.getsockname()[1]
+    def host_store(self, address: str, world_size: int) -> int:
+        """Start the run's rendezvous store in this (rank 0's) process on a port the kernel picks; its port. Every
+        rank, this one too, joins it as a client (torch's agent-store mode, as under torchrun): a port found free
+        and handed to rank 0 to bind later could be taken in between by another process."""
+        from torch.distributed import TCPStore
+
+        self._store = TCPStore(address, 0, world_size, is_master=True, wait_for_workers=False)
+        return self._store.port
 
     def run(self, env: dict[str, str], fn: Callable[..., Any], args: tuple, beats) -> Any:
         import ray
@@ -278,19 +282,20 @@ class RayLauncher:
 
     @staticmethod
     def _rendezvous(actors, group, order) -> list[dict[str, str]]:
-        """Each rank's launcher variables: rank 0's node address and a free port there for the rendezvous."""
+        """Each rank's launcher variables: rank 0's node address and the port of the store rank 0's process hosts."""
         import ray
 
         address = ray.get(actors[0].node_address.remote())
-        port = ray.get(actors[0].free_port.remote(address))
         world = len(actors)
+        port = ray.get(actors[0].host_store.remote(address, world))
         nodes = [node for _, node in order]
         envs = []
         for rank, node in enumerate(nodes):
             on_node = [r for r, n in enumerate(nodes) if n == node]
             envs.append({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(on_node.index(rank)),
                          "LOCAL_WORLD_SIZE": str(len(on_node)), "GROUP_RANK": str(list(dict.fromkeys(nodes)).index(node)),
-                         "MASTER_ADDR": address, "MASTER_PORT": str(port)})
+                         "MASTER_ADDR": address, "MASTER_PORT": str(port),
+                         "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
         return envs
 
     @staticmethod
