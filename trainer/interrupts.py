@@ -81,10 +81,15 @@ class StoppedAtOnce(BaseException):
         self.signum = signum
 
 
-def _to_children(signum: int) -> None:
-    for proc in multiprocessing.active_children():
+def send_signal(pids: list[int], signum: int) -> None:
+    """``signum`` to each of ``pids`` on this host, those already gone skipped."""
+    for pid in pids:
         with suppress(ProcessLookupError):
-            os.kill(proc.pid, signum)
+            os.kill(pid, signum)
+
+
+def _to_children(signum: int) -> None:
+    send_signal([proc.pid for proc in multiprocessing.active_children()], signum)
 
 
 def _kill_children_and_exit(signum: int) -> None:

@@ -6,7 +6,8 @@ for one node), a GPU and a core per rank when the cluster has the GPUs, else a c
 rank_resources``); ranks are numbered node by node, so that consecutive ranks (megatron's TP, then ETP·EP, groups)
 share a node. Each rank is a Ray actor that runs the same entry point the local launcher runs,
 with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR / MASTER_PORT set to rank 0's node address and
-the port of the rendezvous store rank 0's process hosts (every rank joins it as a client, as under torchrun). Its output reaches the driver with a ``rank N`` prefix (the actor's ``__repr__``).
+the port of the rendezvous store rank 0's process hosts (every rank joins it as a client, as under torchrun). Its
+output reaches the driver with a ``rank N`` prefix (the actor's ``__repr__``).
 
 Run files: rank 0 writes them into the run directory the driver names, and every rank writes its checkpoint shard
 there, so the nodes must share that filesystem (the same path on every node).
@@ -72,14 +73,15 @@ class Beats:
     """The run's heartbeat board, an actor on the driver's node: each rank's last beat on this one clock."""
 
     def __init__(self):
-        self.last: dict[int, tuple[float, int]] = {}
+        self.last: dict[int, float] = {}
 
-    def beat(self, rank: int, pid: int) -> None:
-        self.last[rank] = (time.monotonic(), pid)
+    def beat(self, rank: int) -> None:
+        self.last[rank] = time.monotonic()
 
-    def ages(self) -> dict[int, tuple[float, int]]:
+    def ages(self) -> dict[int, float]:
+        """rank → seconds since its last beat, for the ranks that have beaten."""
         now = time.monotonic()
-        return {rank: (now - at, pid) for rank, (at, pid) in self.last.items()}
+        return {rank: now - at for rank, at in self.last.items()}
 
 
 class NodeAgent:
@@ -87,11 +89,9 @@ class NodeAgent:
     signals the ranks' processes there and reads their states."""
 
     def send_signal(self, pids: list[int], signum: int) -> None:
-        import contextlib
+        from trainer.interrupts import send_signal
 
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        send_signal(pids, signum)
 
     def ready(self) -> None:
         """Answered once the agent's process runs: the launcher waits for every agent before the ranks start."""
@@ -143,8 +143,8 @@ class RankActor:
 
         from trainer import heartbeat
 
-        rank, pid = self.rank, os.getpid()
-        heartbeat.report_beats_to(lambda: beats.beat.remote(rank, pid))  # not waited for
+        rank = self.rank
+        heartbeat.report_beats_to(lambda: beats.beat.remote(rank))  # not waited for
         # Ray's workers block SIGINT in their main thread, where the rank's handler (trainer.interrupts) must see it
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.environ.update(env)
@@ -330,13 +330,13 @@ class _Watch:
     def __init__(self, nodes: list[str], pids: list[int], beats, agents: dict[str, Any], stall_timeout_s: float | None):
         self.nodes, self.pids, self.beats, self.agents = nodes, pids, beats, agents
         self.stall_timeout_s = stall_timeout_s
+        self.pids_on = {node: [pid for n, pid in zip(nodes, pids, strict=True) if n == node] for node in agents}
         # filled by the signal handler (which must not raise inside Ray's wait); acted on in the driver's loop
         self.signals: list[int] = []
         self.signals_at_once: list[int] = []
 
     def _signal(self, signum: int) -> list:
-        return [agent.send_signal.remote([pid for n, pid in zip(self.nodes, self.pids, strict=True) if n == node],
-                                         signum) for node, agent in self.agents.items()]
+        return [agent.send_signal.remote(self.pids_on[node], signum) for node, agent in self.agents.items()]
 
     def _kill_ranks(self) -> None:
         """SIGKILL every rank's process: ``ray.kill`` cannot end one that a signal stopped."""
@@ -367,7 +367,8 @@ class _Watch:
             ages = ray.get(self.beats.ages.remote(), timeout=QUERY_TIMEOUT_S)
         except ray.exceptions.RayError:  # no reading this time: the next poll tries again
             return
-        verdict = stall_verdict(len(self.nodes), self.stall_timeout_s, ages, self._state)
+        beats = {rank: (age, self.pids[rank]) for rank, age in ages.items()}
+        verdict = stall_verdict(len(self.nodes), self.stall_timeout_s, beats, self._state)
         if verdict is not None:
             self._kill_ranks()
             raise RankFailed(verdict)
