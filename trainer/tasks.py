@@ -16,10 +16,8 @@ from pathlib import Path
 
 from matrix import ResolvedRecipe
 from trainer.data.demo_task import DemoTaskConfig, make_demo_problems, make_sft_pairs
-from trainer.data.math_lighteval import read_rows
 from trainer.data.prompts import PromptDataset
 from trainer.data.tokenizer import CharTokenizer
-from trainer.data.verl_parquet import HELD_OUT_SPLIT, read_verl_rows
 from trainer.reward.function import RewardFunction
 from trainer.reward.grader import score
 
@@ -80,6 +78,7 @@ def _demo(r: ResolvedRecipe, root: Path) -> Task:
 def _math(r: ResolvedRecipe, root: Path) -> Task:
     from transformers import AutoTokenizer
 
+    from trainer.data.math_lighteval import read_rows  # parquet readers need pyarrow: see _parquet
     from trainer.prepare.places import tokenizer_source
 
     tok = AutoTokenizer.from_pretrained(tokenizer_source(r))
@@ -106,6 +105,10 @@ def _model_tokenizer(r: ResolvedRecipe):
 
 def _parquet(r: ResolvedRecipe, root: Path) -> Task:
     tok = _model_tokenizer(r)
+    # Imported here: pyarrow is only for parquet tasks, and the bare GPU machine's wheelhouse (trainer.wheelhouse)
+    # has none, so the demo and the smoke must not need it.
+    from trainer.data.verl_parquet import HELD_OUT_SPLIT, read_verl_rows
+
     rows = read_verl_rows(root / r.recipe.data.path)
     held_out = [row for row in rows if row["split"] == HELD_OUT_SPLIT]
     train = [row for row in rows if row["split"] != HELD_OUT_SPLIT]

@@ -11,6 +11,9 @@ tests passed with — of every distribution the trainer imports beyond torch:
 On the GPU machine, from a checkout of this repository:
 
     pip install --no-index --no-deps DIR/*.whl && python -m trainer.smoke
+
+``nox -s smoke_bare`` rehearses that on CPU with the target's own torch (trainer/bare_gpu_torch.txt), so a module
+the smoke imports beyond this list (pyarrow was one) fails in CI, not on the GPU machine.
 """
 
 from __future__ import annotations
