@@ -102,6 +102,9 @@ def check_layout_fits(recipe_name: str, r: Recipe, layout: Layout, model: Model,
             yield at + ("fsdp",), "FSDP layouts shard over DP only; set tp, pp, cp, ep to 1"
         if r.trainer != "fsdp":
             yield path + ("trainer",), f"'{r.trainer}' cannot run FSDP layout '{lname}'; use trainer: fsdp"
+        if r.run.distributed_optimizer:
+            yield path + ("run", "distributed_optimizer"), ("FSDP2 shards the optimizer state already; "
+                                                            "distributed_optimizer is megatron-core's: remove it")
         if layout.ulysses > 1 and r.grpo.loss_agg != "token-mean":
             yield path + ("grpo", "loss_agg"), (f"'{r.grpo.loss_agg}' needs each sequence whole on one rank; "
                                                 f"Ulysses (layout {lname}) splits sequences: use token-mean")
@@ -157,7 +160,7 @@ def check_gate(name: str, g: Gate, m: Matrix) -> Iterator[Finding]:
         except ValueError as exc:  # an impossible combination of degrees
             yield at, str(exc).splitlines()[0]
             continue
-        degrees = patch.model_dump(exclude_none=True, exclude={"gpus", "trainer"})
+        degrees = patch.model_dump(exclude_none=True, exclude={"gpus", "trainer", "distributed_optimizer"})
         variant = variant.model_copy(update={"layout": f"{recipe.layout}+{degrees}"})
         for _, msg in check_layout_fits(g.recipe, variant, layout, m.models[recipe.model], at):
             yield at, msg

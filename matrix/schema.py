@@ -486,6 +486,11 @@ class Run(Strict):
     max_restarts: Annotated[int, Field(ge=0, le=100)] = 0
     """A multi-process run whose rank fails (raises, is killed, its node lost) is relaunched from its latest
     checkpoint up to this many times, each restart logged with its cause; 0 → the first failure ends the run."""
+    distributed_optimizer: bool = False
+    """megatron-core: each data-parallel rank keeps the optimizer state (AdamW moments, bf16's fp32 main parameters)
+    of its share of the parameters only and sends its updated parameters to the others (megatron's
+    ``use_distributed_optimizer``; trainer.parallel.distributed_optimizer): the same weights, ~1/DP of the state.
+    FSDP2 shards that state already."""
 
 
 class FSDPOptions(Strict):
@@ -552,14 +557,18 @@ class LayoutPatch(Strict):
     ulysses: PositiveInt | None = None
     trainer: Literal["megatron", "fsdp"] | None = None
     """The recipe's trainer for this layout: a gate can compare the FSDP2 and megatron-core backends."""
+    distributed_optimizer: bool | None = None
+    """The recipe's ``run.distributed_optimizer`` for this layout: a gate can compare it with the plain optimizer."""
     gpus: PositiveInt | None = None
 
     def applied_to(self, recipe: Recipe, layout: Layout) -> tuple[Recipe, Layout]:
-        """``recipe`` with this patch's GPU count and trainer, and ``layout`` with its degrees (a ValueError when
+        """``recipe`` with this patch's GPU count, trainer and optimizer, and ``layout`` with its degrees (a ValueError when
         the degrees cannot go together)."""
         changes = self.model_dump(exclude_none=True)
+        run = recipe.run.model_copy(update={"distributed_optimizer": changes.pop(
+            "distributed_optimizer", recipe.run.distributed_optimizer)})
         recipe = recipe.model_copy(update={"gpus": changes.pop("gpus", recipe.gpus),
-                                           "trainer": changes.pop("trainer", recipe.trainer)})
+                                           "trainer": changes.pop("trainer", recipe.trainer), "run": run})
         return recipe, Layout.model_validate(layout.model_dump() | changes)
 
 

@@ -17,7 +17,8 @@ goes through CUDA multi-tensor kernels), so the backend uses torch's (``trainer.
 FSDP2), with megatron's convention of no weight decay on biases and norm weights (1-D parameters). In bf16
 (``precision: bf16``) it steps fp32 main copies of the bf16 parameters, as megatron's mixed-precision
 optimizer does; gradients are accumulated and reduced in the parameters' dtype (megatron's default,
-``grad_reduce_in_fp32: false``) and clipped in fp32.
+``grad_reduce_in_fp32: false``) and clipped in fp32. ``run.distributed_optimizer`` shards that optimizer over
+the data-parallel ranks (``trainer.parallel.distributed_optimizer``).
 
 The platform (``trainer.platform``, chosen by the entry point) decides where the model lives and how it is
 built; the batch is moved to its device once per call (a no-op when the loop already put it there).
@@ -43,6 +44,7 @@ from trainer.models import pretrained
 from trainer.models.build import build_gpt_model
 from trainer.models.weight_map import hf_to_mcore, iter_hf
 from trainer.parallel import cp, dp, gather, pp
+from trainer.parallel.distributed_optimizer import OptimizerShares
 from trainer.parallel.tp import vocab_parallel_logprobs
 from trainer.platform import CPU, Platform
 
@@ -68,7 +70,10 @@ class MegatronBackend:
             self.load_hf(initial)
         elif weights is not None:
             self.load_pretrained(weights)
-        self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable)
+        self.shares = OptimizerShares.of(self.model.parameters(),
+                                         sharded=trainable and resolved.recipe.run.distributed_optimizer)
+        self.optimizer, self.scheduler = for_training(self.model, resolved, trainable=trainable,
+                                                      parameters=self.shares.owned)
         self.steps = 0
 
     @staticmethod
@@ -156,6 +161,7 @@ class MegatronBackend:
             raise RuntimeError("train_step on a backend built with trainable=False")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # with a distributed optimizer, the parameters it does not step too
         batch = self.platform.to_device(batch)
         mbs = self._micro_batches(dp.rows_of_rank(batch), micro_batch_size)
         local_mask = (torch.cat([mb["response_mask"].flatten() for mb in mbs]) if mbs
@@ -184,6 +190,7 @@ class MegatronBackend:
         dp.all_reduce_grads(params)
         grad_norm = _grad_norm(params)
         lr = clip_and_step(grad_norm, self.resolved.recipe.grpo.grad_clip, self.optimizer, self.scheduler)
+        self.shares.share_updates()
         self.steps += 1
         stats = {"grad_norm": grad_norm, "lr": lr, **totals}
         return (stats, logprobs) if return_logprobs else stats

@@ -112,11 +112,15 @@ def build_optimizer(parameters: Iterable[Tensor], resolved: ResolvedRecipe
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def for_training(model: torch.nn.Module, resolved: ResolvedRecipe, *, trainable: bool
+def for_training(model: torch.nn.Module, resolved: ResolvedRecipe, *, trainable: bool,
+                 parameters: Iterable[Tensor] | None = None,
                  ) -> tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]:
-    """Freeze a reference model, or give a policy its optimizer and LR schedule."""
+    """Freeze a reference model, or give a policy its optimizer and LR schedule over ``parameters`` (default:
+    all the model's; a distributed optimizer's share of them)."""
     model.requires_grad_(trainable)
-    return build_optimizer(model.parameters(), resolved) if trainable else (None, None)
+    if not trainable:
+        return None, None
+    return build_optimizer(model.parameters() if parameters is None else parameters, resolved)
 
 
 def weights_loaded(optimizer: torch.optim.Optimizer | None) -> None:

@@ -125,6 +125,18 @@ def tied_embedding_gradients_not_summed():
     megatron._sync_tied_embeddings = lambda params: None
 
 
+def distributed_optimizer_last_owner_never_sends():
+    """The distributed optimizer's loop over owners stops one short: the last rank of each group steps its share
+    but never sends it, so the other ranks keep stale copies of those parameters."""
+    from trainer.parallel import distributed_optimizer
+
+    def broadcast_from_owners(self):
+        for rank in range(dist.get_world_size(self.group) - 1):
+            self.broadcast_from(rank)
+
+    distributed_optimizer._GroupShare.broadcast_from_owners = broadcast_from_owners
+
+
 __all__ = ["torch"]
 
 

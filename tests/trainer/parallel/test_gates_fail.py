@@ -35,6 +35,10 @@ CASES = [  # (fault, gate, its candidate that the fault reaches, the quantity th
     ("mla_down_projections_column_parallel", "mla-tp-equivalence", 0, "grad norm rel"),
     ("tied_embedding_gradients_not_summed", "tied-embedding-equivalence", 0, "grad norm rel"),
     ("loss_scaled_by_cp", "bf16-equivalence", 0, "loss rel"),  # bf16's tolerances still catch a doubled loss
+    ("distributed_optimizer_last_owner_never_sends", "distributed-optimizer-equivalence", 0,
+     "weights after last step, max abs"),
+    ("distributed_optimizer_last_owner_never_sends", "distributed-optimizer-bf16-equivalence", 0,
+     "weights after last step, max abs"),
 ]
 
 
