@@ -44,7 +44,11 @@ class Platform:
     """``torch.distributed.init_process_group``'s backend (a per-device map where two are needed)."""
 
     def install(self) -> None:
-        """Process-wide set-up before any model or group is built (the CPU compat patches on CPU)."""
+        """Process-wide set-up before any model or group is built: torch twins of the kernel libraries this
+        machine lacks (``trainer.models.kernel_fallbacks``), and on CPU the CPU compat patches."""
+        from trainer.models import kernel_fallbacks
+
+        kernel_fallbacks.install()
 
     def bind(self) -> None:
         """Make this rank's device the current one; called before any process group exists."""
@@ -130,6 +134,7 @@ class CpuPlatform(Platform):
     def install(self) -> None:
         from trainer.backends import cpu_compat
 
+        super().install()
         cpu_compat.install()
 
     def moe_fields(self) -> dict:

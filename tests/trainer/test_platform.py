@@ -64,3 +64,32 @@ def test_cpu_platform_keeps_the_cpu_choices_of_megatron():
     assert fields["use_cpu_initialization"] and fields["params_dtype"] == torch.bfloat16 and fields["bf16"]
     assert fields["moe_token_dispatcher_type"] == "allgather" and not fields["moe_grouped_gemm"]
     assert "moe_token_dispatcher_type" not in CPU.megatron_fields("fp32", moe=False)
+
+
+def test_the_cuda_platform_installs_the_kernel_fallbacks_without_the_cpu_patches():
+    """A bare GPU machine (no Transformer Engine, no flash-linear-attention: trainer.wheelhouse) builds MLA and the
+    gated delta net only through the torch twins; before they were part of every platform's install, only the
+    CPU platform had them and the smoke's MLA and Qwen3-Next rows could not have built there. Fresh interpreter:
+    this one has the CPU patches installed already."""
+    code = """
+import torch
+from megatron.core.ssm import gated_delta_net
+from megatron.core.transformer import multi_latent_attention
+from trainer.backends import cpu_compat
+from trainer.models.specs import DuplicatedLinear
+from trainer.platform import CudaPlatform
+
+assert multi_latent_attention.HAVE_TE and not gated_delta_net.HAVE_FLA  # megatron's view before install
+CudaPlatform(0).install()
+assert not multi_latent_attention.HAVE_TE and multi_latent_attention.TELinear is DuplicatedLinear
+assert gated_delta_net.HAVE_FLA
+assert gated_delta_net.chunk_gated_delta_rule is gated_delta_net.torch_chunk_gated_delta_rule
+assert not cpu_compat.installed()
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=TRAINER.parent, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

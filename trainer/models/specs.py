@@ -64,7 +64,7 @@ class DuplicatedLinear(torch.nn.Module):
     """A linear layer whose whole weight every TP rank holds: TE's ``TELinear(parallel_mode="duplicated")``
     in torch, for MLA's q/kv down projections.
 
-    megatron-core's MLA takes its duplicated-projection path only for ``TELinear`` (``cpu_compat`` points that
+    megatron-core's MLA takes its duplicated-projection path only for ``TELinear`` (``kernel_fallbacks`` points that
     name here when TE is absent). It is the path whose gradients are right under TP: the rope key leaves
     through ``gather_from_sequence_parallel_region``, whose backward sums the heads' partial gradients over TP,
     while the column-parallel path hands each TP rank its own heads' part only. With sequence parallelism each

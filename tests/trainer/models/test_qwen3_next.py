@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.qwen3_next.modeling_qwen3_next import torch_recurrent_gated_delta_rule
 
-from trainer.backends import cpu_compat
+from trainer.models import kernel_fallbacks
 from trainer.models.build import build_gpt_model
 from trainer.models.config import hf_config
 from trainer.models.weight_map import hf_names, hf_to_mcore, mcore_to_hf, rules
@@ -86,14 +86,14 @@ def test_a_wrong_map_is_caught(matrix, groups, randomize, swap):
 
 
 def test_chunked_delta_rule_equals_recurrent():
-    """What runs on CPU (megatron's torch chunked form, installed by cpu_compat in place of the FLA kernel)
+    """What runs without flash-linear-attention (megatron's torch chunked form, installed by kernel_fallbacks)
     against transformers' token-by-token recurrence, over three chunks of 64 with a ragged end."""
-    cpu_compat.install()
+    kernel_fallbacks.install()
     from megatron.core.ssm import gated_delta_net
 
     g = torch.Generator().manual_seed(0)
     b, s, h, dk, dv = 2, 150, 3, 16, 8
-    q, k = (cpu_compat.l2norm(torch.randn(b, s, h, dk, generator=g)) for _ in range(2))
+    q, k = (kernel_fallbacks.l2norm(torch.randn(b, s, h, dk, generator=g)) for _ in range(2))
     v = torch.randn(b, s, h, dv, generator=g)
     decay = -torch.rand(b, s, h, generator=g) * 0.5  # log-decay g ≤ 0
     beta = torch.rand(b, s, h, generator=g)

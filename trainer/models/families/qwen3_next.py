@@ -3,9 +3,10 @@
 
 megatron-core's own modules: ``GatedDeltaNet`` (``megatron/core/ssm/gated_delta_net.py``) for the linear layers,
 ``SelfAttention`` with ``attention_output_gate`` and partial rotary for the full ones, the MoE layer with
-``moe_shared_expert_gate``; norms are zero-centred through ``layernorm_zero_centered_gamma``. On CPU the delta
-rule is megatron's torch chunked form and the causal conv torch's conv1d (``trainer.backends.cpu_compat``);
-on GPU megatron calls flash-linear-attention's kernels instead ((GPU) not verified here).
+``moe_shared_expert_gate``; norms are zero-centred through ``layernorm_zero_centered_gamma``. Without
+flash-linear-attention (CPU, a bare GPU machine) the delta rule is megatron's torch chunked form and the causal
+conv torch's conv1d (``trainer.models.kernel_fallbacks``); where it imports, megatron calls its kernels instead
+((GPU) not verified here).
 
 Layer ``i`` (megatron ← → HF ``model.layers.i.``), experts ``e`` by global index:
 
