@@ -37,7 +37,7 @@ PERFORMANCE = [
     Metric("peak_rss_mib", "peak RSS MiB", True),
 ]
 SHOWN = ["reward/mean", "response_length/mean", "time/sync", "sync/bytes", "bench/mfu_episode",
-         "memory/peak_device_mib"]
+         "memory/peak_device_mib", "memory/optimizer_state_mib"]
 MISMATCH_PREFIX = "mismatch/"
 
 

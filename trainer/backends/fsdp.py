@@ -37,7 +37,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from trainer.backends.base import MakeLossFn
-from trainer.backends.optim import check_finite, clip_and_step, for_training
+from trainer.backends.optim import check_finite, clip_and_step, for_training, state_mib
 from trainer.models import pretrained
 from trainer.models.families import family
 from trainer.packing import Packed, budget_groups, empty, pack_rows
@@ -249,7 +249,7 @@ class FSDPBackend:
         grad_norm = self._grad_norm(params)
         lr = clip_and_step(grad_norm, self.resolved.recipe.grpo.grad_clip, self.optimizer, self.scheduler)
         self.steps += 1
-        stats = {"grad_norm": grad_norm, "lr": lr, **totals}
+        stats = {"grad_norm": grad_norm, "lr": lr, "memory/optimizer_state_mib": state_mib(self.optimizer), **totals}
         if return_logprobs:
             return stats, self._whole_batch(forward_logprobs, batch["input_ids"].shape[1] - 1)
         return stats

@@ -38,7 +38,7 @@ from megatron.core.tensor_parallel import random as mcore_random
 from torch import Tensor
 
 from trainer.backends.base import MakeLossFn
-from trainer.backends.optim import check_finite, clip_and_step, for_training, weights_loaded
+from trainer.backends.optim import check_finite, clip_and_step, for_training, state_mib, weights_loaded
 from trainer.batching import micro_batches
 from trainer.models import pretrained
 from trainer.models.build import build_gpt_model
@@ -192,7 +192,7 @@ class MegatronBackend:
         lr = clip_and_step(grad_norm, self.resolved.recipe.grpo.grad_clip, self.optimizer, self.scheduler)
         self.shares.share_updates()
         self.steps += 1
-        stats = {"grad_norm": grad_norm, "lr": lr, **totals}
+        stats = {"grad_norm": grad_norm, "lr": lr, "memory/optimizer_state_mib": state_mib(self.optimizer), **totals}
         return (stats, logprobs) if return_logprobs else stats
 
     # ------------------------------------------------------------------ weights

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from matrix import ResolvedRecipe
 from trainer.backends.errors import NonFiniteLossError
@@ -127,6 +128,16 @@ def weights_loaded(optimizer: torch.optim.Optimizer | None) -> None:
     """The model's parameters were overwritten (loaded weights): main copies follow them."""
     if isinstance(optimizer, MainParamsAdamW):
         optimizer.reload_from_model()
+
+
+def state_mib(optimizer: torch.optim.Optimizer) -> float:
+    """This rank's optimizer state in MiB: the per-parameter state tensors (AdamW's two moments) and, under
+    mixed precision, the fp32 main parameters it steps; for sharded tensors (FSDP2's DTensors) this rank's shards."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor) and t.dim()]
+    if isinstance(optimizer, MainParamsAdamW):
+        tensors += [main for _, main in optimizer.pairs]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local) / 2**20
 
 
 def check_finite(what: str, value: float, optimizer: torch.optim.Optimizer) -> None:

@@ -70,6 +70,9 @@ def test_same_training_with_half_the_state_and_an_exact_resume(tmp_path):
     largest = max(t.numel() for t in policy(plain, 4, 0)["model"].values() if isinstance(t, torch.Tensor))
     shares = [state_elements(policy(sharded, 4, rank)["optimizer"]) for rank in (0, 1)]
     assert sum(shares) == whole and max(shares) <= whole / 2 + 2 * largest, (shares, whole)
+    logged = [json.loads(line)["memory/optimizer_state_mib"] for d in (plain, sharded)
+              for line in (d / "metrics.jsonl").read_text().splitlines()[-1:]]
+    assert logged == [whole * 4 / 2**20, shares[0] * 4 / 2**20]  # rank 0's fp32 moments, in the metrics
 
     run(resumed, *DEMO, "run.episodes=2", "run.checkpoint_every=2", "run.distributed_optimizer=true")
     run(resumed, "run.episodes=4", resume=True)
