@@ -22,7 +22,7 @@ from matrix.layout import ParallelLayout
 from trainer.atomic import write_json
 from trainer.config import TrainerInputError, parse_overrides, resolve
 from trainer.console_log import console_log
-from trainer.parallel.launcher import LAUNCHERS, missing_package
+from trainer.parallel.launcher import add_launcher_options, missing_package
 from trainer.preflight import missing
 from trainer.prepare.places import with_prepared_weights
 from trainer.run_dir import LOCK, RunLock, check_same, make_dir, record_session, resume_arguments, saved_run
@@ -53,11 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run inside the recipe's built image (docker, podman or buildah; see trainer/in_image.py)")
     p.add_argument("--runtime", choices=("docker", "podman", "buildah"), help="with --in-image (default: found)")
     p.add_argument("--dry-run", action="store_true", help="with --in-image: print the container command(s) only")
-    p.add_argument("--launcher", choices=LAUNCHERS,
-                   help="what starts the ranks: local (this host) or ray (a Ray cluster); default: the recipe's "
-                        "run.launcher")
-    p.add_argument("--ray-address", metavar="HOST:PORT",
-                   help="with the ray launcher: the running cluster to join (default: RAY_ADDRESS, else a local one)")
+    add_launcher_options(p, ranks="the ranks", default=None)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainer.convert import ConvertError
 from trainer.models.weight_files import WeightsError
-from trainer.parallel.launcher import LAUNCHERS, Placement, missing_package
+from trainer.parallel.launcher import Placement, add_launcher_options, missing_package
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,10 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _placement_options(a: argparse.ArgumentParser) -> None:
     """Where a sharded conversion's ranks run (as `python -m trainer`'s options)."""
-    a.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                   help="what starts the layout's ranks: local (this host) or ray (a Ray cluster's nodes)")
-    a.add_argument("--ray-address", default=None,
-                   help="with --launcher ray: the running cluster to join (default: RAY_ADDRESS, else a local one)")
+    add_launcher_options(a, ranks="the layout's ranks", default="local")
     a.add_argument("--ranks-per-node", type=int, default=None,
                    help="with --launcher ray: ranks on each node (default: all on one)")
 

@@ -28,7 +28,7 @@ from matrix.schema import Gate, LayoutPatch
 from trainer.atomic import write_bytes, write_json
 from trainer.config import TrainerInputError
 from trainer.equivalence.compare import compare
-from trainer.parallel.launcher import LAUNCHERS, missing_package
+from trainer.parallel.launcher import add_launcher_options, missing_package
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-image", action="store_true", help="run inside the gates' built image (trainer/in_image.py)")
     p.add_argument("--runtime", choices=("docker", "podman", "buildah"), help="with --in-image (default: found)")
     p.add_argument("--dry-run", action="store_true", help="with --in-image: print the container command(s) only")
-    p.add_argument("--launcher", choices=LAUNCHERS,
-                   help="what starts each layout's ranks: local or ray (default: the recipe's run.launcher)")
-    p.add_argument("--ray-address", metavar="HOST:PORT",
-                   help="with --launcher ray: the running cluster to join (default: RAY_ADDRESS, else a local one)")
+    add_launcher_options(p, ranks="each layout's ranks", default=None)
     args = p.parse_args(argv)
     console = Console()
     try:

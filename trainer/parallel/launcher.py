@@ -16,6 +16,7 @@ What every rank does first and last (process groups, threads, signals, seed) is 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,8 +26,8 @@ from trainer.parallel.ranks import RankFailed, die_with_parent, rank_and_world
 # what each launcher needs installed beyond the trainer's own dependencies
 PACKAGE_NEEDED = {"local": None, "ray": "ray"}
 LAUNCHERS = tuple(PACKAGE_NEEDED)
-__all__ = ["LAUNCHERS", "LOCAL", "Placement", "RankFailed", "die_with_parent", "launch", "launcher_named",
-           "missing_package", "rank_and_world"]
+__all__ = ["LAUNCHERS", "LOCAL", "Placement", "RankFailed", "add_launcher_options", "die_with_parent", "launch",
+           "launcher_named", "missing_package", "rank_and_world"]
 
 
 class Launcher(Protocol):
@@ -45,6 +46,16 @@ def missing_package(name: str) -> str | None:
         return (f"launcher {name}: the {package} package is not installed; install the {name} extra "
                 f"(pip install -e '.[{name}]'; `nox -s train|equivalence -- ... --launcher {name}` does)")
     return None
+
+
+def add_launcher_options(parser: argparse.ArgumentParser, *, ranks: str, default: str | None) -> None:
+    """``--launcher`` and ``--ray-address``, as every command that starts ranks takes them; ``ranks`` names what
+    is started, ``default`` the launcher when none is given (None: the recipe's ``run.launcher``)."""
+    otherwise = default or "the recipe's run.launcher"
+    parser.add_argument("--launcher", choices=LAUNCHERS, default=default,
+                        help=f"what starts {ranks}: local (this host) or ray (a Ray cluster's nodes); default: {otherwise}")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="with --launcher ray: the running cluster to join (default: RAY_ADDRESS, else a local one)")
 
 
 def launcher_named(name: str, *, ray_address: str | None = None) -> Launcher:
