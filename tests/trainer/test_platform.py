@@ -2,6 +2,8 @@
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,9 +89,6 @@ assert gated_delta_net.chunk_gated_delta_rule is gated_delta_net.torch_chunk_gat
 assert not cpu_compat.installed()
 print("ok")
 """
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", code], cwd=TRAINER.parent, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

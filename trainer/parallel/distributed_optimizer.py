@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from torch import Tensor
+
+from trainer.parallel import dp
 
 
 def _owners(sizes: Sequence[int], ranks: int) -> list[int]:
@@ -40,14 +41,11 @@ def _owners(sizes: Sequence[int], ranks: int) -> list[int]:
 
 @dataclass
 class _GroupShare:
-    """The parameters shared over one process group, and who owns each."""
+    """The parameters shared over one process group, by owner: ``by_owner[r]`` are those rank ``r`` of ``group``
+    steps, in model order."""
 
     group: dist.ProcessGroup
-    params: list[Tensor]
-    owner: list[int]  # rank in ``group`` of each parameter's owner
-
-    def owned_by(self, rank: int) -> list[Tensor]:
-        return [p for p, o in zip(self.params, self.owner, strict=True) if o == rank]
+    by_owner: list[list[Tensor]]
 
     def broadcast_from_owners(self) -> None:
         for rank in range(dist.get_world_size(self.group)):
@@ -56,7 +54,7 @@ class _GroupShare:
     @torch.no_grad()
     def broadcast_from(self, rank: int) -> None:
         """Rank ``rank``'s parameters, flattened per dtype, to the other ranks of the group."""
-        mine = self.owned_by(rank)
+        mine = self.by_owner[rank]
         for dtype in sorted({p.dtype for p in mine}, key=str):
             same = [p for p in mine if p.dtype == dtype]
             flat = torch.cat([p.detach().reshape(-1) for p in same])  # the owner's values; overwritten elsewhere
@@ -83,15 +81,21 @@ class OptimizerShares:
         params = list(params)
         if not sharded:
             return cls([], params)
-        dense = [p for p in params if getattr(p, "allreduce", True)]
-        expert = [p for p in params if not getattr(p, "allreduce", True)]
-        groups = [(parallel_state.get_data_parallel_group(with_context_parallel=True), dense),
-                  (parallel_state.get_expert_data_parallel_group(), expert)]
-        shares = [_GroupShare(group, ps, _owners([p.numel() for p in ps], dist.get_world_size(group)))
-                  for group, ps in groups if ps and dist.get_world_size(group) > 1]
-        not_owned = {id(p) for share in shares for p in share.params} - {
-            id(p) for share in shares for p in share.owned_by(dist.get_rank(share.group))}
-        return cls(shares, [p for p in params if id(p) not in not_owned])
+        # Shared over the group its gradient is summed over. Every rank of a group holds parameters of the same
+        # kinds in the same order, so the groups come in the same order on each (the broadcasts' order).
+        by_group: dict[dist.ProcessGroup, list[Tensor]] = {}
+        for p in params:
+            by_group.setdefault(dp.grad_group(p), []).append(p)
+        shares = []
+        for group, members in by_group.items():
+            ranks = dist.get_world_size(group)
+            if ranks > 1:
+                owner = _owners([p.numel() for p in members], ranks)
+                shares.append(_GroupShare(group, [[p for p, o in zip(members, owner, strict=True) if o == rank]
+                                                  for rank in range(ranks)]))
+        elsewhere = {id(p) for share in shares for rank, mine in enumerate(share.by_owner)
+                     if rank != dist.get_rank(share.group) for p in mine}
+        return cls(shares, [p for p in params if id(p) not in elsewhere])
 
     def share_updates(self) -> None:
         """After the optimizer stepped this rank's parameters: every rank gets every owner's new values.

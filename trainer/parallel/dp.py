@@ -69,13 +69,19 @@ def sum_tp_partial_grads(named_params: list[tuple[str, torch.nn.Parameter]], con
             dist.all_reduce(p.grad, group=group)
 
 
+def grad_group(p: torch.nn.Parameter) -> dist.ProcessGroup:
+    """The ranks that hold the same shard of ``p`` for different data, over which its gradient is summed: DP×CP
+    for a dense parameter, expert-data-parallel for an expert's (megatron marks those ``allreduce = False``)."""
+    if getattr(p, "allreduce", True):
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return parallel_state.get_expert_data_parallel_group()
+
+
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over the ranks that hold the same parameter shard for different data."""
-    dense = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    expert = parallel_state.get_expert_data_parallel_group()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        group = dense if getattr(p, "allreduce", True) else expert
+        group = grad_group(p)
         if dist.get_world_size(group) > 1:
             dist.all_reduce(p.grad, group=group)
