@@ -1,7 +1,7 @@
-"""The distributed optimizer (run.distributed_optimizer): the same training as the plain optimizer on the same DP
-layout, bit for bit, with each rank holding about half of the optimizer state, and an exact resume from its
-per-rank state. Its per-step numerics are gated too (`distributed-optimizer-equivalence` and its bf16 twin, zero
-tolerances, with a planted fault in test_gates_fail.py)."""
+"""The distributed optimizer (run.distributed_optimizer): each DP rank holds about half of the optimizer state, the
+ranks end with the same weights, the metrics show the share, and a resume from the per-rank state is exact. That it
+trains bit for bit as the plain optimizer on the same layout is what the gates `distributed-optimizer-equivalence`
+and its bf16 twin judge (zero tolerances; planted fault in test_gates_fail.py), so it is not run again here."""
 
 import json
 import subprocess
@@ -52,27 +52,22 @@ def test_owners_balance_the_shares_within_one_parameter():
 
 
 @pytest.mark.slow
-def test_same_training_with_half_the_state_and_an_exact_resume(tmp_path):
-    plain, sharded, resumed = tmp_path / "plain", tmp_path / "sharded", tmp_path / "resumed"
-    run(plain, *DEMO, "run.episodes=4", "run.checkpoint_every=4")
+def test_half_the_state_per_rank_and_an_exact_resume(tmp_path):
+    sharded, resumed = tmp_path / "sharded", tmp_path / "resumed"
     run(sharded, *DEMO, "run.episodes=4", "run.checkpoint_every=4", "run.distributed_optimizer=true")
     assert [r["episode"] for r in rows(sharded)] == [1, 2, 3, 4]
-    assert any(r["grad_norm"] > 0 for r in rows(plain))
-    assert rows(sharded) == rows(plain)  # rewards, losses, grad norms, KL: every number, exactly
+    assert any(r["grad_norm"] > 0 for r in rows(sharded))
 
-    for rank in (0, 1):
-        ours, theirs = policy(sharded, 4, rank), policy(plain, 4, rank)
-        assert ours["model"].keys() == theirs["model"].keys()
-        for name, tensor in theirs["model"].items():
-            if isinstance(tensor, torch.Tensor):
-                assert torch.equal(ours["model"][name], tensor), name
-    whole = state_elements(policy(plain, 4, 0)["optimizer"])  # each plain rank holds all of it
-    largest = max(t.numel() for t in policy(plain, 4, 0)["model"].values() if isinstance(t, torch.Tensor))
+    weights = [policy(sharded, 4, rank)["model"] for rank in (0, 1)]
+    tensors = {name: t for name, t in weights[0].items() if isinstance(t, torch.Tensor)}
+    for name, tensor in tensors.items():  # every rank stepped its share and received the others'
+        assert torch.equal(weights[1][name], tensor), name
+    whole = 2 * sum(t.numel() for t in tensors.values())  # AdamW's two fp32 moments for every parameter
+    largest = max(t.numel() for t in tensors.values())
     shares = [state_elements(policy(sharded, 4, rank)["optimizer"]) for rank in (0, 1)]
     assert sum(shares) == whole and max(shares) <= whole / 2 + 2 * largest, (shares, whole)
-    logged = [json.loads(line)["memory/optimizer_state_mib"] for d in (plain, sharded)
-              for line in (d / "metrics.jsonl").read_text().splitlines()[-1:]]
-    assert logged == [whole * 4 / 2**20, shares[0] * 4 / 2**20]  # rank 0's fp32 moments, in the metrics
+    logged = json.loads((sharded / "metrics.jsonl").read_text().splitlines()[-1])["memory/optimizer_state_mib"]
+    assert logged == shares[0] * 4 / 2**20  # rank 0's fp32 moments, in the metrics
 
     run(resumed, *DEMO, "run.episodes=2", "run.checkpoint_every=2", "run.distributed_optimizer=true")
     run(resumed, "run.episodes=4", resume=True)
