@@ -5,9 +5,10 @@ gloo has no uneven all_to_all, so alltoall cannot run with EP > 1 here; on one r
 (permutation by expert, the per-rank split bookkeeping, un-permutation with the routing probabilities), which is
 what the one-GPU smoke's MLA+MoE and Qwen3-Next rows run on a GPU. The two dispatchers order tokens differently
 before the expert GEMMs and may sum the top-k outputs back in another order, so the test allows fp32 rounding
-(1e-4 on logits of magnitude ~3, relative 1e-4 on gradients) although on this machine they are equal bit for bit
-(measured: 0 on logits and on every gradient, both families). Routing probabilities reversed across experts
-inside the alltoall dispatcher moved the logits by 6.6 (a planted fault, run by hand).
+(1e-4 on logits whose largest is 7.0 for tiny-moonlight and 7.8 for tiny-qwen3-next; relative 1e-4 on gradients)
+although on this machine they are equal bit for bit (measured: 0 on logits and on every gradient, both families).
+Routing probabilities reversed across experts inside the alltoall dispatcher (a planted fault, run by hand) moved
+the logits by 6.6 and 9.6.
 """
 
 import pytest
@@ -50,9 +51,8 @@ def test_alltoall_dispatch_equals_allgather_on_one_rank(matrix, groups, randomiz
     print(f"{name}: max |logit diff| alltoall vs allgather = {diff:.2e}")
     assert diff < TOLERANCE
     assert our_grads.keys() == their_grads.keys() and any("experts" in n for n in our_grads)
-    worst = 0.0
-    for n, g in their_grads.items():
-        scale = g.abs().max().item() or 1.0
-        worst = max(worst, (our_grads[n] - g).abs().max().item() / scale)
-        assert (our_grads[n] - g).abs().max().item() <= TOLERANCE * scale, n
-    print(f"{name}: max relative gradient diff = {worst:.2e}")
+    relative = {n: (our_grads[n] - g).abs().max().item() / (g.abs().max().item() or 1.0)
+                for n, g in their_grads.items()}
+    print(f"{name}: max relative gradient diff = {max(relative.values()):.2e}, "
+          f"max |logit| = {theirs.abs().max().item():.2f}")
+    assert all(r <= TOLERANCE for r in relative.values()), relative
