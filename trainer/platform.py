@@ -102,6 +102,10 @@ class Platform:
         """Seed torch's generators for this device (megatron's TP tracker is seeded by the model builder)."""
         torch.manual_seed(seed)
 
+    def describe(self) -> dict[str, str]:
+        """What this platform runs on, for reports (``trainer.smoke``'s header)."""
+        raise NotImplementedError
+
     def memory(self) -> dict[str, float]:
         """Memory of this process now, MiB: ``peak`` (since the last ``reset_peak``) and ``allocated``."""
         raise NotImplementedError
@@ -145,6 +149,9 @@ class CpuPlatform(Platform):
         from trainer.models.specs import TorchSpecProvider
 
         return TorchSpecProvider()
+
+    def describe(self) -> dict[str, str]:
+        return {"device": f"cpu ({os.cpu_count()} cores)", "collectives": self.collective_backend}
 
     def memory(self) -> dict[str, float]:
         # ru_maxrss cannot be reset: a stage's peak on CPU is the process's peak so far.
@@ -191,6 +198,14 @@ class CudaPlatform(Platform):
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
+
+    def describe(self) -> dict[str, str]:
+        props = torch.cuda.get_device_properties(self.device)
+        return {
+            "device": f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)",
+            "collectives": f"{self.collective_backend} (NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})",
+            "cuda": str(torch.version.cuda),
+        }
 
     def memory(self) -> dict[str, float]:
         return {
