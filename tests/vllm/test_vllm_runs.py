@@ -1,5 +1,6 @@
 """Runs of demo-vllm through the CLI, with vLLM 0.8.5 doing every rollout: it learns, a TP2 trainer layout
-feeds the driver's engine, and a dead engine stops the run in one line with no process left behind."""
+feeds the driver's engine, off-policy pipelining generates from the weights one step old, and a dead engine stops
+the run in one line with no process left behind."""
 
 import json
 import os
@@ -12,6 +13,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MISMATCH_BOUND = 1e-5  # engine vs trainer log-probs at temperature 1 (fp32 both sides)
+OFFPOLICY_HOOKS = REPO / "tests" / "trainer" / "loop" / "offpolicy_hooks.py"
+# grpo.max_staleness=1: vLLM generates episode e+1 while the trainer trains on e. The warm start stays (rewards vary,
+# so every step moves the weights and a stale batch's generating weights differ from the current ones); an eval
+# in the middle finishes the in-flight generation and syncs the just-trained weights first.
+PIPELINED = ["grpo.max_staleness=1", "run.episodes=4", "eval.every=2", "eval.prompts=16", "run.checkpoint_every=0"]
 
 
 def run(tmp_path, *args, env=None):
@@ -59,6 +65,34 @@ def test_tp2_trainer_feeds_the_drivers_engine(tmp_path, engine_processes):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = metrics(run_dir)
     assert len(rows) == 3 and max(r["mismatch/logprob_abs_diff_max"] for r in rows) <= MISMATCH_BOUND
+    assert engine_processes(mark) == []
+
+
+def pipelined(tmp_path, fault=None):
+    env = {"GRPO_STACK_PLANT_FAULT": f"{OFFPOLICY_HOOKS}:{fault}", "OFFPOLICY_BATCHES": str(tmp_path / "batches")}
+    out, run_dir, mark = run(tmp_path, *PIPELINED, env=env if fault else None)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return metrics(run_dir), mark
+
+
+@pytest.mark.slow  # the warm start, one engine start, four episodes: ~1 min
+def test_pipelined_vllm_trains_on_batches_of_the_weights_one_step_old(tmp_path, engine_processes):
+    """vLLM generated each stale batch from the weights synced one episode before (the old log-probs the trainer
+    recomputed under the kept copy of those weights equal vLLM's), never more than one step old."""
+    rows, mark = pipelined(tmp_path)
+    assert [(r["policy/staleness"], r["policy/batch_version"]) for r in rows] == [(0, 0), (1, 0), (1, 1), (1, 2)]
+    assert max(r["mismatch/logprob_abs_diff_max"] for r in rows) <= MISMATCH_BOUND
+    assert [r["episode"] for r in rows if "eval/reward_mean" in r] == [2, 4]
+    assert engine_processes(mark) == []
+
+
+@pytest.mark.slow  # as above
+def test_old_logprobs_from_the_current_weights_break_the_pipelined_bound(tmp_path, engine_processes):
+    """The planted fault the test above is shown to fail on: a stale batch's old log-probs taken from the current
+    weights. vLLM's log-probs are then far from them (the weights moved by one step), so the bound tells them apart."""
+    rows, mark = pipelined(tmp_path, "record_with_stale_fault")
+    stale = [r["mismatch/logprob_abs_diff_max"] for r in rows if r["policy/staleness"] == 1]
+    assert len(stale) == 3 and min(stale) > 10 * MISMATCH_BOUND, stale
     assert engine_processes(mark) == []
 
 
