@@ -1,10 +1,17 @@
-"""Dense layer specs: the tiny models build and have exactly the parameters a hand count gives."""
+"""Layer specs: the tiny dense models have exactly the parameters a hand count gives, and no family takes a
+provider's norm-fused linear beside its own norms."""
+
+import dataclasses
 
 import pytest
+from megatron.core.transformer.spec_utils import ModuleSpec
 
+from matrix.schema import Layout
 from trainer.models.attention import SDPACoreAttention
 from trainer.models.build import build_gpt_model
 from trainer.models.config import head_dim
+from trainer.models.families import family
+from trainer.models.specs import TorchNorm, TorchSpecProvider
 
 
 def hand_count(shape) -> int:
@@ -48,3 +55,45 @@ def test_same_seed_same_weights(matrix, groups):
     weights = [k for k in a if k.endswith("weight")]
     assert all((a[k] == b[k]).all() for k in weights)
     assert not (a["embedding.word_embeddings.weight"] == c["embedding.word_embeddings.weight"]).all()
+
+
+class NormFusedLinear:
+    """Stands for Transformer Engine's ``TELayerNormColumnParallelLinear`` (a column-parallel linear with its own
+    norm weight); only ever compared against, never built."""
+
+
+class NormFusingProvider(TorchSpecProvider):
+    """The CPU provider answering the two questions as Transformer Engine's provider does (TE itself does not
+    install here): it fuses norms into linears, and this is its fused module."""
+
+    def fuse_layernorm_and_linear(self) -> bool:
+        return True
+
+    def column_parallel_layer_norm_linear(self) -> type:
+        return NormFusedLinear
+
+
+def module_classes(spec) -> set:
+    """Every module class named anywhere in a (nested) megatron spec."""
+    if isinstance(spec, type):
+        return {spec}
+    if isinstance(spec, ModuleSpec):
+        return module_classes(spec.module) | module_classes(spec.submodules)
+    if isinstance(spec, (list, tuple)):
+        return set().union(*map(module_classes, spec))
+    if dataclasses.is_dataclass(spec):
+        return set().union(*(module_classes(getattr(spec, f.name)) for f in dataclasses.fields(spec)))
+    return set()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5", "tiny-qwen3", "tiny-moonlight", "tiny-qwen3-next"])
+def test_no_family_takes_a_norm_fused_linear_beside_its_own_norms(matrix, groups, name):
+    """Every layer has its own input and pre-MLP norms (the HF names map onto them), so a provider's norm-fused
+    linear would normalise twice and hold a weight nothing maps: a family must ask for plain linears whatever
+    the provider fuses. (megatron's ``get_mlp_module_spec_for_backend`` takes the fused one under TE.)"""
+    model = matrix.models[name]
+    bundle = family(model.family)
+    config = bundle.transformer_config(model, Layout())
+    specs = bundle.layer_specs(model, config, NormFusingProvider())
+    found = module_classes(specs)
+    assert NormFusedLinear not in found and TorchNorm in found

@@ -34,7 +34,6 @@ import warnings
 from collections.abc import Mapping
 
 from megatron.core.models.backends import BackendSpecProvider
-from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
@@ -57,7 +56,7 @@ from trainer.models.families.bundle import (
     hf_common_kwargs,
     moe_config_kwargs,
 )
-from trainer.models.families.dense import layer_norm_rules, pre_norm_layer
+from trainer.models.families.dense import dense_mlp_spec, layer_norm_rules, pre_norm_layer
 from trainer.models.weight_map import Rule, embedding_rules, one_to_one, swiglu_rules
 
 
@@ -153,7 +152,7 @@ def _mla_spec(backend: BackendSpecProvider) -> ModuleSpec:
 def layer_specs(model: Model, config: MLATransformerConfig, backend: BackendSpecProvider) -> TransformerBlockSubmodules:
     """Dense-MLP layers first, MoE layers after; sliced to this pipeline stage's layers."""
     attention = _mla_spec(backend)
-    dense = pre_norm_layer(backend, attention, get_mlp_module_spec_for_backend(backend=backend))
+    dense = pre_norm_layer(backend, attention, dense_mlp_spec(backend))
     moe = pre_norm_layer(
         backend, attention, get_moe_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts,
                                           moe_grouped_gemm=config.moe_grouped_gemm)

@@ -1,6 +1,6 @@
 """Dense GQA decoder (Qwen2 / Qwen3): config, layer spec, weight rules and FLOPs the two families share.
 
-Parameters of layer ``i`` as built by ``layer_spec`` (local modules, norms not fused into linears):
+Parameters of layer ``i`` as built by ``layer_spec`` (norms never fused into linears, whatever the provider):
 
     embedding.word_embeddings.weight                   model.embed_tokens.weight
     decoder.layers.i.input_layernorm.weight            model.layers.i.input_layernorm.weight
@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider
-from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -66,6 +66,16 @@ def gqa_attention_spec(backend: BackendSpecProvider, *, qk_norm: bool) -> Module
     )
 
 
+def dense_mlp_spec(backend: BackendSpecProvider) -> ModuleSpec:
+    """The SwiGLU MLP behind the layer's own ``pre_mlp_layernorm``. Not megatron's ``get_mlp_module_spec_for_backend``:
+    with a provider that fuses norms into linears (Transformer Engine's) it takes ``TELayerNormColumnParallelLinear``
+    for fc1, which would normalise a second time beside ``pre_mlp_layernorm`` and add a weight no HF name maps."""
+    return ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()),
+    )
+
+
 def pre_norm_layer(backend: BackendSpecProvider, attention: ModuleSpec, mlp: ModuleSpec) -> ModuleSpec:
     """RMSNorm → attention → residual → RMSNorm → MLP → residual."""
     norm = backend.layer_norm(rms_norm=True)
@@ -88,7 +98,7 @@ def layer_spec(model: Model, config: TransformerConfig, backend: BackendSpecProv
     layer = pre_norm_layer(
         backend,
         gqa_attention_spec(backend, qk_norm=model.shape.qk_norm),
-        get_mlp_module_spec_for_backend(backend=backend),
+        dense_mlp_spec(backend),
     )
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                       layer_norm=backend.layer_norm(rms_norm=True))
