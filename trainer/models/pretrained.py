@@ -241,10 +241,10 @@ def megatron_shards(directory: Path, gpt: torch.nn.Module, model: Model) -> Iter
     files of a sharded directory, else this rank's shard of each whole tensor, read one at a time."""
     k = kind(directory)
     if k == MCORE_SHARDED:
-        from trainer.models.sharded_weights import own_shard
+        from trainer.models.sharded_weights import local_tensors, own_shard
 
         own = own_shard(gpt, directory)
-        targets = dict(gpt.named_parameters()) | dict(gpt.named_buffers())
+        targets = local_tensors(gpt, model)
         return ((targets[name], tensor) for name, tensor in own.items())
     from trainer.parallel import gather  # megatron: imported by ranks, not by the launcher's check
 

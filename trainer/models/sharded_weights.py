@@ -1,11 +1,11 @@
 """Sharded megatron-core directories: what they hold, and each rank reading its own files.
 
 The format (``mcore.json`` with the layout's degrees, ``dense-tp{T}-pp{P}`` and ``experts-pp{P}-ep{E}-etp{X}``
-files keyed by each rank's LOCAL parameter names): ``own_shard`` reads a rank's part back in a run with the
-same degrees (``trainer.models.pretrained``); ``trainer.convert.sharded`` writes and reads whole directories
-with the layout's ranks. What a shard is comes from megatron's own parameter attributes
-(``trainer.parallel.gather``). Besides parameters, a file holds the persistent buffers the family maps to HF
-tensors (the router's expert bias).
+files keyed by each rank's LOCAL parameter names, expert weights named as ``gather.canonical_name`` names them):
+``own_shard`` reads a rank's part back in a run with the same degrees (``trainer.models.pretrained``);
+``trainer.convert.sharded`` writes and reads whole directories with the layout's ranks. What a shard is comes from
+megatron's own parameter attributes (``trainer.parallel.gather``). Besides parameters, a file holds the persistent
+buffers the family maps to HF tensors (the router's expert bias).
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ def layout_named(degrees: dict) -> str:
 def local_tensors(gpt: torch.nn.Module, model: Model) -> dict[str, Tensor]:
     """Local name → parameter, and the persistent buffers the family maps to HF tensors, of this rank's model."""
     from trainer.models.weight_map import rules
-    from trainer.parallel.gather import global_name
+    from trainer.parallel.gather import canonical_name, global_name
 
     mapped_buffers = {rule.mcore for rule in rules(model) if rule.buffer}
-    named = dict(gpt.named_parameters())
+    named = {canonical_name(n): p for n, p in gpt.named_parameters()}
     named |= {n: b for n, b in gpt.named_buffers() if global_name(n, gpt) in mapped_buffers}
     return named
 

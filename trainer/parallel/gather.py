@@ -26,6 +26,7 @@ from torch import Tensor
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
 def _is_expert(p: Tensor) -> bool:
@@ -42,17 +43,35 @@ def _tp_group(p: Tensor):
 
 
 def mark_tp_groups(model: torch.nn.Module) -> None:
+    """Each parameter's TP group (``_tp_group``), and the stride TE leaves out: a grouped expert's SwiGLU fc1
+    holds [gate_r; up_r] on each expert-TP rank as SequentialMLP's does (megatron's ``TEGroupedMLP.
+    sharded_state_dict`` reads it so), but TE marks it stride 1."""
     for module in model.modules():
         group = getattr(module, "tp_group", None)
         if group is not None:
             for p in module.parameters(recurse=False):
                 p._grpo_tp_group = group
+    if getattr(model.config, "gated_linear_unit", False):
+        for name, p in model.named_parameters():
+            match = _GROUPED_EXPERT.search(name)
+            if match and match.group(1) == "linear_fc1" and getattr(p, "tensor_model_parallel", False):
+                p.partition_stride = 2
+
+
+def canonical_name(local: str) -> str:
+    """A parameter's name with expert weights named as megatron's ``SequentialMLP`` names them, whichever module
+    holds them: Transformer Engine's grouped-GEMM experts (``TEGroupedMLP``, the CUDA platform's choice with TE)
+    name local expert e's fc1 ``experts.linear_fc1.weight{e}``, SequentialMLP ``experts.local_experts.{e}.
+    linear_fc1.weight``. Each is one [out, in] tensor laid out alike ([gate; up] rows for fc1), so the weight
+    maps, the sharded weight files and the EP renumbering below know one name. (GPU) not verified here: TE
+    does not install on CPU; the names are those of TE's ``GroupedLinear`` and megatron's ``TEGroupedLinear``."""
+    return _GROUPED_EXPERT.sub(lambda m: f".experts.local_experts.{m.group(3)}.{m.group(1)}.{m.group(2)}", local)
 
 
 def global_name(local: str, model: torch.nn.Module) -> str:
     """A stage-local / EP-local parameter name → its name in the whole model."""
     offset = get_transformer_layer_offset(model.config)
-    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local)
+    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", canonical_name(local))
     experts = getattr(model.config, "num_moe_experts", None)
     if experts and _EXPERT.search(name):
         per_rank = experts // ps.get_expert_model_parallel_world_size()
