@@ -78,8 +78,9 @@ class Platform:
     def moe_fields(self) -> dict:
         raise NotImplementedError
 
-    def spec_provider(self):
-        """An instance of megatron's ``BackendSpecProvider`` the families build their layer specs through."""
+    def spec_provider(self, precision: Precision):
+        """An instance of megatron's ``BackendSpecProvider`` the families build their layer specs through, for a
+        model computing in ``precision``."""
         raise NotImplementedError
 
     def fsdp_policy(self, param_dtype: Precision, reduce_dtype: Precision):
@@ -145,7 +146,7 @@ class CpuPlatform(Platform):
         # gloo has no uneven all_to_all: the allgather dispatcher, experts one GEMM each, no fused permute.
         return dict(moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_permute_fusion=False)
 
-    def spec_provider(self):
+    def spec_provider(self, precision: Precision):
         from trainer.models.specs import TorchSpecProvider
 
         return TorchSpecProvider()
@@ -186,11 +187,11 @@ class CudaPlatform(Platform):
             moe_token_dispatcher_type="alltoall", moe_grouped_gemm=self.has_te, moe_permute_fusion=False
         )
 
-    def spec_provider(self):
+    def spec_provider(self, precision: Precision):
         if self.has_te:
-            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+            from trainer.models.specs import te_spec_provider
 
-            return TESpecProvider()
+            return te_spec_provider(torch_attention=precision == "fp32")
         from trainer.models.specs import TorchSpecProvider
 
         return TorchSpecProvider()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.platform import CPU, CpuPlatform, PlatformUnavailable, choose_platform
+from trainer.platform import CPU, CpuPlatform, CudaPlatform, PlatformUnavailable, choose_platform
 
 TRAINER = Path(__file__).resolve().parents[2] / "trainer"
 # The only modules that may name a device or a collective backend: the platform itself, and the CPU compat
@@ -92,3 +92,19 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], cwd=TRAINER.parent, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("has_te", "precision", "expected"), [
+    (True, "bf16", {"torch_attention": False}), (True, "fp32", {"torch_attention": True}),
+    (False, "bf16", "TorchSpecProvider"), (False, "fp32", "TorchSpecProvider")])
+def test_the_cuda_platform_keeps_te_attention_off_fp32_models(monkeypatch, has_te, precision, expected):
+    """With TE, the CUDA platform builds TE's layers, but fp32 models keep the project's SDPA core attention: TE
+    2.7 has no fp32 flash or fused attention and its unfused one refuses CP (the CP gates' tiny models are fp32).
+    TE does not install here, so its provider is recorded, not built."""
+    from trainer.models import specs
+
+    monkeypatch.setattr(specs, "te_spec_provider", lambda **kwargs: kwargs)
+    platform = CudaPlatform(0)
+    platform.has_te = has_te
+    provider = platform.spec_provider(precision)
+    assert provider == expected if isinstance(expected, dict) else type(provider).__name__ == expected

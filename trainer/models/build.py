@@ -42,8 +42,9 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     platform.install()
     layout = layout or Layout()
     config = bundle.transformer_config(model, layout)
+    precision = precision or model.dtype
     config = dataclasses.replace(config, **RECOMPUTE[recompute], **platform.megatron_fields(
-        precision or model.dtype, moe=bool(config.num_moe_experts)))
+        precision, moe=bool(config.num_moe_experts)))
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -60,7 +61,7 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     try:
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=bundle.layer_specs(model, config, platform.spec_provider()),
+            transformer_layer_spec=bundle.layer_specs(model, config, platform.spec_provider(precision)),
             vocab_size=padded_vocab(shape.vocab, layout.tp),
             max_sequence_length=shape.max_position,
             pre_process=pre_process,

@@ -3,8 +3,8 @@
 ``TorchSpecProvider`` is megatron's ``LocalSpecProvider`` with two fields swapped: our SDPA core attention
 (GQA, q/k vs v head dims, a CP hook) and torch norms chosen without rewriting megatron's module-level
 ``LNImpl`` global. The platform (``trainer.platform``) hands a provider to the families: this one on CPU (and on
-a GPU without Transformer Engine), megatron's ``TESpecProvider`` on a GPU with it; the spec functions only ask
-the provider.
+a GPU without Transformer Engine), megatron's ``TESpecProvider`` on a GPU with it (``te_spec_provider``: with this
+core attention for fp32 models); the spec functions only ask the provider.
 
 The local provider does not fuse norms into linears, so every norm is its own parameter; the family
 modules' weight rules follow exactly these names.
@@ -101,3 +101,20 @@ class TorchSpecProvider(LocalSpecProvider):
 
     def core_attention(self) -> type:
         return SDPACoreAttention
+
+
+def te_spec_provider(*, torch_attention: bool):
+    """megatron's ``TESpecProvider`` (Transformer Engine's layers; imported here, on a GPU with TE only), with the
+    project's SDPA core attention where ``torch_attention``: TE 2.7 has no fp32 flash or fused attention, and its
+    unfused fallback refuses context parallelism ("No dot product attention backend is available"), so an fp32
+    model with CP > 1 would not run on TE's attention. (GPU) not verified here."""
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    if not torch_attention:
+        return TESpecProvider()
+
+    class TESpecProviderWithTorchAttention(TESpecProvider):
+        def core_attention(self) -> type:
+            return SDPACoreAttention
+
+    return TESpecProviderWithTorchAttention()
