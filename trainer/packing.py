@@ -58,7 +58,7 @@ class Packed:
 
     def owned(self) -> Tensor:
         """(rows, T-1) 1 where this slice scores the position."""
-        return self.unpack(torch.ones(1, self.width))
+        return self.unpack(torch.ones(1, self.width, device=self.input_ids.device))
 
 
 def pack_rows(input_ids: Tensor, attention_mask: Tensor, *, multiple: int = 1, pad_id: int = 0) -> Packed:
@@ -67,19 +67,20 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, *, multiple: int = 1, p
     lengths = attention_mask.sum(dim=1).tolist()
     ids, positions, labels, scored, target = [], [], [], [], []
     for i, n in enumerate(lengths):
+        steps = torch.arange(n, device=input_ids.device)  # on the ids' device, as everything packed
         ids.append(input_ids[i, :n])
-        positions.append(torch.arange(n))
+        positions.append(steps)
         labels.append(torch.cat([input_ids[i, 1:n], input_ids.new_zeros(1)]))
-        scored.append(torch.arange(n) < n - 1)
-        target.append(i * (width - 1) + torch.arange(n))
+        scored.append(steps < n - 1)
+        target.append(i * (width - 1) + steps)
     total = sum(lengths)
     pad = -total % multiple or (0 if total else multiple)
     if pad:  # a sequence of its own (positions restart at 0), scoring nothing
         ids.append(input_ids.new_full((pad,), pad_id))
-        positions.append(torch.arange(pad))
+        positions.append(torch.arange(pad, device=input_ids.device))
         labels.append(input_ids.new_zeros(pad))
-        scored.append(torch.zeros(pad, dtype=torch.bool))
-        target.append(torch.zeros(pad, dtype=torch.long))
+        scored.append(input_ids.new_zeros(pad, dtype=torch.bool))
+        target.append(input_ids.new_zeros(pad))
     return Packed(torch.cat(ids)[None], torch.cat(positions)[None], torch.cat(labels)[None], torch.cat(scored),
                   torch.cat(target), rows, width - 1)
 

@@ -176,6 +176,7 @@ class CudaPlatform(Platform):
         self.local_rank = local_rank
         self.device = torch.device("cuda", local_rank)
         self.has_te = importlib.util.find_spec("transformer_engine") is not None
+        self._peak_before_reset = 0.0  # MiB: the process's peak, which reset_peak would otherwise lose
 
     def bind(self) -> None:
         torch.cuda.set_device(self.device)
@@ -215,12 +216,14 @@ class CudaPlatform(Platform):
         }
 
     def reset_peak(self) -> None:
+        self._peak_before_reset = max(self._peak_before_reset, torch.cuda.max_memory_allocated(self.device) / 2**20)
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def memory_metrics(self) -> dict[str, float]:
         return {
             "memory/peak_rss_mib": _rss_mib()[0],
-            "memory/peak_device_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
+            "memory/peak_device_mib": max(self._peak_before_reset,
+                                          torch.cuda.max_memory_allocated(self.device) / 2**20),
         }
 
 

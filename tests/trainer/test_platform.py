@@ -70,9 +70,9 @@ def test_cpu_platform_keeps_the_cpu_choices_of_megatron():
 
 def test_the_cuda_platform_installs_the_kernel_fallbacks_without_the_cpu_patches():
     """A bare GPU machine (no Transformer Engine, no flash-linear-attention: trainer.wheelhouse) builds MLA and the
-    gated delta net only through the torch twins; before they were part of every platform's install, only the
-    CPU platform had them and the smoke's MLA and Qwen3-Next rows could not have built there. Fresh interpreter:
-    this one has the CPU patches installed already."""
+    gated delta net, and routes MoE tokens, only through the torch twins; before they were part of every
+    platform's install, only the CPU platform had them and the smoke's MLA and Qwen3-Next rows could not have built
+    (then routed) there. Fresh interpreter: this one has the CPU patches installed already."""
     code = """
 import torch
 from megatron.core.ssm import gated_delta_net
@@ -81,9 +81,13 @@ from trainer.backends import cpu_compat
 from trainer.models.specs import DuplicatedLinear
 from trainer.platform import CudaPlatform
 
+from megatron.core.transformer.moe import moe_utils
+
 assert multi_latent_attention.HAVE_TE and not gated_delta_net.HAVE_FLA  # megatron's view before install
+assert not hasattr(moe_utils, "te_general_gemm")  # the router's forward would raise NameError
 CudaPlatform(0).install()
 assert not multi_latent_attention.HAVE_TE and multi_latent_attention.TELinear is DuplicatedLinear
+assert moe_utils.te_general_gemm is None
 assert gated_delta_net.HAVE_FLA
 assert gated_delta_net.chunk_gated_delta_rule is gated_delta_net.torch_chunk_gated_delta_rule
 assert not cpu_compat.installed()
@@ -108,3 +112,16 @@ def test_the_cuda_platform_keeps_te_attention_off_fp32_models(monkeypatch, has_t
     platform.has_te = has_te
     provider = platform.spec_provider(precision)
     assert provider == expected if isinstance(expected, dict) else type(provider).__name__ == expected
+
+
+def test_the_moe_router_gemm_falls_back_to_torch_without_te():
+    """Without TE, megatron's router gating (every MoE layer, on every platform) must compute inp @ W.T + b."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from trainer.models import kernel_fallbacks
+
+    kernel_fallbacks.install()
+    g = torch.Generator().manual_seed(0)
+    inp, weight, bias = torch.randn(2, 3, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    out = moe_utils.RouterGatingLinearFunction.apply(inp, weight, bias, torch.float32)
+    torch.testing.assert_close(out, inp @ weight.T + bias)

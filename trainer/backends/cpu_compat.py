@@ -130,15 +130,6 @@ def _patch_rng_tracker() -> None:
     random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
-def _patch_moe_utils() -> None:
-    from megatron.core.transformer.moe import moe_utils
-
-    # Only defined when Transformer Engine imports; the router checks `te_general_gemm is not None`
-    # and falls back to torch matmuls, so None is the correct value without TE.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 class _TorchOnCpu:
     """``torch`` as megatron's pipeline schedules see it: tensors they create on "cuda" are made on the CPU.
 
@@ -232,7 +223,6 @@ def install() -> bool:
         _patch_torch_cuda()
         _patch_memory_buffer()
         _patch_rng_tracker()
-        _patch_moe_utils()
         _patch_schedules()
         _patch_cp_rope()
         _patch_output_gates()

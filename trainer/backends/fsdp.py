@@ -209,8 +209,9 @@ class FSDPBackend:
         if self.sp > 1:  # each position is scored by exactly one rank of the Ulysses group
             dist.all_reduce(mine, group=self.meshes.sp_group)
         gathered: list = [None] * self.meshes.dp_size
-        dist.all_gather_object(gathered, mine, group=self.meshes.dp_sp.get_group("dp"))
-        return torch.cat(gathered)
+        # through host memory: a pickled device tensor comes back on its sender's device index
+        dist.all_gather_object(gathered, self.platform.to_host(mine), group=self.meshes.dp_sp.get_group("dp"))
+        return torch.cat(gathered).to(self.platform.device)
 
     # ------------------------------------------------------------------ training
 

@@ -288,9 +288,10 @@ def _rows_of_all_dp_ranks(mine: Tensor | None, input_ids: Tensor) -> Tensor:
     if ps.get_data_parallel_world_size() == 1:
         return mine
     parts: list = [None] * ps.get_data_parallel_world_size()
-    dist.all_gather_object(parts, mine, group=ps.get_data_parallel_group())
+    # through host memory: a pickled device tensor comes back on its sender's device index
+    dist.all_gather_object(parts, None if mine is None else Platform.to_host(mine), group=ps.get_data_parallel_group())
     empty = input_ids.new_zeros((0, input_ids.shape[1] - 1), dtype=torch.float32)
-    return torch.cat([p if p is not None else empty for p in parts])
+    return torch.cat([p.to(input_ids.device) if p is not None else empty for p in parts])
 
 
 def _sync_tied_embeddings(params: list[Tensor]) -> None:

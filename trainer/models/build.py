@@ -74,6 +74,10 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
         torch.set_rng_state(rng)
         if tracker_states is not None:
             tracker.set_states(tracker_states)
+    # megatron places only its own layers on the current device (its training loop moves the whole model, which
+    # core leaves to the caller): torch norms, the duplicated down projections, routers and shared-expert gates
+    # are made on the host. Module.to keeps every parameter object, and so megatron's attributes on it.
+    gpt.to(platform.device)
     _mark_expert_parameters(gpt)
     return gpt
 

@@ -1,5 +1,6 @@
-"""Torch twins for the GPU kernel libraries a machine may lack: Transformer Engine (MLA's down projections) and
-flash-linear-attention (Qwen3-Next's gated delta rule), patched into megatron-core 0.16.1's modules in memory.
+"""Torch twins for the GPU kernel libraries a machine may lack: Transformer Engine (MLA's down projections, the MoE
+router's GEMM) and flash-linear-attention (Qwen3-Next's gated delta rule), patched into megatron-core 0.16.1's
+modules in memory.
 
 Every platform installs these (``Platform.install``): a CPU machine has neither library, and neither has a bare
 GPU machine (``trainer.wheelhouse``: torch and megatron-core only), where megatron would otherwise fail to build
@@ -53,6 +54,17 @@ def _patch_gated_delta_net() -> None:
         gated_delta_net.HAVE_FLA = True
 
 
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1 defines ``moe_utils.te_general_gemm`` only when Transformer Engine imports, yet its
+    router asks ``te_general_gemm is not None`` on every forward: a NameError without TE, on any device. None
+    is what the check means there (torch matmuls)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def install() -> None:
     _patch_mla_without_te()
     _patch_gated_delta_net()
+    _patch_moe_router_without_te()

@@ -75,6 +75,15 @@ def test_packed_rows_never_attend_to_each_other(resolved):
     assert (packed_logprobs(running)[real] - expected[real]).abs().max() > 1e-2
 
 
+def test_packed_tensors_are_made_on_the_rows_device():
+    """The batch is on the rank's device (a GPU's): positions, labels, what is scored and where it goes must be
+    made there too, not on the host. A "meta" device shows where each lands (the lengths are read on the host)."""
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    packed = pack_rows(ids.to("meta"), (ids > 0).long(), multiple=4)
+    tensors = (packed.input_ids, packed.position_ids, packed.labels, packed.scored, packed.target)
+    assert [t.device.type for t in tensors] == ["meta"] * 5
+
+
 def test_packed_causal_mask_is_block_diagonal():
     mask = packed_causal_mask(torch.tensor([[0, 1, 2, 0, 1, 0]]))[0, 0]
     assert mask.tolist()[4] == [False, False, False, True, True, False]

@@ -4,6 +4,7 @@ provider's norm-fused linear beside its own norms."""
 import dataclasses
 
 import pytest
+import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from matrix.schema import Layout
@@ -97,3 +98,18 @@ def test_no_family_takes_a_norm_fused_linear_beside_its_own_norms(matrix, groups
     specs = bundle.layer_specs(model, config, NormFusingProvider())
     found = module_classes(specs)
     assert NormFusedLinear not in found and TorchNorm in found
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-moonlight", "tiny-qwen3-next"])
+def test_every_parameter_and_buffer_ends_on_the_platforms_device(matrix, groups, name):
+    """megatron places only its own layers on the current device; the torch norms, duplicated down projections,
+    routers and shared-expert gates are made on the host, so the builder moves the whole model. A platform whose
+    device is "meta" (initialising on the host, as the CPU one does) shows where each tensor ends."""
+    from trainer.platform import CpuPlatform
+
+    class MetaDevicePlatform(CpuPlatform):
+        device = torch.device("meta")
+
+    gpt = build_gpt_model(matrix.models[name], seed=0, platform=MetaDevicePlatform())
+    left = [n for n, t in [*gpt.named_parameters(), *gpt.named_buffers()] if t.device.type != "meta"]
+    assert left == []
