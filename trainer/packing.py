@@ -85,7 +85,8 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, *, multiple: int = 1, p
                   torch.cat(target), rows, width - 1)
 
 
-def empty(multiple: int, columns: int) -> Packed:
-    """A micro-batch of padding only: ranks with fewer micro-batches run these, as FSDP's collectives need."""
-    return pack_rows(torch.zeros(1, columns + 1, dtype=torch.long), torch.zeros(1, columns + 1, dtype=torch.long),
-                     multiple=multiple)
+def empty(multiple: int, columns: int, device: torch.device) -> Packed:
+    """A micro-batch of padding only, on ``device``: ranks with fewer micro-batches run these, as FSDP's
+    collectives need."""
+    nothing = torch.zeros(1, columns + 1, dtype=torch.long, device=device)
+    return pack_rows(nothing, nothing, multiple=multiple)

@@ -171,7 +171,7 @@ class FSDPBackend:
         count = torch.tensor([len(mbs)])
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         while len(mbs) < int(count):
-            mbs.append((None, empty(self.sp, columns)))
+            mbs.append((None, empty(self.sp, columns, self.platform.device)))
         return mbs
 
     def _forward(self, packed: Packed) -> tuple[Packed, Tensor]:

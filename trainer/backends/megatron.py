@@ -279,14 +279,15 @@ def _rows_in_order(per_token: Tensor, mb: dict) -> Tensor:
 
 def _whole_batch(parts: list[Tensor], input_ids: Tensor) -> Tensor:
     """This rank's micro-batch results (last PP stage) → the whole batch's (B, T-1) on every rank. Collective."""
-    mine = pp.from_last_stage(torch.cat(parts) if parts else None)
+    # through host memory: a pickled device tensor comes back on its sender's device index
+    mine = pp.from_last_stage(Platform.to_host(torch.cat(parts)) if parts else None)
     return _rows_of_all_dp_ranks(mine, input_ids)
 
 
 def _rows_of_all_dp_ranks(mine: Tensor | None, input_ids: Tensor) -> Tensor:
     """Concatenate every DP rank's rows (in rank order) into the whole batch's (B, T-1)."""
     if ps.get_data_parallel_world_size() == 1:
-        return mine
+        return mine.to(input_ids.device)
     parts: list = [None] * ps.get_data_parallel_world_size()
     # through host memory: a pickled device tensor comes back on its sender's device index
     dist.all_gather_object(parts, None if mine is None else Platform.to_host(mine), group=ps.get_data_parallel_group())

@@ -70,5 +70,6 @@ def replay_rank(replay: Replay) -> dict:
             stats = learn(batch, r, policy, ref, StageTimer())
             steps.append({"logprobs": platform.to_host(batch["old_logprobs"]), "loss": stats["loss"],
                           "grad_norm": stats["grad_norm"]})
-        weights = dict(policy.hf_named_tensors())  # HF names: layouts of different backends compare
+        # HF names: layouts of different backends compare; in host memory: they leave the rank
+        weights = {name: platform.to_host(t) for name, t in policy.hf_named_tensors()}
         return {"steps": steps, "weights": weights, "world_size": me.world}

@@ -66,7 +66,7 @@ def shard(t: Tensor) -> Tensor:
     """This rank's chunks of dim 1 of (B, T, ...), T a multiple of 2·CP."""
     if size() == 1:
         return t
-    return t.index_select(1, local_positions(t.shape[1], size(), rank()))
+    return t.index_select(1, local_positions(t.shape[1], size(), rank()).to(t.device))
 
 
 def next_token_labels(input_ids: Tensor, pad_id: int = 0) -> Tensor:
@@ -123,5 +123,5 @@ def causal_positions(local_len: int) -> tuple[Tensor, Tensor]:
 def gather_kv_causal(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Keys/values [s_local, b, g, d] of every CP rank and the causal mask [s_local, s_local·CP] (True: attend)."""
     q_pos, k_pos = causal_positions(key.shape[0])
-    mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    mask = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)).to(key.device)
     return _GatherSequence.apply(key), _GatherSequence.apply(value), mask

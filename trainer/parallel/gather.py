@@ -23,6 +23,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from torch import Tensor
 
+from trainer.platform import HOST
+
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
@@ -136,7 +138,8 @@ def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[s
     if dist.get_world_size() == 1:
         return mine
     received: list = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(mine, received, dst=dst)
+    # through host memory: a pickled device tensor would come back on its sender's device (another rank's GPU)
+    dist.gather_object({k: v.to(HOST) for k, v in mine.items()}, received, dst=dst)
     if dist.get_rank() != dst:
         return {}
     return {k: v for part in received for k, v in part.items()}
