@@ -118,3 +118,28 @@ def test_rehearsals_keep_vllm_only_where_its_cpu_kernels_take_the_head_size(matr
     rehearsed, changes = rehearsal(matrix, matrix.resolve("qwen2.5-7b"))  # its stand-in has heads of 16
     assert rehearsed.recipe.rollout.engine == "torch"
     assert "rollout vllm (tp 1) → torch (vLLM's CPU kernels take head sizes 32, 64" in "\n".join(changes)
+
+
+def test_a_bucket_crosses_v1s_utility_messages_whole():
+    """V1 (the GPU default) carries ``collective_rpc``'s call to its engine core through its msgpack encoder: a
+    tensor argument arrives as a (dtype, shape, index) triple that nothing turns back, so the adapter sends the
+    bucket as pickled bytes, which arrive whole. Run through vLLM 0.8.5's own V1 encoder and decoder."""
+    import pickle
+
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from trainer.rollout.buckets import flat_buckets
+    from trainer.rollout.vllm_engine import _load_weights
+
+    named = [("a.weight", torch.randn(3, 4)), ("b.bias", torch.arange(5, dtype=torch.bfloat16))]
+    (bucket,) = flat_buckets(iter(named), 1 << 20)
+
+    def across(call_args: tuple):
+        message = (7, "collective_rpc", (_load_weights, None, call_args, None))
+        return MsgpackDecoder().decode(MsgpackEncoder().encode(message))[2][2]
+
+    (received,) = across((pickle.dumps(bucket),))
+    assert [(n, t.dtype, t.tolist()) for n, t in pickle.loads(received).tensors()] == [
+        (n, t.dtype, t.tolist()) for n, t in named]
+    (tensors,) = across((bucket.tensors(),))  # what the adapter sent before
+    assert not any(isinstance(t, torch.Tensor) for _, t in tensors)

@@ -4,9 +4,9 @@
 holding only the model's HF config (``load_format="dummy"``: random weights until the first sync loads the
 policy's), no tokenizer (prompts are token ids, outputs are not detokenized). The weights go in through
 ``LLM.collective_rpc`` with a function that calls each worker's ``model_runner.model.load_weights`` on whole
-HF-named tensors (the model's loaders slice for TP and stack q/k/v and gate/up themselves; a tied ``lm_head`` is
-skipped by them): on V0 that runs on the driver worker in this process (the CPU build, ``uni`` executor), on V1
-on every worker process. ``reset_prefix_cache`` follows every sync. The architecture is registered as a class
+HF-named tensors, a bucket sent as pickled bytes (``_load_weights`` says why); the model's loaders slice for TP
+and stack q/k/v and gate/up themselves, and skip a tied ``lm_head``. On V0 that runs on the driver worker in this
+process (the CPU build, ``uni`` executor), on V1 on every worker process. ``reset_prefix_cache`` follows every sync. The architecture is registered as a class
 before the engine starts, which skips vLLM's model-inspection subprocess (~14 s per start on CPU).
 
 Log-probs: V0 (the only engine on CPU, and 0.8.5's fallback for fp32 and other cases on GPU) returns *processed*
@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 from trainer.rollout.base import SamplingParams
@@ -28,9 +29,12 @@ from trainer.rollout.process import ProcessEngine, model_dtype
 CPU_KV_CACHE_GB = "1"  # VLLM_CPU_KVCACHE_SPACE when unset: plenty for the tiny CPU recipes
 
 
-def _load_weights(worker, tensors) -> None:
-    """Runs on each vLLM worker (V0: the driver worker here; V1: every worker process)."""
-    worker.model_runner.model.load_weights(iter(tensors))
+def _load_weights(worker, pickled_bucket: bytes) -> None:
+    """Runs on each vLLM worker (V0: the driver worker here; V1: every worker process). The bucket comes pickled:
+    V1 carries ``collective_rpc``'s arguments to its engine core through msgpack, which turns a tensor into a
+    (dtype, shape, index) triple that nothing turns back, and with TP > 1 pickles them for its workers once per
+    tensor view of the shared buffer; bytes cross both whole, once. (V1: GPU not verified here.)"""
+    worker.model_runner.model.load_weights(iter(pickle.loads(pickled_bucket).tensors()))
 
 
 def _register_architecture(architecture: str) -> None:
@@ -136,7 +140,7 @@ class VllmServer:
         return results
 
     def load_bucket(self, bucket: FlatBucket) -> None:
-        self.llm.collective_rpc(_load_weights, args=(bucket.tensors(),))
+        self.llm.collective_rpc(_load_weights, args=(pickle.dumps(bucket),))
 
     def weights_loaded(self, version: int) -> None:
         self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
