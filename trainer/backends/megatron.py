@@ -115,7 +115,7 @@ class MegatronBackend:
 
     def _forward(self, model, mb: dict[str, Tensor]) -> Tensor:
         tokens = mb["input_ids"]
-        positions = cp.local_positions(tokens.shape[1] * cp.size(), cp.size(), cp.rank()).to(tokens.device)
+        positions = cp.local_positions(tokens.shape[1] * cp.size(), cp.size(), cp.rank(), tokens.device)
         positions = positions.expand(tokens.shape[0], -1)
         return model(tokens, positions, attention_mask=None)
 
@@ -279,8 +279,7 @@ def _rows_in_order(per_token: Tensor, mb: dict) -> Tensor:
 
 def _whole_batch(parts: list[Tensor], input_ids: Tensor) -> Tensor:
     """This rank's micro-batch results (last PP stage) → the whole batch's (B, T-1) on every rank. Collective."""
-    # through host memory: a pickled device tensor comes back on its sender's device index
-    mine = pp.from_last_stage(Platform.to_host(torch.cat(parts)) if parts else None)
+    mine = pp.from_last_stage(torch.cat(parts) if parts else None)
     return _rows_of_all_dp_ranks(mine, input_ids)
 
 

@@ -35,15 +35,17 @@ def sequence_unit() -> int:
     return 2 * size() if size() > 1 else 1
 
 
-def local_positions(seq_len: int, cp_size: int, cp_rank: int) -> Tensor:
-    """Positions (in the full sequence) held by ``cp_rank``: chunk i then chunk 2·CP−1−i."""
+def local_positions(seq_len: int, cp_size: int, cp_rank: int, device: torch.device | None = None) -> Tensor:
+    """Positions (in the full sequence) held by ``cp_rank``: chunk i then chunk 2·CP−1−i, made on ``device``
+    (default: the host) to index or mask tensors there."""
     if cp_size == 1:
-        return torch.arange(seq_len)
+        return torch.arange(seq_len, device=device)
     if seq_len % (2 * cp_size):
         raise ValueError(f"sequence length {seq_len} is not a multiple of 2·CP = {2 * cp_size}")
     c = seq_len // (2 * cp_size)
     first, second = cp_rank, 2 * cp_size - 1 - cp_rank
-    return torch.cat([torch.arange(first * c, (first + 1) * c), torch.arange(second * c, (second + 1) * c)])
+    return torch.cat([torch.arange(first * c, (first + 1) * c, device=device),
+                      torch.arange(second * c, (second + 1) * c, device=device)])
 
 
 def chunk_boundaries(seq_len: int, cp_size: int) -> Tensor:
@@ -66,7 +68,7 @@ def shard(t: Tensor) -> Tensor:
     """This rank's chunks of dim 1 of (B, T, ...), T a multiple of 2·CP."""
     if size() == 1:
         return t
-    return t.index_select(1, local_positions(t.shape[1], size(), rank()).to(t.device))
+    return t.index_select(1, local_positions(t.shape[1], size(), rank(), t.device))
 
 
 def next_token_labels(input_ids: Tensor, pad_id: int = 0) -> Tensor:
@@ -89,7 +91,7 @@ def unshard(local: Tensor) -> Tensor:
     seq = local.shape[1] * n
     out = local.new_empty((local.shape[0], seq, *local.shape[2:]))
     for r, part in enumerate(parts):
-        out[:, local_positions(seq, n, r)] = part
+        out[:, local_positions(seq, n, r, out.device)] = part
     return out
 
 
@@ -112,16 +114,16 @@ class _GatherSequence(torch.autograd.Function):
         return grad[start : start + ctx.local]
 
 
-def causal_positions(local_len: int) -> tuple[Tensor, Tensor]:
+def causal_positions(local_len: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """(query positions of this rank, key positions in gathered rank order), both in the full sequence."""
     n, r = size(), rank()
     seq = local_len * n
-    keys = torch.cat([local_positions(seq, n, k) for k in range(n)])
-    return local_positions(seq, n, r), keys
+    keys = torch.cat([local_positions(seq, n, k, device) for k in range(n)])
+    return local_positions(seq, n, r, device), keys
 
 
 def gather_kv_causal(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Keys/values [s_local, b, g, d] of every CP rank and the causal mask [s_local, s_local·CP] (True: attend)."""
-    q_pos, k_pos = causal_positions(key.shape[0])
-    mask = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)).to(key.device)
+    q_pos, k_pos = causal_positions(key.shape[0], key.device)
+    mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
     return _GatherSequence.apply(key), _GatherSequence.apply(value), mask

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from trainer.platform import Platform
+
 # Settings of megatron's ModelParallelConfig that the CPU/gloo pipeline needs: isend/irecv pairs instead of
 # batched p2p (whose sync calls torch.cuda.synchronize), and no division of our already globally-normalised
 # loss by the number of micro-batches. Shapes stay fixed (``uniform``): megatron's variable_seq_lengths is
@@ -73,10 +75,11 @@ def run(model: torch.nn.Module, micro_batches: list[dict], step: Callable, *, fo
 
 
 def from_last_stage(obj: Any) -> Any:
-    """``obj`` as the last PP stage has it, on every stage of this pipeline."""
+    """``obj`` as the last PP stage has it, on every stage of this pipeline; a tensor crosses in host memory (a
+    pickled device tensor would come back on its sender's device) and the caller places it."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return obj
-    holder = [obj]
+    holder = [Platform.to_host(obj) if isinstance(obj, torch.Tensor) else obj]
     dist.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                group=parallel_state.get_pipeline_model_parallel_group())
     return holder[0]

@@ -6,8 +6,9 @@ policy's), no tokenizer (prompts are token ids, outputs are not detokenized). Th
 ``LLM.collective_rpc`` with a function that calls each worker's ``model_runner.model.load_weights`` on whole
 HF-named tensors, a bucket sent as pickled bytes (``_load_weights`` says why); the model's loaders slice for TP
 and stack q/k/v and gate/up themselves, and skip a tied ``lm_head``. On V0 that runs on the driver worker in this
-process (the CPU build, ``uni`` executor), on V1 on every worker process. ``reset_prefix_cache`` follows every sync. The architecture is registered as a class
-before the engine starts, which skips vLLM's model-inspection subprocess (~14 s per start on CPU).
+process (the CPU build, ``uni`` executor), on V1 on every worker process. ``reset_prefix_cache`` follows every
+sync. The architecture is registered as a class before the engine starts, which skips vLLM's model-inspection
+subprocess (~14 s per start on CPU).
 
 Log-probs: V0 (the only engine on CPU, and 0.8.5's fallback for fp32 and other cases on GPU) returns *processed*
 log-probs (after temperature and top-k/top-p), V1 (the GPU default) raw ones; ``describe`` reports which one runs.

@@ -21,8 +21,8 @@ def wrong_causal_offset_second_chunk():
 
     original = cp.causal_positions
 
-    def shifted(local_len):
-        queries, keys = original(local_len)
+    def shifted(local_len, device=None):
+        queries, keys = original(local_len, device)
         half = local_len // 2
         queries = queries.clone()
         queries[half:] -= half
