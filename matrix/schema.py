@@ -398,7 +398,7 @@ class GRPO(Strict):
     multiplied by min(p_trainer_old / p_engine, tis_cap), detached, correcting for the engine sampling from
     slightly different weights or kernels than the trainer's. None → off (the default; the loss is unchanged).
     At least 1: a token on which the two agree (ratio 1) must keep its whole loss. Needs the engine's raw
-    log-probs (`trainer.algo.mismatch`: SGLang's are temperature-scaled unless the temperature is 1)."""
+    log-probs (`trainer.algo.mismatch`: vLLM's V0 engine gives processed ones, refused under filtered sampling)."""
 
     max_staleness: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     """Off-policy pipelining (trainer.pipeline): optimizer steps by which the weights that generated a trained batch
@@ -415,6 +415,17 @@ class GRPO(Strict):
                 "max_staleness_below_episode", "max_staleness {k} is below steps_per_episode {steps}: a batch "
                 "generated one episode ahead is {steps} optimizer steps old; use 0 (synchronous) or at least {steps}",
                 {"k": value, "steps": steps})
+        return value
+
+    @field_validator("sampling")
+    @classmethod
+    def _groups_need_sampling(cls, value: Sampling, info: ValidationInfo) -> Sampling:
+        n = info.data.get("samples_per_prompt", 1)
+        if value.temperature == 0 and n > 1:
+            raise PydanticCustomError(
+                "greedy_group", "temperature 0 (greedy) gives the {n} samples of a prompt one response: every "
+                "advantage is 0 and nothing is learned (vLLM refuses n > 1 greedy outright); sample at a temperature "
+                "above 0 (1.0 is GRPO's usual)", {"n": n})
         return value
 
     @field_validator("tis_cap")

@@ -69,6 +69,8 @@ EDITS = [
     ("staleness-below-one-episode", "micro_batch_size: 32}",
      "micro_batch_size: 32, steps_per_episode: 2, max_staleness: 1}", "recipes.demo.grpo.max_staleness",
      "max_staleness 1 is below steps_per_episode 2"),
+    ("greedy-groups", "max_response_len: 16, lr: 1.0e-3,\n", "max_response_len: 16, lr: 1.0e-3, sampling: {temperature: 0},\n",
+     "recipes.tiny-qwen2.5.grpo.sampling", "temperature 0 (greedy) gives the 4 samples of a prompt one response"),
     ("top-k-zero", "max_response_len: 16, lr: 1.0e-3,\n", "max_response_len: 16, lr: 1.0e-3, sampling: {top_k: 0},\n",
      "recipes.tiny-qwen2.5.grpo.sampling.top_k", "top_k must be -1 (off) or a positive number"),
     ("missing-family-block", "      mla: {q_lora_rank: 1536,", "      mlx: {q_lora_rank: 1536,",

@@ -143,3 +143,43 @@ def test_a_bucket_crosses_v1s_utility_messages_whole():
         (n, t.dtype, t.tolist()) for n, t in named]
     (tensors,) = across((bucket.tensors(),))  # what the adapter sent before
     assert not any(isinstance(t, torch.Tensor) for _, t in tensors)
+
+
+def test_v1s_input_path_takes_token_id_prompts_from_the_engine_directory(tmp_path, resolved):
+    """V1 (the GPU default) loads the model directory's tokenizer even with ``skip_tokenizer_init`` and checks
+    prompt ids against it; the engine directory holds only the config and the id-only tokenizer. Run through
+    vLLM 0.8.5's own V1 ``Processor`` on the arguments the adapter gives ``LLM``."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.transformers_utils.tokenizer_group import init_tokenizer_from_configs
+    from vllm.v1.engine.processor import Processor
+
+    from trainer.models.config import hf_config
+    from trainer.rollout.factory import engine_rollout
+    from trainer.rollout.process import write_config
+    from trainer.rollout.vllm_engine import engine_arguments, sampling_params, write_id_tokenizer
+
+    config = hf_config(resolved.model)
+    write_config(config, str(tmp_path))
+    settings = engine_rollout(resolved).model_dump()
+    arguments = engine_arguments(str(tmp_path), settings, 0, "float32", cpu=True)
+    vllm_config = EngineArgs(**arguments).create_engine_config()
+
+    def v1_tokenizer():
+        return init_tokenizer_from_configs(
+            model_config=vllm_config.model_config,
+            scheduler_config=vllm_config.scheduler_config,
+            lora_config=vllm_config.lora_config,
+        )
+
+    with pytest.raises(OSError, match="Can't load tokenizer"):  # the config alone: V1 could not start
+        v1_tokenizer()
+    write_id_tokenizer(str(tmp_path))
+    processor = Processor(vllm_config=vllm_config, tokenizer=v1_tokenizer())
+    params = sampling_params(SamplingParams(max_tokens=8, n=2, seed=3, stop_token_ids=[1]), 0)
+    top = config.vocab_size - 1
+    _, request = processor.process_inputs("a", TokensPrompt(prompt_token_ids=[5, 6, top]), params)
+    assert request.prompt_token_ids == [5, 6, top]
+    assert request.sampling_params.stop_token_ids == [1] and request.eos_token_id is None  # ours stop it
+    with pytest.raises(ValueError, match="out of vocabulary"):
+        processor.process_inputs("b", TokensPrompt(prompt_token_ids=[5, top + 2]), params)

@@ -13,8 +13,9 @@ are the metrics in use for it (REFERENCE §8), as pure functions over ``(B, T)``
   is constant.
 
 Compare like with like: the trainer's log-probs are the raw model distribution (no temperature, top-k or
-top-p), so the engine's must be raw too. The CPU torch engine and vLLM 0.8.5 return raw log-probs; SGLang
-0.5.2 returns log-softmax(logits / T), which biases every metric here unless T = 1.
+top-p), so the engine's must be raw too. The torch engine, vLLM 0.8.5's V1 engine and SGLang 0.5.2 (its adapter sets
+``RETURN_ORIGINAL_LOGPROB``) return raw log-probs; vLLM's V0 engine (the CPU build's) returns processed ones, which
+bias every metric here unless sampling is unfiltered (``trainer.rollout.factory.logprob_problem`` refuses that case).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """vLLM 0.8.5 behind the engine seam, in a process of its own (written against the 0.8.5 sources).
 
 ``VllmServer`` lives in the engine process: ``vllm.LLM`` built from the recipe's ``rollout`` settings on a directory
-holding only the model's HF config (``load_format="dummy"``: random weights until the first sync loads the
-policy's), no tokenizer (prompts are token ids, outputs are not detokenized). The weights go in through
+holding the model's HF config (``load_format="dummy"``: random weights until the first sync loads the policy's) and
+an id-only tokenizer (``write_id_tokenizer`` says why): prompts are token ids, outputs are not detokenized. The weights go in through
 ``LLM.collective_rpc`` with a function that calls each worker's ``model_runner.model.load_weights`` on whole
 HF-named tensors, a bucket sent as pickled bytes (``_load_weights`` says why); the model's loaders slice for TP
 and stack q/k/v and gate/up themselves, and skip a tied ``lm_head``. On V0 that runs on the driver worker in this
@@ -36,6 +36,20 @@ def _load_weights(worker, pickled_bucket: bytes) -> None:
     (dtype, shape, index) triple that nothing turns back, and with TP > 1 pickles them for its workers once per
     tensor view of the shared buffer; bytes cross both whole, once. (V1: GPU not verified here.)"""
     worker.model_runner.model.load_weights(iter(pickle.loads(pickled_bucket).tensors()))
+
+
+def write_id_tokenizer(config_dir: str) -> None:
+    """A tokenizer whose vocabulary is the model's token ids ("<0>" … "<vocab_size - 1>"), saved beside its config.
+    The engine never tokenizes or detokenizes (``skip_tokenizer_init``), but V1 (the GPU default) loads the model
+    directory's tokenizer whatever that flag says and refuses prompt ids above its ``max_token_id``; this one
+    covers the whole vocabulary of every recipe, tiny (the character tokenizer has no HF form) or hub-sized, with
+    no hub. (V1: GPU not verified here; its input path is tested on CPU.)"""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_size = json.loads((Path(config_dir) / "config.json").read_text())["vocab_size"]
+    ids = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    PreTrainedTokenizerFast(tokenizer_object=ids).save_pretrained(config_dir)
 
 
 def _register_architecture(architecture: str) -> None:
@@ -102,6 +116,7 @@ class VllmServer:
         import vllm
 
         config = json.loads((Path(config_dir) / "config.json").read_text())
+        write_id_tokenizer(config_dir)
         _register_architecture(config["architectures"][0])
         from vllm.platforms import current_platform
 
