@@ -49,6 +49,17 @@ class Platform:
         from trainer.models import kernel_fallbacks
 
         kernel_fallbacks.install()
+        if self.compiler() is None:
+            # megatron wraps fused elementwise ops (router scores, output gates, bias-activations) in torch.compile,
+            # whose kernels are built with a compiler; a bare machine may have none: they run as the eager
+            # functions they wrap (the same math) instead of failing at their first call
+            import torch._dynamo
+
+            torch._dynamo.config.disable = True
+
+    def compiler(self) -> str | None:
+        """The compiler torch.compile builds this platform's kernels with, as torch looks for it (None: none)."""
+        raise NotImplementedError
 
     def bind(self) -> None:
         """Make this rank's device the current one; called before any process group exists."""
@@ -151,8 +162,18 @@ class CpuPlatform(Platform):
 
         return TorchSpecProvider()
 
+    def compiler(self) -> str | None:
+        # inductor's C++ kernels: torch's own search (CXX, then g++)
+        from torch._inductor import cpp_builder, exc
+
+        try:
+            return cpp_builder.get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            return None
+
     def describe(self) -> dict[str, str]:
-        return {"device": f"cpu ({os.cpu_count()} cores)", "collectives": self.collective_backend}
+        return {"device": f"cpu ({os.cpu_count()} cores)", "collectives": self.collective_backend,
+                "compiler": self.compiler() or "none (torch.compile runs eager)"}
 
     def memory(self) -> dict[str, float]:
         # ru_maxrss cannot be reset: a stage's peak on CPU is the process's peak so far.
@@ -197,6 +218,12 @@ class CudaPlatform(Platform):
 
         return TorchSpecProvider()
 
+    def compiler(self) -> str | None:
+        # Triton builds each kernel's launcher with a C compiler: CC, else gcc, else clang (triton.runtime.build)
+        import shutil
+
+        return os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
@@ -207,6 +234,7 @@ class CudaPlatform(Platform):
             "device": f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)",
             "collectives": f"{self.collective_backend} (NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})",
             "cuda": str(torch.version.cuda),
+            "compiler": self.compiler() or "none (torch.compile runs eager)",
         }
 
     def memory(self) -> dict[str, float]:

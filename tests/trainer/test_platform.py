@@ -1,6 +1,7 @@
 """The platform seam (``trainer.platform``): one place names devices and collective backends, chosen once."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -125,3 +126,40 @@ def test_the_moe_router_gemm_falls_back_to_torch_without_te():
     inp, weight, bias = torch.randn(2, 3, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
     out = moe_utils.RouterGatingLinearFunction.apply(inp, weight, bias, torch.float32)
     torch.testing.assert_close(out, inp @ weight.T + bias)
+
+
+def test_without_a_compiler_megatrons_compiled_fusions_run_eager(tmp_path):
+    """megatron wraps its fused elementwise ops in torch.compile, whose kernels need a compiler (inductor's C++ on
+    CPU, Triton's C launcher on GPU) that a bare machine may lack: their first call fails. A platform that finds
+    none runs them as the eager functions they wrap. Fresh interpreter whose PATH holds no compiler."""
+    code = """
+import torch
+from megatron.core.fusions.fused_bias_swiglu import swiglu
+from trainer.platform import CPU
+
+y = torch.randn(4, 8)
+eager = torch.nn.functional.silu(y[:, :4]) * y[:, 4:]
+assert CPU.compiler() is None
+try:
+    swiglu(y)
+except Exception as exc:
+    print("compiled call failed:", type(exc).__name__)
+CPU.install()
+torch.testing.assert_close(swiglu(y), eager)
+print("eager:", CPU.describe()["compiler"])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")} | {"PATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=TRAINER.parent, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [
+        "compiled call failed: InductorError", "eager: none (torch.compile runs eager)"], out.stdout
+
+
+def test_the_platforms_find_their_compilers_as_torch_does(monkeypatch, tmp_path):
+    assert CPU.compiler()  # this machine builds inductor's kernels (CI's too)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    assert CudaPlatform(0).compiler() is None
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert CudaPlatform(0).compiler() == "/opt/cc"
