@@ -114,6 +114,15 @@ class Platform:
         """Seed torch's generators for this device (megatron's TP tracker is seeded by the model builder)."""
         torch.manual_seed(seed)
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's generator states (the host's, and the device's where it has its own), for an exact
+        resume; megatron's TP tracker is saved beside them by its backend."""
+        return {"torch": torch.get_rng_state()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``rng_state`` returned."""
+        torch.set_rng_state(state["torch"])
+
     def describe(self) -> dict[str, str]:
         """What this platform runs on, for reports (``trainer.smoke``'s header)."""
         raise NotImplementedError
@@ -217,6 +226,14 @@ class CudaPlatform(Platform):
         from trainer.models.specs import TorchSpecProvider
 
         return TorchSpecProvider()
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        return super().rng_state() | {"cuda": torch.cuda.get_rng_state(self.device)}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().set_rng_state(state)
+        if "cuda" in state:  # a checkpoint written on the CPU platform has none
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def compiler(self) -> str | None:
         # Triton builds each kernel's launcher with a C compiler: CC, else gcc, else clang (triton.runtime.build)

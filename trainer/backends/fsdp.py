@@ -326,7 +326,7 @@ class FSDPBackend:
         rank 0 the metadata); returns this rank's own state: LR schedule, step count and RNG. Collective."""
         dcp.save(self._sharded_state(), checkpoint_id=directory)
         return {"scheduler": self.scheduler.state_dict() if self.scheduler else None, "steps": self.steps,
-                "rng": {"torch": torch.get_rng_state()}}
+                "rng": self.platform.rng_state()}
 
     def load(self, directory: Path, own: dict) -> None:
         """Restore what ``save`` wrote into ``directory`` and returned as ``own``. Collective."""
@@ -339,7 +339,7 @@ class FSDPBackend:
                            optim_state_dict=state["optimizer"])
             self.scheduler.load_state_dict(own["scheduler"])
         self.steps = own["steps"]
-        torch.set_rng_state(own["rng"]["torch"])
+        self.platform.set_rng_state(own["rng"])
 
 
 def _sum_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -248,7 +248,7 @@ class MegatronBackend:
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "steps": self.steps,
-                "rng": {"torch": torch.get_rng_state(), "tracker": tracker.get_states()},
+                "rng": self.platform.rng_state() | {"tracker": tracker.get_states()},
             }
         )
 
@@ -268,7 +268,7 @@ class MegatronBackend:
             self.optimizer.load_state_dict(copy.deepcopy(sd["optimizer"]))
             self.scheduler.load_state_dict(sd["scheduler"])
         self.steps = sd["steps"]
-        torch.set_rng_state(sd["rng"]["torch"])
+        self.platform.set_rng_state(sd["rng"])
         mcore_random.get_cuda_rng_tracker().set_states(copy.deepcopy(sd["rng"]["tracker"]))
 
 

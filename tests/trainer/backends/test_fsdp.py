@@ -149,3 +149,13 @@ def test_checkpoint_is_a_dcp_directory_and_resumes_exactly(resolved, fsdp_groups
     other.load(tmp_path / "reference", reference.save(tmp_path / "reference"))
     for (name, ours), (_, theirs) in zip(other.hf_named_tensors(), reference.hf_named_tensors(), strict=True):
         assert torch.equal(ours, theirs), name
+
+
+def test_a_resume_restores_the_platforms_device_generator(resolved, fsdp_groups, tmp_path):
+    from tests.trainer.backends.device_generator import DeviceGeneratorPlatform
+
+    platform = DeviceGeneratorPlatform()
+    own = FSDPBackend(resolved, seed=0, platform=platform).save(tmp_path / "policy")
+    expected = torch.rand(4, generator=platform.generator)
+    FSDPBackend(resolved, seed=1, platform=platform).load(tmp_path / "policy", own)
+    assert torch.equal(torch.rand(4, generator=platform.generator), expected)

@@ -155,3 +155,15 @@ def test_policy_and_reference_share_one_process(resolved, groups):
     assert torch.equal(policy.logprobs(mb, micro_batch_size=6), ref.logprobs(mb, micro_batch_size=6))
     policy.train_step(mb, nll, micro_batch_size=6)
     assert not torch.equal(policy.logprobs(mb, micro_batch_size=6), ref.logprobs(mb, micro_batch_size=6))
+
+
+def test_a_resume_restores_the_platforms_device_generator(resolved, groups):
+    """CUDA has a generator of its own beside the host's; the backend saves and restores whatever generators the
+    platform names (here a CPU platform with a second generator standing for the device's)."""
+    from tests.trainer.backends.device_generator import DeviceGeneratorPlatform
+
+    platform = DeviceGeneratorPlatform()
+    saved = MegatronBackend(resolved, seed=0, platform=platform).state_dict()
+    expected = torch.rand(4, generator=platform.generator)
+    MegatronBackend(resolved, seed=1, platform=platform).load_state_dict(saved)
+    assert torch.equal(torch.rand(4, generator=platform.generator), expected)
