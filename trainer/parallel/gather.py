@@ -129,17 +129,21 @@ def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[s
     owners' tensors on ``dst`` (a tiny model's worth on CPU; a GPU job would stream them per bucket).
     """
     mark_tp_groups(model)
+    alone = dist.get_world_size() == 1
     mine: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         whole = _unshard_tp(p)
         if _owns(p) and not getattr(p, "shared", False):
             key = global_name(name, model)
-            mine[key] = whole[:vocab].clone() if key in VOCAB_PARAMS else whole.clone()
-    if dist.get_world_size() == 1:
+            part = whole[:vocab] if key in VOCAB_PARAMS else whole
+            # alone: a copy kept apart from the live weights. Several ranks: host memory, where gather_object's
+            # pickling copies it anyway (a pickled device tensor would come back on its sender's device, another
+            # rank's GPU); a device-side copy first would hold a second model on the device
+            mine[key] = part.clone() if alone else part.to(HOST)
+    if alone:
         return mine
     received: list = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    # through host memory: a pickled device tensor would come back on its sender's device (another rank's GPU)
-    dist.gather_object({k: v.to(HOST) for k, v in mine.items()}, received, dst=dst)
+    dist.gather_object(mine, received, dst=dst)
     if dist.get_rank() != dst:
         return {}
     return {k: v for part in received for k, v in part.items()}
