@@ -124,6 +124,12 @@ class RankActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def gpu_ids(self) -> list[str]:
+        """The GPUs Ray assigned this actor (its CUDA_VISIBLE_DEVICES holds only these)."""
+        import ray
+
+        return [str(gpu) for gpu in ray.get_gpu_ids()]
+
     def node_address(self) -> str:
         import ray
 
@@ -286,17 +292,9 @@ class RayLauncher:
         import ray
 
         address = ray.get(actors[0].node_address.remote())
-        world = len(actors)
-        port = ray.get(actors[0].host_store.remote(address, world))
-        nodes = [node for _, node in order]
-        envs = []
-        for rank, node in enumerate(nodes):
-            on_node = [r for r, n in enumerate(nodes) if n == node]
-            envs.append({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(on_node.index(rank)),
-                         "LOCAL_WORLD_SIZE": str(len(on_node)), "GROUP_RANK": str(list(dict.fromkeys(nodes)).index(node)),
-                         "MASTER_ADDR": address, "MASTER_PORT": str(port),
-                         "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
-        return envs
+        port = ray.get(actors[0].host_store.remote(address, len(actors)))
+        gpus = ray.get([actor.gpu_ids.remote() for actor in actors])
+        return rank_environments([node for _, node in order], gpus, address, port)
 
     @staticmethod
     def _wait(refs: list, hosts: list[str], watch: _Watch) -> Any:
@@ -321,6 +319,34 @@ class RayLauncher:
             if rank_of[ready[0]] == 0:
                 result = value
         return result
+
+
+def rank_environments(nodes: list[str], gpus: list[list[str]], address: str, port: int) -> list[dict[str, str]]:
+    """Each rank's launcher variables, from each rank's node and the GPU ids Ray gave it ([] for a CPU rank).
+
+    Ray shows an actor only its own GPU, as ``cuda:0``; torch's launcher shows every rank of a node all of the
+    node's GPUs and each binds ``cuda:LOCAL_RANK`` (what ``CudaPlatform`` does), and NCCL within a node and an
+    engine with TP > 1 need to see the node's other GPUs. So a GPU rank sees its node's GPUs (those of the run's
+    ranks there), and its LOCAL_RANK is its own GPU's place among them."""
+    world, node_order = len(nodes), list(dict.fromkeys(nodes))
+    envs = []
+    for rank, node in enumerate(nodes):
+        on_node = [r for r, n in enumerate(nodes) if n == node]
+        env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(on_node.index(rank)),
+               "LOCAL_WORLD_SIZE": str(len(on_node)), "GROUP_RANK": str(node_order.index(node)),
+               "MASTER_ADDR": address, "MASTER_PORT": str(port),
+               "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"}
+        if gpus[rank]:
+            node_gpus = sorted({gpu for r in on_node for gpu in gpus[r]}, key=_gpu_order)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+            env["LOCAL_RANK"] = str(node_gpus.index(gpus[rank][0]))
+        envs.append(env)
+    return envs
+
+
+def _gpu_order(gpu: str) -> tuple[int, str]:
+    """Indices in numeric order (Ray gives "10" as well as "2"); UUIDs after them, by name."""
+    return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)
 
 
 class _Watch:
