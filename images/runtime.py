@@ -26,6 +26,9 @@ ALLOWED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "
 ALLOWED_PREFIXES = ("NCCL_", "CUDA_", "TORCH_NCCL_", "GLOO_")
 STACK = 64 << 20  # 64 MiB stacks and unlimited locked memory (pinned buffers for NCCL/RDMA), as NGC asks
 HOME = "/tmp"  # the calling user has no home inside the image
+# nor an account: torch.compile (inductor's cache directory, torch < 2.7) asks getpass.getuser(), which without
+# one raises unless the environment names the user
+USER = "grpo"
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,15 @@ def commands(backend: Backend, needs: Needs, environ: dict[str, str]) -> list[li
     """The argv(s) that run ``needs.command`` in the image: one `run` for docker/podman; for buildah a
     container from the image, the run, and its removal (`buildah run` runs in an existing container)."""
     passed = allowed_env(environ)
-    fixed = {"HOME": HOME, **needs.env}
+    fixed = {"HOME": HOME, "USER": USER, **needs.env}
     if backend.name in ("docker", "podman"):
         cmd = backend._tool() + ["run", "--rm", "--user", _user(), "--ipc=host", "--network=host"]
         cmd += ulimits()
-        if needs.gpus:
-            cmd += ["--gpus", str(needs.gpus)] if backend.name == "docker" else ["--device", "nvidia.com/gpu=all"]
+        if needs.gpus and backend.name == "docker":
+            gpus, passed = _docker_gpus(needs.gpus, environ, passed)
+            cmd += gpus
+        elif needs.gpus:
+            cmd += ["--device", "nvidia.com/gpu=all"]  # every GPU under its host index: CUDA_VISIBLE_DEVICES holds
         for m in needs.mounts:
             cmd += ["-v", m.spec()]
         for k, v in fixed.items():
@@ -145,6 +151,16 @@ def commands(backend: Backend, needs: Needs, environ: dict[str, str]) -> list[li
     if needs.workdir:
         run += ["--workingdir", str(needs.workdir)]
     return [create + [tag(needs.image)], run + [ctr, "--", *needs.command], backend._tool() + ["rm", ctr]]
+
+
+def _docker_gpus(count: int, environ: dict[str, str], passed: list[str]) -> tuple[list[str], list[str]]:
+    """docker's GPU flag, and the variables still passed. `--gpus N` exposes the host's first N GPUs, renumbered
+    from 0, where a host CUDA_VISIBLE_DEVICES (host indices) would then hide or mismatch them: the GPUs it names
+    are exposed instead (renumbered from 0, all visible inside) and it stays outside."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not visible:
+        return ["--gpus", str(count)], passed
+    return ["--gpus", f'"device={visible}"'], [k for k in passed if k != "CUDA_VISIBLE_DEVICES"]
 
 
 def shown(argv: list[str], environ: dict[str, str]) -> str:

@@ -480,7 +480,8 @@ class Run(Strict):
     selective_recompute: bool = False
     """Recompute only core attention in backward (megatron ``selective``); ignored under ``full_recompute``."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where each rank trains: auto → its GPU when the process sees CUDA, else the CPU (``trainer.platform``)."""
+    """Where each rank trains: auto → its GPU when the process sees CUDA, else the CPU (``trainer.platform``); a GPU
+    image's recipe takes auto as cuda (``ResolvedRecipe.device``)."""
     warm_start_steps: NonNegativeInt = 0
     """Supervised steps on the demo task's answer format before GRPO (the embedded demo's tiny model)."""
     samples_per_episode: Annotated[int, Field(ge=0, le=1024)] = 4
@@ -700,6 +701,14 @@ class ResolvedRecipe(BaseModel):
         """Whether the recipe needs GPUs: every recipe of a GPU image; a cpu-image recipe runs on processes, whatever
         its engine (the torch engine, vLLM's CPU build)."""
         return self.recipe.image != CPU_IMAGE
+
+    @property
+    def device(self) -> str:
+        """``run.device`` for this recipe: ``auto`` is ``cuda`` for a recipe that needs GPUs, so a rank that sees
+        none (a Ray node without GPUs, CUDA_VISIBLE_DEVICES emptied) is refused in one line instead of training on
+        its host; a cpu-image recipe takes a GPU where its process sees one (the smoke on a GPU machine)."""
+        device = self.recipe.run.device
+        return "cuda" if device == "auto" and self.runs_on_gpus else device
 
     @property
     def gpus_per_node(self) -> int:

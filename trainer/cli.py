@@ -199,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return in_image(args, resolved)
         _refuse_missing_loggers(args)
-        lacking_launcher = missing_package(args.launcher or resolved.recipe.run.launcher)
+        launcher = args.launcher or resolved.recipe.run.launcher
+        lacking_launcher = missing_package(launcher)
         if lacking_launcher:
             raise TrainerInputError(lacking_launcher)
-        lacking = missing(resolved, root=ROOT)
+        lacking = missing(resolved, root=ROOT, launcher=launcher)
         _refuse_drift(args.ignore_drift)
         if lacking:
             raise TrainerInputError(f"recipe {recipe} cannot run on this machine; missing: " + "; ".join(lacking))

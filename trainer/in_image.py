@@ -32,11 +32,14 @@ PASSED_FLAGS = ("rehearse", "tensorboard", "mllog", "ignore_drift", "debug")
 
 
 def host_gpus() -> int:
-    """GPUs this host has (nvidia-smi; no torch import, so a refusal comes in seconds)."""
+    """GPUs this host has (nvidia-smi; no torch import, so a refusal comes in seconds), as many as
+    CUDA_VISIBLE_DEVICES leaves visible where it is set (the container gets those: ``images.runtime``)."""
     if shutil.which("nvidia-smi") is None:
         return 0
     done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else 0
+    count = sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return count if visible is None else min(count, len([d for d in visible.split(",") if d.strip()]))
 
 
 def needs_gpus(r: ResolvedRecipe) -> int:
@@ -87,6 +90,9 @@ class Entry:
     recipes: list[ResolvedRecipe]
     writes: list[Path]
     mounts: list[Mount] = field(default_factory=list)
+    ranks_here: bool = True
+    """Whether the recipes' ranks run in this container; False for a Ray driver (``--launcher ray``), whose ranks
+    run on the cluster's nodes: the container then needs no GPUs, and the host's are not counted."""
 
     def needs(self, matrix: Path) -> Needs:
         cache, env = _hf_cache_mount()
@@ -96,8 +102,8 @@ class Entry:
             if weights is not None and all(m.host != weights for m in mounts):
                 mounts.append(Mount(weights, weights))
         mounts += cache
-        return Needs(image=self.image, command=self.command, gpus=max(map(needs_gpus, self.recipes), default=0),
-                     mounts=mounts, env=env)
+        gpus = max(map(needs_gpus, self.recipes), default=0) if self.ranks_here else 0
+        return Needs(image=self.image, command=self.command, gpus=gpus, mounts=mounts, env=env)
 
 
 def train_entry(args: argparse.Namespace, r: ResolvedRecipe) -> Entry:
@@ -113,8 +119,13 @@ def train_entry(args: argparse.Namespace, r: ResolvedRecipe) -> Entry:
         command += ["--resume", str(Path(args.resume).resolve())]
     if args.wandb:
         command += ["--wandb", args.wandb]
+    if args.launcher:
+        command += ["--launcher", args.launcher]
+    if args.ray_address:
+        command += ["--ray-address", args.ray_address]
     command += [f"--{f.replace('_', '-')}" for f in PASSED_FLAGS if getattr(args, f)]
-    return Entry(r.recipe.image, command, [r], [runs], mounts)
+    ranks_here = (args.launcher or r.recipe.run.launcher) == "local"
+    return Entry(r.recipe.image, command, [r], [runs], mounts, ranks_here=ranks_here)
 
 
 def container_needs(args: argparse.Namespace, r: ResolvedRecipe) -> Needs:
@@ -139,9 +150,10 @@ def by_image(what: str, recipes: dict[str, list[ResolvedRecipe]]) -> dict[str, l
     return groups
 
 
-def _check_host(r: ResolvedRecipe) -> None:
-    """What the container cannot fix: GPUs, weights, data (the image is checked by the runtime)."""
-    need, have = needs_gpus(r), host_gpus()
+def _check_host(r: ResolvedRecipe, *, gpus: bool) -> None:
+    """What the container cannot fix: GPUs (``gpus``: when the ranks run here), weights, data (the image is checked
+    by the runtime)."""
+    need, have = (needs_gpus(r), host_gpus()) if gpus else (0, 0)
     if need > have:
         raise TrainerInputError(f"recipe {r.name} needs {need} GPUs (layout {r.recipe.layout}), this machine has "
                                 f"{have}")
@@ -167,7 +179,7 @@ def run_entries(entries: list[Entry], matrix: Path, *, runtime: str | None, dry_
             return 0
         for entry in entries:
             for r in entry.recipes:
-                _check_host(r)
+                _check_host(r, gpus=entry.ranks_here)
         backend = find(runtime)
         for entry in entries:
             check_built(backend, entry.image)

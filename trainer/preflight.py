@@ -24,8 +24,9 @@ def _hub_snapshot(hf_id: str):
     return hub_snapshot(hf_id)
 
 
-def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
-    """Human-readable list of what this machine lacks for recipe `r` (empty: it can run)."""
+def missing(r: ResolvedRecipe, *, root: Path, launcher: str = "local") -> list[str]:
+    """Human-readable list of what this machine lacks for recipe `r` (empty: it can run). Under the ``ray``
+    launcher the ranks run on the cluster's nodes, not here: their devices are the launcher's to find."""
     recipe, problems = r.recipe, []
     if r.model.family not in BUILT_FAMILIES.get(recipe.trainer, ()):
         built = ", ".join(sorted(BUILT_FAMILIES.get(recipe.trainer, ()))) or "none"
@@ -33,14 +34,19 @@ def missing(r: ResolvedRecipe, *, root: Path) -> list[str]:
                         f"(built: {built})")
     from trainer.platform import PlatformUnavailable, choose_platform, visible_gpus  # imports torch: only now
 
-    try:
-        choose_platform(recipe.run.device, local_rank=0)
-    except PlatformUnavailable as exc:
-        problems.append(str(exc))
+    here = launcher == "local"
+    if here and not r.runs_on_gpus:  # a GPU recipe's devices: the GPU count below
+        try:
+            choose_platform(r.device, local_rank=0)
+        except PlatformUnavailable as exc:
+            problems.append(str(exc))
     if r.runs_on_gpus:
         have = visible_gpus()
-        if have < recipe.gpus:
-            problems.append(f"{recipe.gpus} GPUs (layout {recipe.layout}, min {r.min_gpus}), this machine has {have}")
+        if here and have < recipe.gpus:
+            across = (f"; it spans {r.nodes} nodes of {r.gpus_per_node}: start it with --launcher ray"
+                      if r.nodes > 1 else "")
+            problems.append(f"{recipe.gpus} GPUs (layout {recipe.layout}, min {r.min_gpus}), this machine has "
+                            f"{have}{across}")
         inside = os.environ.get(IMAGE_ENV)
         if inside != recipe.image:
             problems.append(f"image {recipe.image} (running {'in ' + inside if inside else 'outside any image'}; "

@@ -84,7 +84,7 @@ def precision_gap(recipe: str, overrides: list[str]) -> float:
     from trainer.platform import choose_platform
 
     resolved = resolve(recipe, parse_overrides(overrides))
-    platform = choose_platform(resolved.recipe.run.device)
+    platform = choose_platform(resolved.device)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, resolved.model.shape.vocab, (4, 24), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -59,7 +59,7 @@ def run_rank(request: RunRequest) -> dict:
 
     r = request.resolved
     # a collective waits a little longer than the launcher's stall watch (trainer.heartbeat), which names the rank
-    with rank_session(r.layout, choose_platform(r.recipe.run.device), seed=r.recipe.run.seed,
+    with rank_session(r.layout, choose_platform(r.device), seed=r.recipe.run.seed,
                       timeout_s=stall_timeout_s(r) + 60) as me:
         return _train_rank(request, me)
 

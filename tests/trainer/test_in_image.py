@@ -150,3 +150,22 @@ def test_a_gate_on_weights_the_matrix_names_mounts_them_read_only(capsys, tmp_pa
     args = ["tp-equivalence", "--matrix", str(tmp_path / "m.yaml"), "--in-image", "--dry-run", "--runtime", "docker"]
     assert equivalence(args) == 0
     assert f"-v {tmp_path / 'weights'}:{tmp_path / 'weights'}:ro " in capsys.readouterr().out
+
+
+def test_a_ray_driver_in_its_image_passes_the_launcher_and_takes_no_gpus(host_env, capsys):
+    """Under --launcher ray the container holds the driver only (its ranks run on the cluster's nodes): the
+    launcher and the cluster reach the command inside, and it asks for no GPUs of this host."""
+    out = dry(capsys, "moonlight", "--runtime", "docker", "--launcher", "ray", "--ray-address", "10.0.0.1:6379")
+    assert out.strip().endswith("--launcher ray --ray-address 10.0.0.1:6379") and "--gpus" not in out
+    # nor is this host's GPU count what refuses it
+    assert refused(capsys, "moonlight", "--launcher", "ray").startswith("error: weights of moonshotai/")
+
+
+def test_docker_gets_the_gpus_cuda_visible_devices_names_and_the_container_a_user(host_env, capsys, monkeypatch):
+    """`--gpus 8` would expose the host's first GPUs renumbered from 0, where the host's CUDA_VISIBLE_DEVICES
+    (host indices) would then hide or mismatch them; torch < 2.7's compile needs a user name (no account)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "8,9,10,11,12,13,14,15")
+    out = dry(capsys, "moonlight", "--runtime", "docker")
+    assert "--gpus '\"device=8,9,10,11,12,13,14,15\"'" in out and "-e CUDA_VISIBLE_DEVICES" not in out
+    assert "-e USER=grpo" in out and "-e HOME=/tmp" in out
+    assert "-e CUDA_VISIBLE_DEVICES" in dry(capsys, "moonlight", "--runtime", "podman")  # CDI: host indices

@@ -54,7 +54,7 @@ def replay_rank(replay: Replay) -> dict:
     from trainer.platform import choose_platform
 
     r = replay.resolved
-    with rank_session(r.layout, choose_platform(r.recipe.run.device)) as me:
+    with rank_session(r.layout, choose_platform(r.device)) as me:
         from trainer.backends.base import build_backend
         from trainer.episode import learn
         from trainer.metrics import StageTimer

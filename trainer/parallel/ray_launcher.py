@@ -39,9 +39,12 @@ from trainer.parallel.ranks import RankFailed
 from trainer.platform import RankResources, rank_resources
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-# Environment the driver passes on to every rank: the project's own switches (tests' planted faults) and where the
-# code is (the nodes share the filesystem).
-PASSED_ON = ("GRPO_STACK_",)
+# Environment the driver passes on to every rank (on other nodes a rank sees only its raylet's): the project's own
+# switches (tests' planted faults), the collectives' and torch's tuning, the Hugging Face cache and offline
+# switches, and where the code is (the nodes share the filesystem). Never devices (Ray assigns them, per node) and
+# no secrets (a runtime environment is stored in the cluster's metadata).
+PASSED_ON = ("GRPO_STACK_", "NCCL_", "TORCH_NCCL_", "GLOO_", "PYTORCH_", "OMP_NUM_THREADS")
+PASSED_NAMES = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 # Seconds the launcher waits, after a rank's collective broke, for the death of the rank that broke it to be
 # reported (a lost node is declared dead after Ray's health checks: health_check_period_ms × failure_threshold).
 PEER_DEATH_WAIT_S = 20.0
@@ -212,7 +215,7 @@ class RayLauncher:
 
     @staticmethod
     def _passed_env() -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ON)}
+        env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ON) or k in PASSED_NAMES}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         return env
 

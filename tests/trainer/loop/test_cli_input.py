@@ -16,7 +16,10 @@ CASES = [
     (["demo", "grpo.tis_cap=0.5"], "grpo.tis_cap: 0.5: tis_cap 0.5 < 1 would scale down"),
     (["demo", "layout=cp2", "gpus=2", "grpo.max_response_len=15"], "is not a multiple of 2·CP=4"),
     (["tiny-qwen3-next", "layout=cp2", "gpus=2"], "has gated delta-net (linear attention) layers"),
-    (["qwen3-next"], "32 GPUs (layout qwen3-next-32, min 32), this machine has 0"),
+    (["qwen3-next"], "32 GPUs (layout qwen3-next-32, min 32), this machine has 0; it spans 4 nodes of 8: start it "
+                     "with --launcher ray"),
+    # under Ray the ranks' GPUs are on the cluster's nodes: the driver's own count is not asked
+    (["qwen3-next", "--launcher", "ray"], "cannot run on this machine; missing: image sglang-te27"),
     (["qwen2.5-7b"], "weights of Qwen/Qwen2.5-7B-Instruct (neither prepared nor in the Hugging Face cache; make them "
                      "with `nox -s prepare -- qwen2.5-7b`)"),
 ]
