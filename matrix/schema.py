@@ -309,7 +309,9 @@ class Rollout(Strict):
     tp: PositiveInt = 1
     """Tensor parallelism of one engine (vLLM tensor_parallel_size, SGLang tp_size)."""
     engines: PositiveInt | None = None
-    """Engine replicas; None → gpus / tp. Colocated, tp × engines must be the recipe's gpus."""
+    """Engine replicas (``trainer.rollout.replicas``: prompts split among them, each on devices of its own); None →
+    gpus / tp when colocated, else 1. Colocated, tp × engines must be the recipe's gpus. They start from the
+    driver's process, so at most gpus_per_node / tp of them run (engines on other nodes are not built)."""
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.6
     """Share of each GPU the engine may take (vLLM gpu_memory_utilization, SGLang mem_fraction_static); colocated
     engines leave the rest to the trainer."""

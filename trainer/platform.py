@@ -114,6 +114,11 @@ class Platform:
         """Seed torch's generators for this device (megatron's TP tracker is seeded by the model builder)."""
         torch.manual_seed(seed)
 
+    def engine_environment(self, replica: int, tp: int) -> dict[str, str]:
+        """What rollout engine ``replica`` (of ``tp`` devices each) is started with so that it runs on devices of
+        its own: the platform's device variable naming its slice of this process's devices (none on the CPU)."""
+        return {}
+
     def rng_state(self) -> dict[str, torch.Tensor]:
         """This process's generator states (the host's, and the device's where it has its own), for an exact
         resume; megatron's TP tracker is saved beside them by its backend."""
@@ -226,6 +231,17 @@ class CudaPlatform(Platform):
         from trainer.models.specs import TorchSpecProvider
 
         return TorchSpecProvider()
+
+    def engine_environment(self, replica: int, tp: int) -> dict[str, str]:
+        # the devices this process sees, in its numbering: replica i takes the i-th run of tp of them
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = ([d.strip() for d in visible.split(",") if d.strip()] if visible is not None
+                   else [str(i) for i in range(torch.cuda.device_count())])
+        mine = devices[replica * tp:(replica + 1) * tp]
+        if len(mine) < tp:
+            raise PlatformUnavailable(f"rollout engine {replica} needs GPUs {replica * tp}..{(replica + 1) * tp - 1} "
+                                      f"of this process, which sees {len(devices)}; use fewer rollout.engines")
+        return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         return super().rng_state() | {"cuda": torch.cuda.get_rng_state(self.device)}

@@ -89,7 +89,7 @@ def _train_rank(request: RunRequest, me) -> dict:
         # off-policy pipelining: the weights that generate the batch in flight (trainer.pipeline)
         behaviour = build_backend(r, seed=r.recipe.run.seed, trainable=False, **start) if passes(r).behaviour else None
         try:
-            engine = job.on_driver(lambda: build_engine(r, task))
+            engine = job.on_driver(lambda: build_engine(r, task, platform))
             summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,
                             resume=request.resume, behaviour=behaviour)
         except (RunStopped, EngineError) as exc:

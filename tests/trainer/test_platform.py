@@ -163,3 +163,13 @@ def test_the_platforms_find_their_compilers_as_torch_does(monkeypatch, tmp_path)
     assert CudaPlatform(0).compiler() is None
     monkeypatch.setenv("CC", "/opt/cc")
     assert CudaPlatform(0).compiler() == "/opt/cc"
+
+
+def test_engine_replicas_get_slices_of_the_processs_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    platform = CudaPlatform(0)
+    assert [platform.engine_environment(i, 2) for i in range(2)] == [
+        {"CUDA_VISIBLE_DEVICES": "4,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]
+    with pytest.raises(PlatformUnavailable, match="rollout engine 2 needs GPUs 4..5 of this process, which sees 4"):
+        platform.engine_environment(2, 2)
+    assert CPU.engine_environment(1, 2) == {}  # processes on the host

@@ -183,3 +183,41 @@ def test_v1s_input_path_takes_token_id_prompts_from_the_engine_directory(tmp_pat
     assert request.sampling_params.stop_token_ids == [1] and request.eos_token_id is None  # ours stop it
     with pytest.raises(ValueError, match="out of vocabulary"):
         processor.process_inputs("b", TokensPrompt(prompt_token_ids=[5, top + 2]), params)
+
+
+def test_two_replicas_split_the_prompts_and_sample_what_one_engine_does(policy, engine, engine_processes,
+                                                                       monkeypatch):
+    """``rollout.engines: 2``: two vLLM engines in processes of their own, each given a contiguous half of the
+    prompts with the seeds those prompts have in the whole batch, both loaded from one bucketed sync: the same
+    samples as one engine, log-probs equal to the trainer's; a replica that dies is one line, and shutdown leaves
+    no process of either."""
+    import os
+    import signal
+
+    from trainer.config import parse_overrides, resolve
+    from trainer.rollout.replicas import ReplicatedEngine
+    from trainer.tasks import build_task
+
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("GRPO_TEST_MARK", mark)
+    two = resolve("demo-vllm", parse_overrides(["rollout.engines=2"]))
+    replicated = build_engine(two, build_task(two, root=Path(__file__).resolve().parents[2]))
+    try:
+        assert isinstance(replicated, ReplicatedEngine) and len(replicated.replicas) == 2
+        named = list(policy.hf_named_tensors())
+        engine.update_weights(iter(named))
+        replicated.update_weights(iter(named))
+        assert [r.weight_version for r in replicated.replicas] == [1, 1]
+        params = SamplingParams(max_tokens=12, seed=5, n=2)
+        one, both = engine.generate(PROMPTS, params), replicated.generate(PROMPTS, params)
+        assert [o.prompt_token_ids for o in both] == [p for p in PROMPTS for _ in range(2)]
+        assert [o.token_ids for o in both] == [o.token_ids for o in one]
+        assert max(abs(a - b) for x, y in zip(one, both, strict=True) for a, b in zip(x.logprobs, y.logprobs,
+                                                                                         strict=True)) < 1e-5
+        assert trainer_gap(policy, both) < 1e-5  # the second replica (prompts 2, 3) has the weights too
+        os.kill(replicated.replicas[1]._process.pid, signal.SIGKILL)
+        with pytest.raises(EngineError, match=r"^vllm engine process \d+ died \(killed by SIGKILL\)"):
+            replicated.generate(PROMPTS, params)
+    finally:
+        replicated.shutdown()
+    assert engine_processes(mark) == []

@@ -7,15 +7,21 @@ engine). The preflight has already refused a recipe whose engine does not import
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from matrix import ResolvedRecipe
 from trainer.rollout.base import EngineError, RolloutEngine, SamplingParams
 from trainer.tasks import Task
 
+if TYPE_CHECKING:
+    from trainer.platform import Platform
 
-def _torch_engine(r: ResolvedRecipe, task: Task) -> RolloutEngine:
-    """In the driver's process; in a process of its own when the off-policy pipeline overlaps it with training."""
+
+def _torch_engine(r: ResolvedRecipe, task: Task, platform: Platform) -> RolloutEngine:
+    """In the driver's process; in a process of its own when the off-policy pipeline overlaps it with training. On
+    the host whatever ``platform`` computes on (it has no devices to choose)."""
     if r.recipe.grpo.max_staleness:
         from trainer.models.config import hf_config
         from trainer.rollout.torch_engine import TorchProcessEngine
@@ -35,19 +41,48 @@ def engine_rollout(r: ResolvedRecipe):
     return rollout
 
 
-def _process_engine(module: str, cls: str) -> Callable[[ResolvedRecipe, Task], RolloutEngine]:
-    def build(r: ResolvedRecipe, task: Task) -> RolloutEngine:
+def engine_replicas(r: ResolvedRecipe) -> int:
+    """How many copies of the engine start: ``rollout.engines``, else (colocated) one per ``tp`` of the recipe's
+    GPUs, else one; at most as many as the driver's node holds, since every replica is started from the driver's
+    process (engines on other nodes are not built: the rest is said, once, on stderr)."""
+    rollout = r.recipe.rollout
+    wanted = rollout.engines or (max(1, r.recipe.gpus // rollout.tp) if rollout.colocate else 1)
+    if not r.runs_on_gpus:
+        return wanted
+    here = max(1, r.gpus_per_node // rollout.tp)
+    if wanted > here:
+        print(f"rollout.engines {wanted}: {here} start on the driver's node ({r.gpus_per_node} GPUs, tp "
+              f"{rollout.tp}); engines on the other nodes are not built", file=sys.stderr)
+    return min(wanted, here)
+
+
+def _process_engine(module: str, cls: str) -> Callable[[ResolvedRecipe, Task, Platform], RolloutEngine]:
+    def build(r: ResolvedRecipe, task: Task, platform: Platform) -> RolloutEngine:
         import importlib
 
         from trainer.models.config import hf_config
+        from trainer.platform import PlatformUnavailable
+        from trainer.rollout.replicas import ReplicatedEngine
 
         engine_class = getattr(importlib.import_module(module), cls)
-        return engine_class(hf_config(r.model), engine_rollout(r), decode=task.decode, seed=r.recipe.run.seed)
+        config, rollout, seed, count = hf_config(r.model), engine_rollout(r), r.recipe.run.seed, engine_replicas(r)
+        try:
+            envs = [platform.engine_environment(i, rollout.tp) for i in range(count)]
+        except PlatformUnavailable as exc:
+            raise EngineError(str(exc)) from None
+
+        def spawner(i: int, wait: bool):
+            # seeds per replica: an engine without per-request seeds (SGLang) samples from its own stream
+            return lambda: engine_class(config, rollout, decode=task.decode, seed=seed + i, env=envs[i], wait=wait)
+
+        if count == 1:
+            return spawner(0, wait=True)()
+        return ReplicatedEngine.start([spawner(i, wait=False) for i in range(count)])
 
     return build
 
 
-ENGINES: dict[str, Callable[[ResolvedRecipe, Task], RolloutEngine]] = {
+ENGINES: dict[str, Callable[[ResolvedRecipe, Task, Platform], RolloutEngine]] = {
     "torch": _torch_engine,
     "vllm": _process_engine("trainer.rollout.vllm_engine", "VllmEngine"),
     "sglang": _process_engine("trainer.rollout.sglang_engine", "SglangEngine"),
@@ -70,13 +105,17 @@ def logprob_problem(kind: str, engine: str, r: ResolvedRecipe) -> str | None:
     )
 
 
-def build_engine(r: ResolvedRecipe, task: Task) -> RolloutEngine:
-    """Start the recipe's engine; raises EngineError (one line) when it fails to start or does not fit the recipe,
-    with nothing of it left running."""
+def build_engine(r: ResolvedRecipe, task: Task, platform: Platform | None = None) -> RolloutEngine:
+    """Start the recipe's engine (its replicas on devices ``platform`` picks); raises EngineError (one line) when it
+    fails to start or does not fit the recipe, with nothing of it left running."""
     name = r.recipe.rollout.engine
     if name not in ENGINES:
         raise EngineError(f"rollout engine {name}: its adapter is not built yet; built: {', '.join(ENGINES)}")
-    engine = ENGINES[name](r, task)
+    if platform is None:
+        from trainer.platform import CPU
+
+        platform = CPU
+    engine = ENGINES[name](r, task, platform)
     problem = logprob_problem(engine.logprob_kind, name, r)
     if problem:
         engine.shutdown()

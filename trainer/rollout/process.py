@@ -51,7 +51,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _serve(conn, server_class, args: tuple) -> None:
+def _serve(conn, server_class, args: tuple, env: dict[str, str]) -> None:
     """The child: build the server, then answer calls until "shutdown" or the driver goes away."""
     from trainer.parallel.ranks import die_with_parent
 
@@ -62,6 +62,7 @@ def _serve(conn, server_class, args: tuple) -> None:
     ):  # the trainer's launcher variables describe the trainer's job, not the engine's
         if name in LAUNCHER_ENV or name.startswith("TORCHELASTIC_"):
             del os.environ[name]
+    os.environ.update(env)  # the platform's choice of devices, before anything in this process touches one
     try:
         server = server_class(*args)
     except BaseException as exc:  # noqa: BLE001 - any failure to start is reported, in one line
@@ -86,12 +87,13 @@ def _serve(conn, server_class, args: tuple) -> None:
 class EngineProcess:
     """A server object living in a child process; ``call`` runs one of its methods there."""
 
-    def __init__(self, name: str, server_class: type, *args: Any):
+    def __init__(self, name: str, server_class: type, *args: Any, env: dict[str, str] | None = None,
+                 wait: bool = True):
         self.name = name
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(child, server_class, args), name=f"{name}-engine"
+            target=_serve, args=(child, server_class, args, env or {}), name=f"{name}-engine"
         )
         self._process.start()
         child.close()
@@ -99,11 +101,19 @@ class EngineProcess:
         self._stopped = False
         self._in_flight: str | None = None  # the method sent and not yet received
         atexit.register(self.shutdown)
+        self.info = None
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> dict:
+        """The server's ``describe()`` once it has started (``wait=False`` lets several start at once); a server
+        that failed to start is stopped and raises ``EngineError``."""
         try:
-            self.info = self._reply("start", failed=f"{name} engine failed to start")
+            self.info = self._reply("start", failed=f"{self.name} engine failed to start")
         except EngineError:
             self.shutdown()
             raise
+        return self.info
 
     def _died(self, during: str) -> EngineError:
         self._process.join(timeout=1)
@@ -220,7 +230,8 @@ class ProcessEngine:
 
     name = "engine"
 
-    def __init__(self, server_class: type, hf_config, rollout, *, decode, seed: int, settings: dict | None = None):
+    def __init__(self, server_class: type, hf_config, rollout, *, decode, seed: int, settings: dict | None = None,
+                 env: dict[str, str] | None = None, wait: bool = True):
         import shutil
         import tempfile
 
@@ -234,12 +245,17 @@ class ProcessEngine:
         self._remove_config = lambda: shutil.rmtree(self._config_dir, ignore_errors=True)
         write_config(hf_config, self._config_dir)  # the engine builds the model from it (dummy weights)
         settings = rollout.model_dump() | (settings or {})  # settings: what a server needs beyond rollout's
+        self._process = EngineProcess(self.name, server_class, self._config_dir, settings, seed, env=env, wait=False)
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
+        """Wait for the server to start (constructed with ``wait=False``: spawned, not waited for)."""
         try:
-            self._process = EngineProcess(self.name, server_class, self._config_dir, settings, seed)
+            self.info = self._process.wait_started()
         except EngineError:
             self._remove_config()
             raise
-        self.info = self._process.info
         self.logprob_kind = self.info["logprob_kind"]
 
     def generate(self, prompts, params) -> list:
@@ -270,18 +286,7 @@ class ProcessEngine:
         return outputs
 
     def update_weights(self, named_tensors) -> None:
-        from trainer.rollout.buckets import BucketTooSmall, flat_buckets
-
-        self.bucket_sizes = []
-        try:
-            for bucket in flat_buckets(named_tensors, self.bucket_bytes):
-                self.bucket_sizes.append(bucket.nbytes)
-                self._process.call("load_bucket", bucket)
-                del bucket  # its shared memory is freed once the server has dropped its views too
-        except BucketTooSmall as exc:
-            raise EngineError(str(exc)) from None
-        self.weight_version += 1
-        self._process.call("weights_loaded", self.weight_version)
+        load_weights([self], named_tensors)
 
     def sleep(self) -> None:
         if self.sleep_level and not self.asleep:
@@ -300,3 +305,27 @@ class ProcessEngine:
     def shutdown(self) -> None:
         self._process.shutdown()
         self._remove_config()
+
+
+def load_weights(engines: list[ProcessEngine], named_tensors) -> None:
+    """``update_weights`` of every engine in ``engines`` (replicas of one model) from one stream: each bucket is
+    packed once, in shared memory, and loaded by all of them at once; then each drops its cached prefixes."""
+    from trainer.rollout.buckets import BucketTooSmall, flat_buckets
+
+    sizes: list[int] = []
+    try:
+        for bucket in flat_buckets(named_tensors, engines[0].bucket_bytes):
+            sizes.append(bucket.nbytes)
+            for engine in engines:
+                engine._process.send("load_bucket", bucket)
+            for engine in engines:
+                engine._process.receive()
+            del bucket  # its shared memory is freed once the servers have dropped their views too
+    except BucketTooSmall as exc:
+        raise EngineError(str(exc)) from None
+    for engine in engines:
+        engine.bucket_sizes = sizes
+        engine.weight_version += 1
+        engine._process.send("weights_loaded", engine.weight_version)
+    for engine in engines:
+        engine._process.receive()

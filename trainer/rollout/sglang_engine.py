@@ -179,5 +179,6 @@ class SglangEngine(ProcessEngine):
 
     name = "sglang"
 
-    def __init__(self, hf_config, rollout, *, decode, seed: int):
-        super().__init__(SglangServer, hf_config, rollout, decode=decode, seed=seed)
+    def __init__(self, hf_config, rollout, *, decode, seed: int, env: dict[str, str] | None = None,
+                 wait: bool = True):
+        super().__init__(SglangServer, hf_config, rollout, decode=decode, seed=seed, env=env, wait=wait)

@@ -176,5 +176,6 @@ class VllmEngine(ProcessEngine):
 
     name = "vllm"
 
-    def __init__(self, hf_config, rollout, *, decode, seed: int):
-        super().__init__(VllmServer, hf_config, rollout, decode=decode, seed=seed)
+    def __init__(self, hf_config, rollout, *, decode, seed: int, env: dict[str, str] | None = None,
+                 wait: bool = True):
+        super().__init__(VllmServer, hf_config, rollout, decode=decode, seed=seed, env=env, wait=wait)
