@@ -49,13 +49,22 @@ class Platform:
         from trainer.models import kernel_fallbacks
 
         kernel_fallbacks.install()
-        if self.compiler() is None:
+        if self.compile_blocker():
             # megatron wraps fused elementwise ops (router scores, output gates, bias-activations) in torch.compile,
-            # whose kernels are built with a compiler; a bare machine may have none: they run as the eager
-            # functions they wrap (the same math) instead of failing at their first call
+            # whose kernels are built with a compiler against Python's headers; a bare machine may lack either:
+            # they run as the eager functions they wrap (the same math) instead of failing at their first call
             import torch._dynamo
 
             torch._dynamo.config.disable = True
+
+    def compile_blocker(self) -> str | None:
+        """Why torch.compile cannot build this platform's kernels here (None: it can)."""
+        compiler = self.compiler()
+        if compiler is None:
+            return "no compiler: torch.compile runs eager"
+        if not python_headers():
+            return f"{compiler} without Python.h: torch.compile runs eager"
+        return None
 
     def compiler(self) -> str | None:
         """The compiler torch.compile builds this platform's kernels with, as torch looks for it (None: none)."""
@@ -144,6 +153,16 @@ class Platform:
         raise NotImplementedError
 
 
+def python_headers() -> bool:
+    """Whether Python's C headers are installed where Triton and inductor look for them (``Python.h``: Triton
+    builds every kernel's launcher as a Python extension; apt's python3.x without -dev lacks it)."""
+    import sysconfig
+
+    scheme = sysconfig.get_default_scheme()
+    scheme = "posix_prefix" if scheme == "posix_local" else scheme  # as triton.runtime.build takes it
+    return os.path.isfile(os.path.join(sysconfig.get_paths(scheme=scheme)["include"], "Python.h"))
+
+
 def _rss_mib() -> tuple[float, float]:
     """(peak since the process started, current) resident set size in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
@@ -187,7 +206,7 @@ class CpuPlatform(Platform):
 
     def describe(self) -> dict[str, str]:
         return {"device": f"cpu ({os.cpu_count()} cores)", "collectives": self.collective_backend,
-                "compiler": self.compiler() or "none (torch.compile runs eager)"}
+                "compiler": self.compile_blocker() or str(self.compiler())}
 
     def memory(self) -> dict[str, float]:
         # ru_maxrss cannot be reset: a stage's peak on CPU is the process's peak so far.
@@ -215,6 +234,9 @@ class CudaPlatform(Platform):
 
     def bind(self) -> None:
         torch.cuda.set_device(self.device)
+        # this run's peak from its start: an earlier run in the same process (the smoke's fp32 cell before its
+        # bf16 one) left its own in the allocator's statistics
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     def moe_fields(self) -> dict:
         # The seeds' dispatch: alltoall; experts as TE's grouped GEMM where TE is present (without TE megatron's
@@ -267,7 +289,7 @@ class CudaPlatform(Platform):
             "device": f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)",
             "collectives": f"{self.collective_backend} (NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})",
             "cuda": str(torch.version.cuda),
-            "compiler": self.compiler() or "none (torch.compile runs eager)",
+            "compiler": self.compile_blocker() or str(self.compiler()),
         }
 
     def memory(self) -> dict[str, float]:

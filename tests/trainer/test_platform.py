@@ -153,7 +153,7 @@ print("eager:", CPU.describe()["compiler"])
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines() == [
-        "compiled call failed: InductorError", "eager: none (torch.compile runs eager)"], out.stdout
+        "compiled call failed: InductorError", "eager: no compiler: torch.compile runs eager"], out.stdout
 
 
 def test_the_platforms_find_their_compilers_as_torch_does(monkeypatch, tmp_path):
@@ -173,3 +173,15 @@ def test_engine_replicas_get_slices_of_the_processs_gpus(monkeypatch):
     with pytest.raises(PlatformUnavailable, match="rollout engine 2 needs GPUs 4..5 of this process, which sees 4"):
         platform.engine_environment(2, 2)
     assert CPU.engine_environment(1, 2) == {}  # processes on the host
+
+
+def test_a_compiler_without_pythons_headers_compiles_nothing(monkeypatch):
+    """Triton builds each kernel's launcher against Python.h: a compiler alone is not enough (apt's python3.12
+    without -dev)."""
+    from trainer import platform as platform_module
+
+    assert platform_module.python_headers()  # this machine (and CI) has them
+    assert CPU.compile_blocker() is None
+    monkeypatch.setattr(platform_module, "python_headers", lambda: False)
+    assert CPU.compile_blocker() == f"{CPU.compiler()} without Python.h: torch.compile runs eager"
+    assert CPU.describe()["compiler"] == CPU.compile_blocker()
