@@ -34,7 +34,7 @@ def sync_weights(policy: TrainingBackend, engine: RolloutEngine | None, job: Job
         engine.update_weights(stream)
         engine.wake(("kv_cache",))
 
-    stream = counted(policy.hf_named_tensors())
+    stream = counted(policy.hf_named_tensors(compute_dtype=True))  # what the engine serves
     job.on_driver(lambda: load(stream))
     for _ in stream:  # the other ranks take part in every gather (and the driver in any the engine left)
         pass

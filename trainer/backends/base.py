@@ -42,9 +42,11 @@ class TrainingBackend(Protocol):
         then reads no ``old_logprobs`` from the batch."""
         ...
 
-    def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+    def hf_named_tensors(self, compute_dtype: bool = False) -> Iterator[tuple[str, Tensor]]:
         """Whole weights under HF names on the driver rank (nothing elsewhere). Collective: every rank exhausts
-        the iterator (a backend may gather lazily, one tensor per step; ``trainer.weight_sync`` does this)."""
+        the iterator (a backend may gather lazily, one tensor per step; ``trainer.weight_sync`` does this).
+        ``compute_dtype``: in the dtype the model computes in (what a rollout engine serves), not the master
+        weights' (a bf16 FSDP2 run keeps fp32 masters: half the bytes gathered and sent)."""
         ...
 
     def load_hf(self, tensors: dict[str, Tensor]) -> None:

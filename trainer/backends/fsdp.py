@@ -44,7 +44,7 @@ from trainer.packing import Packed, budget_groups, empty, pack_rows
 from trainer.parallel import dp, ulysses
 from trainer.parallel.process_groups import fsdp_meshes
 from trainer.parallel.tp import vocab_parallel_logprobs
-from trainer.platform import CPU, Platform
+from trainer.platform import CPU, DTYPES, Platform
 
 
 def fsdp_dtypes(resolved) -> tuple[str, str]:
@@ -53,6 +53,18 @@ def fsdp_dtypes(resolved) -> tuple[str, str]:
     if resolved.precision == "bf16":
         return "bf16", "fp32"
     return resolved.recipe.fsdp.param_dtype, resolved.recipe.fsdp.reduce_dtype
+
+
+def sum_gradients(module: FSDPModule) -> None:
+    """The loss is a global mean already: FSDP must sum the gradients, never average them. torch ≥ 2.8: a plain
+    SUM (not NCCL's PreMulSum, which gloo lacks) followed by a division by 1. torch 2.6/2.7 (the vLLM image's
+    2.6) has neither setter: its divide factor 1 is NCCL's PreMulSum by 1, and leaving it unset would average
+    (fp32 gradients divided by the world size). (GPU) not verified here."""
+    if hasattr(module, "set_gradient_divide_factor"):
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    else:
+        module.set_reduce_scatter_divide_factor(1.0)
 
 
 def build_hf_model(resolved, *, on_meta: bool, attention: str = "sdpa") -> torch.nn.Module:
@@ -132,10 +144,7 @@ class FSDPBackend:
         fully_shard(self.model, mesh=self.meshes.shard, mp_policy=policy)
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
-                # The loss is a global mean already: sum the gradients, never average. A plain SUM (not NCCL's
-                # PreMulSum, which gloo lacks) followed by a division by 1.
-                module.set_gradient_divide_factor(1.0)
-                module.set_force_sum_reduction_for_comms(True)
+                sum_gradients(module)
 
     def _resharded(self):
         """The model with every parameter sharded again: a forward without backward leaves the root's parameters
@@ -271,13 +280,16 @@ class FSDPBackend:
         return dict(self.hf_named_tensors())
 
     @torch.no_grad()
-    def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+    def hf_named_tensors(self, compute_dtype: bool = False) -> Iterator[tuple[str, Tensor]]:
         """Whole weights under HF names, gathered one parameter per step of the iteration: the driver gets each
         (and should drop it before taking the next), the other ranks get nothing. Every rank must exhaust the
-        iterator, since each gather is collective."""
+        iterator, since each gather is collective. ``compute_dtype``: each shard is cast to the forward's dtype
+        before the gather (a bf16 run's fp32 masters would double the gather and the sync, and a hub-sized
+        embedding in fp32 outgrows the seeds' sync buckets)."""
         driver = dist.get_rank() == 0
+        dtype = DTYPES[fsdp_dtypes(self.resolved)[0]] if compute_dtype else None
         for name, p in self._resharded().named_parameters():
-            whole = p.full_tensor()
+            whole = (p if dtype is None else p.to(dtype)).full_tensor()
             if driver:
                 yield name, whole
             del whole  # before the next gather: one whole parameter at a time

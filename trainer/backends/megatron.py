@@ -188,6 +188,7 @@ class MegatronBackend:
         dp.sum_tp_partial_grads([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
                                 self.model.config)
         dp.all_reduce_grads(params)
+        _update_routers(self.model)
         grad_norm = _grad_norm(params)
         lr = clip_and_step(grad_norm, self.resolved.recipe.grpo.grad_clip, self.optimizer, self.scheduler)
         self.shares.share_updates()
@@ -200,8 +201,9 @@ class MegatronBackend:
     def whole_weights(self) -> dict[str, Tensor]:
         return gather.whole_tensors(self.model, self.shape.vocab)
 
-    def hf_named_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Whole weights under HF names on the driver rank (empty elsewhere); collective, so gathered now."""
+    def hf_named_tensors(self, compute_dtype: bool = False) -> Iterator[tuple[str, Tensor]]:
+        """Whole weights under HF names on the driver rank (empty elsewhere); collective, so gathered now. The
+        model's parameters are in its compute dtype already (a bf16 run's fp32 masters live in the optimizer)."""
         whole = self.whole_weights()
         return iter_hf(whole, self.shape) if whole else iter(())
 
@@ -270,6 +272,22 @@ class MegatronBackend:
         self.steps = sd["steps"]
         self.platform.set_rng_state(sd["rng"])
         mcore_random.get_cuda_rng_tracker().set_states(copy.deepcopy(sd["rng"]["tracker"]))
+
+
+def _update_routers(model) -> None:
+    """The routers' part of megatron's ``finalize_model_grads``, which this backend's own gradient path replaces:
+    an expert bias with an update rate moves by it against this step's token counts (megatron all-reduces them
+    over TP×CP×DP), and the counts start again. Collective where a bias is updated."""
+    # the module itself: its package exports the function of the same name
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
+
+    config = model.config
+    if config.moe_router_enable_expert_bias and config.moe_router_bias_update_rate > 0:
+        _update_router_expert_bias([model], config)
+    reset_model_temporary_tensors(config, [model])
 
 
 def _rows_in_order(per_token: Tensor, mb: dict) -> Tensor:

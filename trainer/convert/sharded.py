@@ -166,24 +166,14 @@ def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str],
 
     # conversion moves host tensors between files: the CPU platform (rank_session's default) whatever the machine has
     with rank_session(layout) as me:  # first: it quiets megatron's import warnings
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
         from trainer.convert.hf_mcore import write_hf_like
         from trainer.models.build import build_gpt_model
-        from trainer.parallel.gather import global_name, whole_tensors
+        from trainer.parallel.gather import whole_tensors
 
-        rank, world = me.rank, me.world
         gpt = build_gpt_model(model, seed=0, layout=layout)
         local = local_tensors(gpt, model)
         for name, t in own_shard(gpt, mcore_dir).items():
             local[name].data = t  # its stored dtype, so the gathered tensors are the stored ones bit for bit
-        whole = whole_tensors(gpt, model.shape.vocab)
-        # mapped buffers are replicated over TP and DP: the first replica of each stage sends them
-        buffers = {global_name(n, gpt): b.data for n, b in gpt.named_buffers() if n in local}
-        mine = buffers if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 else {}
-        received = [None] * world if rank == 0 else None
-        dist.gather_object(mine, received, dst=0)
-        if rank == 0:
-            whole |= {k: v for part in received for k, v in part.items()}
+        whole = whole_tensors(gpt, model.shape.vocab)  # parameters and the mapped buffers
+        if me.rank == 0:
             write_hf_like(whole.items(), model, like, like_map, out, source=mcore_dir)

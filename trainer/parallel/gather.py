@@ -122,8 +122,17 @@ def _owns(p: Tensor) -> bool:
             and ps.get_data_parallel_rank() == 0)
 
 
+def persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The buffers a state dict holds (a router's expert bias; not its per-step token counts)."""
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
 def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[str, Tensor]:
-    """Every parameter as a whole tensor under its global name, on global rank ``dst`` ({} elsewhere).
+    """Every parameter, and every persistent buffer (replicated over TP and DP: a router's expert bias, which
+    training may move), as a whole tensor under its global name, on global rank ``dst`` ({} elsewhere).
 
     Collective: every rank of the job must call it. Gathers TP shards inside each group, then collects the
     owners' tensors on ``dst`` (a tiny model's worth on CPU; a GPU job would stream them per bucket).
@@ -140,6 +149,9 @@ def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[s
             # pickling copies it anyway (a pickled device tensor would come back on its sender's device, another
             # rank's GPU); a device-side copy first would hold a second model on the device
             mine[key] = part.clone() if alone else part.to(HOST)
+    for name, buffer in persistent_buffers(model):
+        if _owns(buffer):
+            mine[global_name(name, model)] = buffer.clone() if alone else buffer.to(HOST)
     if alone:
         return mine
     received: list = [None] * dist.get_world_size() if dist.get_rank() == dst else None

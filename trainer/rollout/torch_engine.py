@@ -88,13 +88,13 @@ class TorchEngine:
     # ------------------------------------------------------------------ weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy tensors into the parameters of the same HF name, one at a time as they come; unknown names and
-        shape mismatches raise."""
-        params = dict(self.model.named_parameters())
+        """Copy tensors into the parameters (and buffers: a router's expert-score bias) of the same HF name, one
+        at a time as they come; unknown names and shape mismatches raise."""
+        params = dict(self.model.named_buffers()) | dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in params:
-                    raise KeyError(f"engine model has no parameter {name!r}")
+                    raise KeyError(f"engine model has no parameter or buffer {name!r}")
                 if params[name].shape != tensor.shape:
                     raise ValueError(
                         f"{name}: got shape {tuple(tensor.shape)}, engine has {tuple(params[name].shape)}"

@@ -159,3 +159,39 @@ def test_a_resume_restores_the_platforms_device_generator(resolved, fsdp_groups,
     expected = torch.rand(4, generator=platform.generator)
     FSDPBackend(resolved, seed=1, platform=platform).load(tmp_path / "policy", own)
     assert torch.equal(torch.rand(4, generator=platform.generator), expected)
+
+
+def test_a_bf16_run_syncs_its_weights_in_bf16(fsdp_groups):
+    """bf16 runs keep fp32 master weights; the engine gets them gathered in the forward's dtype (half the bytes:
+    a hub-sized fp32 embedding would outgrow the seeds' sync buckets), while checkpoints and exports keep fp32."""
+    from trainer.config import parse_overrides, resolve
+
+    bf16 = one_process(resolve("tiny-qwen3-fsdp", parse_overrides(["precision=bf16"])))
+    backend = FSDPBackend(bf16, seed=0)
+    masters = dict(backend.hf_named_tensors())
+    synced = dict(backend.hf_named_tensors(compute_dtype=True))
+    assert {t.dtype for t in masters.values()} == {torch.float32}
+    assert {t.dtype for t in synced.values()} == {torch.bfloat16}
+    assert all(torch.equal(synced[name], tensor.to(torch.bfloat16)) for name, tensor in masters.items())
+
+
+def test_gradients_are_summed_under_either_torch_api():
+    """torch ≥ 2.8 sums with a plain SUM (divide factor 1); torch 2.6/2.7 has only the reduce-scatter divide
+    factor (NCCL's PreMulSum by 1). Unset, FSDP averages: gradients divided by the world size."""
+    from trainer.backends.fsdp import sum_gradients
+
+    class Newer:
+        def set_gradient_divide_factor(self, factor):
+            self.calls = [*getattr(self, "calls", []), ("divide", factor)]
+
+        def set_force_sum_reduction_for_comms(self, force):
+            self.calls = [*self.calls, ("sum", force)]
+
+    class Older:
+        def set_reduce_scatter_divide_factor(self, factor):
+            self.calls = [("reduce_scatter_divide", factor)]
+
+    newer, older = Newer(), Older()
+    sum_gradients(newer)
+    sum_gradients(older)
+    assert newer.calls == [("divide", 1.0), ("sum", True)] and older.calls == [("reduce_scatter_divide", 1.0)]

@@ -167,3 +167,36 @@ def test_a_resume_restores_the_platforms_device_generator(resolved, groups):
     expected = torch.rand(4, generator=platform.generator)
     MegatronBackend(resolved, seed=1, platform=platform).load_state_dict(saved)
     assert torch.equal(torch.rand(4, generator=platform.generator), expected)
+
+
+@pytest.mark.parametrize("rate", [1e-3, 0.0])
+def test_the_expert_bias_moves_by_its_rate_against_the_steps_token_counts(groups, rate):
+    """``moe.expert_bias`` with ``bias_update_rate``: after each step a router's bias moves by the rate, up for
+    experts that got fewer tokens than the average and down for those that got more (megatron's
+    finalize_model_grads, which the backend's own gradient path replaces), and the counts restart. Before, the
+    rate did nothing and the counts grew without end."""
+    from trainer.config import parse_overrides, resolve
+
+    r = resolve("tiny-moonlight", parse_overrides(["model.shape.moe.expert_bias=true",
+                                                   f"model.shape.moe.bias_update_rate={rate}"]))
+    be = MegatronBackend(r, seed=0)
+    routers = [m for m in be.model.modules() if hasattr(m, "expert_bias")]
+    before = [m.expert_bias.clone() for m in routers]
+    counts = []
+
+    def count(module, args, output):
+        counts.append(module.local_tokens_per_expert.clone())
+
+    hooks = [m.register_forward_hook(count) for m in routers]
+    be.train_step(batch(vocab=r.model.shape.vocab), nll, micro_batch_size=6)
+    for hook in hooks:
+        hook.remove()
+    for router, old, seen in zip(routers, before, counts, strict=True):
+        expected = old + torch.sign(seen.mean() - seen) * rate
+        assert torch.equal(router.expert_bias, expected)
+        assert not router.local_tokens_per_expert.any()
+    assert rate == 0 or any(not torch.equal(r.expert_bias, b) for r, b in zip(routers, before, strict=True))
+    # the engine routes with the moved bias too: the weight sync carries it (HF's e_score_correction_bias)
+    synced = dict(be.hf_named_tensors(compute_dtype=True))
+    for layer, router in zip((1, 2, 3), routers, strict=True):  # layer 0 is dense
+        assert torch.equal(synced[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"], router.expert_bias)

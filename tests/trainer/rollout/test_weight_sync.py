@@ -88,7 +88,7 @@ def stream_a_trained_fsdp_policy(resolved):
         job = Job(ParallelLayout.of(resolved.layout, world), rank)
         engine = TorchEngine(resolved.model, decode=str, seed=2) if job.is_driver else None
         watch, stream = LiveTensors(), policy.hf_named_tensors
-        policy.hf_named_tensors = lambda: watch.watch(stream())
+        policy.hf_named_tensors = lambda **kwargs: watch.watch(stream(**kwargs))
         sent = sync_weights(policy, engine, job)
         trained = dict(stream())
         return job.on_driver(lambda: {"watch": vars(watch), "sent": sent, "trained": trained,
