@@ -221,3 +221,35 @@ def test_two_replicas_split_the_prompts_and_sample_what_one_engine_does(policy, 
     finally:
         replicated.shutdown()
     assert engine_processes(mark) == []
+
+
+def test_vllm_finds_every_config_field_its_model_reads_in_the_engines_config(matrix, tmp_path):
+    """The engine's config.json is written from the matrix shape (``write_config``), not copied from a
+    checkpoint: every ``config.<field>`` that vLLM 0.8.5's model module for the architecture reads must be there,
+    as vLLM's transformers loads it. (The DeepSeek family's lacked topk_method, scoring_func and moe_layer_freq:
+    moonlight's and DeepSeek-V3's engines could not have been built.)"""
+    import importlib
+    import inspect
+    import re
+
+    from transformers import AutoConfig
+    from vllm.model_executor.models.registry import _VLLM_MODELS
+
+    from trainer.models.config import hf_config
+    from trainer.rollout.process import write_config
+
+    checked, missing = set(), {}
+    for name in sorted({r.recipe.model for r in map(matrix.resolve, matrix.recipes)
+                        if r.recipe.rollout.engine == "vllm"} | {"tiny-moonlight", "tiny-qwen3", "tiny-qwen3-moe"}):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_config(hf_config(matrix.models[name]), str(folder))
+        config = AutoConfig.from_pretrained(folder)
+        module, _ = _VLLM_MODELS[config.architectures[0]]
+        source = inspect.getsource(importlib.import_module(f"vllm.model_executor.models.{module}"))
+        absent = sorted(f for f in set(re.findall(r"\bconfig\.([a-z_][a-z0-9_]*)\b", source)) if not hasattr(config, f))
+        if absent:
+            missing[name] = absent
+        checked.add(name)
+    assert {"moonlight-16b-a3b", "deepseek-v3-671b", "qwen2.5-7b", "qwen3-8b"} <= checked  # seeds rolling out on vLLM
+    assert missing == {}

@@ -205,6 +205,12 @@ def hf_config(model: Model) -> DeepseekV3Config:
         },
         rope_interleave=True,
         attention_bias=False,
+        # what the checkpoints' config.json say and shape_from_hf expects; transformers' class has no such fields,
+        # but vLLM's DeepSeek model reads them (an engine built from this config would not start without them)
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        moe_layer_freq=1,
+        num_nextn_predict_layers=0,
     )
 
 
