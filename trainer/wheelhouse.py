@@ -10,7 +10,7 @@ tests passed with — of every distribution the trainer imports beyond torch:
 
 On the GPU machine, from a checkout of this repository:
 
-    pip install --no-index --no-deps DIR/*.whl && python -m trainer.smoke
+    PIP_BREAK_SYSTEM_PACKAGES=1 pip install --no-index --no-deps DIR/*.whl && python -m trainer.smoke
 
 ``nox -s smoke_bare`` rehearses that on CPU with the target's own torch (trainer/bare_gpu_torch.txt), so a module
 the smoke imports beyond this list (pyarrow was one) fails in CI, not on the GPU machine.
@@ -116,7 +116,7 @@ def download(directory: Path) -> list[Path]:
         raise SystemExit(f"error: the wheelhouse is {total:.1f} MiB, over {LIMIT_MIB} MiB")
     print(
         f"on the GPU machine, in a checkout of this repository:\n"
-        f"  pip install --no-index --no-deps {directory}/*.whl && python -m trainer.smoke"
+        f"  PIP_BREAK_SYSTEM_PACKAGES=1 pip install --no-index --no-deps {directory}/*.whl && python -m trainer.smoke"
     )
     return wheels
 
