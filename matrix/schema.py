@@ -7,7 +7,7 @@ come from a recipe we reproduce. Cross-entry rules (references, layouts against 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -181,6 +181,10 @@ class MoE(Strict):
     bias_update_rate: Annotated[float, Field(ge=0)] = 0.0
     router_dtype: Literal["fp32", "fp64"] = "fp32"
 
+    TRAINING_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "router_load_balancing", "aux_loss_coeff", "expert_bias", "bias_update_rate", "router_dtype")
+    """How the router trains, not what the weights are: a checkpoint's config.json does not say them."""
+
     @property
     def shared_hidden(self) -> int:
         """Total hidden size of the shared experts (0: none)."""
@@ -267,6 +271,9 @@ class Model(Strict):
     checkpoint (config.json + safetensors) or a megatron-core directory of ``python -m trainer.convert
     hf-to-mcore``; its config must describe this model (``trainer.models.pretrained``)."""
     stands_in_for: NonEmptyStr | None = None
+    trust_remote_code: bool = False
+    """Run the Python its hub repository ships for its tokenizer (Moonlight's tiktoken tokenizer is such code;
+    transformers refuses it otherwise). Only for a repository you trust."""
     dtype: Literal["bf16", "fp32"] = "bf16"
     shape: Shape
     prepare: list[PrepareStep] = []

@@ -76,12 +76,9 @@ def _demo(r: ResolvedRecipe, root: Path) -> Task:
 
 
 def _math(r: ResolvedRecipe, root: Path) -> Task:
-    from transformers import AutoTokenizer
-
     from trainer.data.math_lighteval import read_rows  # parquet readers need pyarrow: see _parquet
-    from trainer.prepare.places import tokenizer_source
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_source(r))
+    tok = hf_tokenizer(r)
     rows = read_rows(root / r.recipe.data.path)
     held_out = [row for row in rows if row.get("split") == "test"]
     train = [row for row in rows if row.get("split") != "test"]
@@ -90,12 +87,31 @@ def _math(r: ResolvedRecipe, root: Path) -> Task:
                 tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, [])
 
 
-def _model_tokenizer(r: ResolvedRecipe):
-    source = r.model.hf_id or r.model.weights
-    if source is not None:
-        from transformers import AutoTokenizer
+def hf_tokenizer(r: ResolvedRecipe):
+    """The model's own tokenizer (``places.tokenizer_source``: beside its prepared weights, else the hub's).
+    Remote code (a ``tokenizer_config.json`` whose ``auto_map`` names the repository's own class) runs only under
+    ``model.trust_remote_code``; otherwise a ValueError says so in one line, before transformers would ask on
+    the terminal."""
+    import json
 
-        return AutoTokenizer.from_pretrained(source)
+    from transformers import AutoTokenizer
+
+    from trainer.prepare.places import tokenizer_source
+
+    source = tokenizer_source(r) or r.model.weights
+    config = Path(source) / "tokenizer_config.json"
+    if not r.model.trust_remote_code and config.is_file():
+        remote = json.loads(config.read_text()).get("auto_map", {}).get("AutoTokenizer")
+        code = next((c for c in remote if c), None) if isinstance(remote, list) else remote  # [slow, fast]
+        if code:
+            raise ValueError(f"the tokenizer in {source} is its repository's own code ({code}); set "
+                             f"model.trust_remote_code=true (matrix.yaml models.{r.recipe.model}) if you trust it")
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=r.model.trust_remote_code)
+
+
+def _model_tokenizer(r: ResolvedRecipe):
+    if r.model.hf_id or r.model.weights:
+        return hf_tokenizer(r)
     tok = CharTokenizer()
     if len(tok) > r.model.shape.vocab:
         raise ValueError(f"model {r.recipe.model} has no tokenizer (no hf_id or weights) and its vocab "

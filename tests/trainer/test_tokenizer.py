@@ -54,3 +54,34 @@ def test_decode_rejects_out_of_range():
     with pytest.raises(ValueError, match="105"):
         CharTokenizer().decode([105])
     assert CharTokenizer().batch_decode([[10, 11], []]) == [" !", ""]  # 8 specials, newline, tab, then ASCII
+
+
+def test_a_tokenizer_of_remote_code_runs_only_when_the_model_trusts_it(tmp_path, matrix):
+    """Moonlight's tokenizer is its repository's own Python (tiktoken): transformers refuses it without
+    trust_remote_code, and on a terminal would ask; the matrix's model says whether to run it."""
+    import json
+
+    import pytest
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from trainer.tasks import hf_tokenizer
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    (tmp_path / "own_tokenizer.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass OwnTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "own_tokenizer.OwnTokenizer"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    r = matrix.resolve("tiny-qwen2.5")
+
+    def with_model(trust: bool):
+        model = r.model.model_copy(update={"weights": str(tmp_path), "trust_remote_code": trust})
+        return r.model_copy(update={"model": model})
+
+    with pytest.raises(ValueError, match=r"repository's own code \(own_tokenizer.OwnTokenizer\); set "
+                                         r"model.trust_remote_code=true \(matrix.yaml models.tiny-qwen2.5\)"):
+        hf_tokenizer(with_model(False))
+    assert type(hf_tokenizer(with_model(True))).__name__ == "OwnTokenizer"

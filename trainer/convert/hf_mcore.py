@@ -19,6 +19,7 @@ from matrix.schema import Model
 from trainer.convert import ConvertError
 from trainer.convert.shards import atomic_directory, copy_side_files, save_shard, write_index
 from trainer.models.config import model_from_hf_config
+from trainer.models.families import bundle_of
 from trainer.models.shapes import check_shapes, expected_hf_shapes
 from trainer.models.weight_files import (
     FORMAT,
@@ -35,6 +36,9 @@ from trainer.models.weight_map import Rule, rules
 
 
 def check_names(present: set[str], table: list[Rule], model: Model, *, where: Path) -> None:
+    """Every tensor the rules name is there, and every other one is of a part the family does not train."""
+    untrained = bundle_of(model).untrained
+    present = {name for name in present if not untrained(model.shape, name)}
     expected = {n for r in table for n in r.hf}
     optional = {n for r in table if r.buffer for n in r.hf} | ({"lm_head.weight"} if model.shape.tie_embeddings else set())
     unknown = sorted(present - expected - optional)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from matrix.schema import Layout, Model
+from matrix.schema import Layout, Model, MoE
 from trainer.models.weight_files import (
     HF_INDEX,
     HF_SINGLE,
@@ -96,7 +96,13 @@ def first_difference(ours: Model, theirs: Model) -> tuple[str, object, object] |
     """(dotted field, our value, theirs) of the first family or shape field that differs, or None."""
     if ours.family != theirs.family:
         return "family", ours.family, theirs.family
-    return _first_difference("shape", ours.shape.model_dump(), theirs.shape.model_dump())
+    return _first_difference("shape", _architecture(ours), _architecture(theirs))
+
+
+def _architecture(model: Model) -> dict:
+    """The shape's fields that describe the weights: a MoE's router training settings are the recipe's, and a
+    checkpoint read back says the defaults (qwen3-next trains its router in fp64)."""
+    return model.shape.model_dump(exclude={"moe": set(MoE.TRAINING_SETTINGS)} if model.shape.moe else None)
 
 
 def _first_difference(where: str, ours: object, theirs: object) -> tuple[str, object, object] | None:

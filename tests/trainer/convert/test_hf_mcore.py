@@ -1,6 +1,7 @@
 """hf-to-mcore → mcore-to-hf gives the HF checkpoint back bit for bit; verify compares logits; bad input is refused."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -130,3 +131,26 @@ def test_unknown_tensor_in_megatron_directory_is_one_line_exit_2_and_writes_noth
     assert line.startswith("error: ") and "Traceback" not in err
     assert "tensor 'decoder.layers.0.self_attention.q_layernorm.weight' does not belong to family qwen2" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mcore"]
+
+
+@pytest.mark.parametrize(("name", "extra"), [
+    ("tiny-moonlight", ["model.layers.4.eh_proj.weight", "model.layers.4.enorm.weight",
+                        "model.layers.4.self_attn.kv_a_proj_with_mqa.weight"]),  # DeepSeek-V3's layer 61
+    ("tiny-qwen3-next", ["mtp.fc.weight", "mtp.layers.0.input_layernorm.weight"]),
+])
+def test_multi_token_prediction_tensors_are_skipped_not_refused(hf_dirs, tmp_path, name, extra):
+    """The hub's DeepSeek-V3 and Qwen3-Next checkpoints ship multi-token-prediction weights nothing here trains:
+    conversion skips them (it refused the whole checkpoint, naming the first), and converts the rest as before."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dirs[name], src)
+    index = json.loads((src / HF_INDEX).read_text())
+    save_file({n: torch.ones(4) for n in extra}, src / "mtp.safetensors")
+    index["weight_map"] |= dict.fromkeys(extra, "mtp.safetensors")
+    (src / HF_INDEX).write_text(json.dumps(index))
+    assert main(["hf-to-mcore", str(src), str(tmp_path / "with")]) == 0
+    assert main(["hf-to-mcore", str(hf_dirs[name]), str(tmp_path / "without")]) == 0
+    with_mtp, without = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}
+                         for d in ("with", "without"))
+    assert with_mtp.keys() == without.keys() and all(torch.equal(with_mtp[k], without[k]) for k in without)

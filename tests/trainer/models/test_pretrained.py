@@ -132,3 +132,19 @@ def test_moe_checkpoint_loads_every_parameter_and_the_routers_expert_bias(tmp_pa
     for name, bias in biases.items():
         layer = name.split(".")[2]
         assert torch.equal(bias, expected[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"]), name
+
+
+def test_router_training_settings_are_not_the_checkpoints_to_say(matrix):
+    """qwen3-next trains its router in fp64 (a recipe setting); the config.json it is prepared from, read back,
+    says the default: the run must not refuse its own prepared weights. The weights' own fields still count."""
+    from trainer.models.pretrained import first_difference
+
+    ours = matrix.models["qwen3-next-80b-a3b"]
+    moe = ours.shape.moe
+    assert moe.router_dtype == "fp64"
+
+    def with_moe(**update):
+        return ours.model_copy(update={"shape": ours.shape.model_copy(update={"moe": moe.model_copy(update=update)})})
+
+    assert first_difference(ours, with_moe(router_dtype="fp32", expert_bias=True, bias_update_rate=1e-3)) is None
+    assert first_difference(ours, with_moe(experts=8)) == ("shape.moe.experts", moe.experts, 8)

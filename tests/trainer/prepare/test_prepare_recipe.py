@@ -40,8 +40,21 @@ def _to_fp8(directory: Path) -> None:
                 tensors[name + "_scale_inv"] = scale.reshape(1, 1)
                 index["weight_map"][name + "_scale_inv"] = shard
         save_file(tensors, directory / shard, metadata={"format": "pt"})
-    (directory / HF_INDEX).write_text(json.dumps(index))
     config = json.loads((directory / "config.json").read_text())
+    # the release's multi-token-prediction layer: past the trained layers, not converted (DeepSeek-V3's layer 61)
+    mtp = f"model.layers.{config['num_hidden_layers']}"
+    hidden = config["hidden_size"]
+    eh_proj = torch.randn(hidden, 2 * hidden)
+    scale = eh_proj.abs().max() / FP8_MAX
+    save_file({f"{mtp}.eh_proj.weight": (eh_proj / scale).to(torch.float8_e4m3fn),
+               f"{mtp}.eh_proj.weight_scale_inv": scale.reshape(1, 1),
+               f"{mtp}.enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+               f"{mtp}.shared_head.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)},
+              directory / "model-mtp.safetensors", metadata={"format": "pt"})
+    index["weight_map"] |= {f"{mtp}.{n}": "model-mtp.safetensors"
+                            for n in ("eh_proj.weight", "eh_proj.weight_scale_inv", "enorm.weight",
+                                      "shared_head.norm.weight")}
+    (directory / HF_INDEX).write_text(json.dumps(index))
     config.update(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]},
                   num_nextn_predict_layers=1)
     (directory / "config.json").write_text(json.dumps(config))

@@ -50,6 +50,9 @@ class FamilyBundle:
     """→ ``weight_map.Rule`` list, in megatron's parameter order"""
     flops_per_token: Callable[[Shape, int], float]
     """(shape, context length) → forward FLOPs per token"""
+    untrained: Callable[[Shape, str], bool] = lambda shape, name: False
+    """(shape, HF tensor name) → whether the checkpoint's tensor belongs to a part not trained here (a
+    multi-token-prediction head): conversion skips it instead of refusing the checkpoint"""
 
 
 def torch_dtype(model: Model) -> torch.dtype:

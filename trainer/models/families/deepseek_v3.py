@@ -344,6 +344,13 @@ def flops_per_token(shape: Shape, seq_len: int) -> float:
     return shape.layers * mla_flops(shape, seq_len) + mlps + flops.output_head(shape.hidden, shape.vocab)
 
 
+def untrained(shape: Shape, name: str) -> bool:
+    """DeepSeek-V3's multi-token-prediction layer (``model.layers.61.*`` past the 61 trained layers: ``eh_proj``,
+    ``enorm``, ``hnorm``, ``shared_head``, a whole decoder layer): not trained (``num_nextn_predict_layers: 0``)."""
+    parts = name.split(".")
+    return name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= shape.layers
+
+
 BUNDLE = FamilyBundle(
     name="deepseek_v3",
     hf_model_type="deepseek_v3",
@@ -355,4 +362,5 @@ BUNDLE = FamilyBundle(
     shape_from_hf=shape_from_hf,
     rules=rules,
     flops_per_token=flops_per_token,
+    untrained=untrained,
 )

@@ -354,6 +354,11 @@ def flops_per_token(shape: Shape, seq_len: int) -> float:
     return mixers + shape.layers * moe_flops(shape) + flops.output_head(shape.hidden, shape.vocab)
 
 
+def untrained(shape: Shape, name: str) -> bool:
+    """Qwen3-Next's multi-token-prediction module (``mtp.*``, which transformers ignores too): not trained."""
+    return name.startswith("mtp.")
+
+
 BUNDLE = FamilyBundle(
     name="qwen3_next",
     hf_model_type="qwen3_next",
@@ -365,4 +370,5 @@ BUNDLE = FamilyBundle(
     shape_from_hf=shape_from_hf,
     rules=rules,
     flops_per_token=flops_per_token,
+    untrained=untrained,
 )
