@@ -97,7 +97,7 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
         from trainer.parallel.gather import local_shard, mark_tp_groups, whole_name
 
         rank, world = me.rank, me.world
-        gpt = build_gpt_model(model, seed=0, layout=layout)
+        gpt = build_gpt_model(model, seed=0, layout=layout, materialize=False)  # filled below, piece by piece
         mark_tp_groups(gpt)
         dense_file, expert_file = file_names()
         owned = {n: t for n, t in local_tensors(gpt, model).items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -25,7 +26,7 @@ RECOMPUTE = {
 
 def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pre_process: bool | None = None,
                     post_process: bool | None = None, recompute: str = "none", platform: Platform = CPU,
-                    precision: Precision | None = None) -> GPTModel:
+                    precision: Precision | None = None, materialize: bool = True) -> GPTModel:
     """A freshly initialised ``GPTModel`` (this rank's TP/PP/EP part) on the platform's device, its parameters
     in ``precision`` (default: the model's dtype); the same seed gives the same weights.
 
@@ -35,6 +36,10 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
 
     The platform says where megatron initialises (on the host with the CPU platform: torch's default
     generator, seeded here and restored afterwards), the dtype, the MoE dispatch and the spec provider.
+    ``materialize=False``: the parameters on the meta device, where initialising them computes nothing (their
+    shapes and megatron's attributes only: what a sharded conversion needs of a model it fills from a checkpoint, without holding a
+    random one beside it).
+
     Needs ``parallel_state`` initialised (the backend does it; tests use a fixture). A family with no bundle
     raises ``NotImplementedError`` naming it.
     """
@@ -59,17 +64,18 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        gpt = GPTModel(
-            config=config,
-            transformer_layer_spec=bundle.layer_specs(model, config, platform.spec_provider(precision)),
-            vocab_size=padded_vocab(shape.vocab, layout.tp),
-            max_sequence_length=shape.max_position,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=shape.tie_embeddings,
-            **bundle.gpt_kwargs(model),
-            parallel_output=True,
-        )
+        with contextlib.nullcontext() if materialize else torch.device("meta"):
+            gpt = GPTModel(
+                config=config,
+                transformer_layer_spec=bundle.layer_specs(model, config, platform.spec_provider(precision)),
+                vocab_size=padded_vocab(shape.vocab, layout.tp),
+                max_sequence_length=shape.max_position,
+                pre_process=pre_process,
+                post_process=post_process,
+                share_embeddings_and_output_weights=shape.tie_embeddings,
+                **bundle.gpt_kwargs(model),
+                parallel_output=True,
+            )
     finally:
         torch.set_rng_state(rng)
         if tracker_states is not None:
@@ -77,7 +83,8 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     # megatron places only its own layers on the current device (its training loop moves the whole model, which
     # core leaves to the caller): torch norms, the duplicated down projections, routers and shared-expert gates
     # are made on the host. Module.to keeps every parameter object, and so megatron's attributes on it.
-    gpt.to(platform.device)
+    if materialize:
+        gpt.to(platform.device)
     _mark_expert_parameters(gpt)
     return gpt
 
