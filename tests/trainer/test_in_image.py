@@ -111,6 +111,10 @@ def test_equivalence_in_image_runs_the_same_gates_inside_their_image(host_env, c
     assert "MY_SECRET_TOKEN" not in line and SECRET not in line
     assert line.endswith(f"grpo-stack/cpu:0.1.0 python -m trainer.equivalence tp-equivalence --matrix "
                          f"{ROOT / 'matrix.yaml'} --out {out} --candidate=1")
+    # the gates' ranks on a Ray cluster: the launcher and the cluster reach the command inside
+    assert equivalence(["tp-equivalence", "--in-image", "--dry-run", "--runtime", "docker", "--launcher", "ray",
+                        "--ray-address", "10.0.0.1:6379"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"--out {out} --launcher ray --ray-address 10.0.0.1:6379")
 
 
 def test_bench_in_image_runs_the_same_suite_inside_its_image(host_env, capsys):

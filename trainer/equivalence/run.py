@@ -177,8 +177,12 @@ def _in_image(m: Matrix, args: argparse.Namespace) -> int:
     writes = [out] + ([Path(args.cache).resolve()] if args.cache else [])
     common = ["--matrix", str(matrix), "--out", str(out)] + (["--cache", str(writes[1])] if args.cache else [])
     common += [f"--candidate={i}" for i in args.candidate or []]
+    common += (["--launcher", args.launcher] if args.launcher else []) + (
+        ["--ray-address", args.ray_address] if args.ray_address else [])
     entries = [Entry(image, ["python", "-m", "trainer.equivalence", *group, *common],
-                     [r for n in group for r in recipes[n]], writes)
+                     [r for n in group for r in recipes[n]], writes,
+                     ranks_here=all((args.launcher or r.recipe.run.launcher) == "local"
+                                    for n in group for r in recipes[n]))
                for image, group in by_image("gate", recipes).items()]
     return run_entries(entries, matrix, runtime=args.runtime, dry_run=args.dry_run)
 
