@@ -90,9 +90,14 @@ class Entry:
     recipes: list[ResolvedRecipe]
     writes: list[Path]
     mounts: list[Mount] = field(default_factory=list)
-    ranks_here: bool = True
-    """Whether the recipes' ranks run in this container; False for a Ray driver (``--launcher ray``), whose ranks
-    run on the cluster's nodes: the container then needs no GPUs, and the host's are not counted."""
+    launcher: str | None = None
+    """``--launcher`` as given (None: each recipe's ``run.launcher``)."""
+
+    @property
+    def ranks_here(self) -> bool:
+        """Whether the recipes' ranks run in this container; not for a Ray driver, whose ranks run on the
+        cluster's nodes: the container then needs no GPUs, and the host's are not counted."""
+        return all((self.launcher or r.recipe.run.launcher) == "local" for r in self.recipes)
 
     def needs(self, matrix: Path) -> Needs:
         cache, env = _hf_cache_mount()
@@ -119,13 +124,15 @@ def train_entry(args: argparse.Namespace, r: ResolvedRecipe) -> Entry:
         command += ["--resume", str(Path(args.resume).resolve())]
     if args.wandb:
         command += ["--wandb", args.wandb]
-    if args.launcher:
-        command += ["--launcher", args.launcher]
-    if args.ray_address:
-        command += ["--ray-address", args.ray_address]
+    command += launcher_arguments(args)
     command += [f"--{f.replace('_', '-')}" for f in PASSED_FLAGS if getattr(args, f)]
-    ranks_here = (args.launcher or r.recipe.run.launcher) == "local"
-    return Entry(r.recipe.image, command, [r], [runs], mounts, ranks_here=ranks_here)
+    return Entry(r.recipe.image, command, [r], [runs], mounts, launcher=args.launcher)
+
+
+def launcher_arguments(args: argparse.Namespace) -> list[str]:
+    """``--launcher`` / ``--ray-address`` as given on the host, for the same command inside the image."""
+    return (["--launcher", args.launcher] if args.launcher else []) + (
+        ["--ray-address", args.ray_address] if args.ray_address else [])
 
 
 def container_needs(args: argparse.Namespace, r: ResolvedRecipe) -> Needs:

@@ -168,7 +168,7 @@ def run_gate(runner: Runner, name: str, gate: Gate, out: Path, console: Console,
 
 def _in_image(m: Matrix, args: argparse.Namespace) -> int:
     """The same gates, inside their recipes' image (one container per image)."""
-    from trainer.in_image import Entry, by_image, run_entries
+    from trainer.in_image import Entry, by_image, launcher_arguments, run_entries
 
     names = args.gates or list(m.gates)
     recipes = {n: [variant(m, m.gates[n].recipe, p) for p in (m.gates[n].reference, *m.gates[n].candidates)]
@@ -177,12 +177,9 @@ def _in_image(m: Matrix, args: argparse.Namespace) -> int:
     writes = [out] + ([Path(args.cache).resolve()] if args.cache else [])
     common = ["--matrix", str(matrix), "--out", str(out)] + (["--cache", str(writes[1])] if args.cache else [])
     common += [f"--candidate={i}" for i in args.candidate or []]
-    common += (["--launcher", args.launcher] if args.launcher else []) + (
-        ["--ray-address", args.ray_address] if args.ray_address else [])
+    common += launcher_arguments(args)
     entries = [Entry(image, ["python", "-m", "trainer.equivalence", *group, *common],
-                     [r for n in group for r in recipes[n]], writes,
-                     ranks_here=all((args.launcher or r.recipe.run.launcher) == "local"
-                                    for n in group for r in recipes[n]))
+                     [r for n in group for r in recipes[n]], writes, launcher=args.launcher)
                for image, group in by_image("gate", recipes).items()]
     return run_entries(entries, matrix, runtime=args.runtime, dry_run=args.dry_run)
 

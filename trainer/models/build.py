@@ -37,8 +37,8 @@ def build_gpt_model(model: Model, *, seed: int, layout: Layout | None = None, pr
     The platform says where megatron initialises (on the host with the CPU platform: torch's default
     generator, seeded here and restored afterwards), the dtype, the MoE dispatch and the spec provider.
     ``materialize=False``: the parameters on the meta device, where initialising them computes nothing (their
-    shapes and megatron's attributes only: what a sharded conversion needs of a model it fills from a checkpoint, without holding a
-    random one beside it).
+    shapes and megatron's attributes only: what a sharded conversion needs of a model it fills from a
+    checkpoint, without holding a random one beside it).
 
     Needs ``parallel_state`` initialised (the backend does it; tests use a fixture). A family with no bundle
     raises ``NotImplementedError`` naming it.
