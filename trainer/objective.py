@@ -8,7 +8,7 @@ multiplied by its truncated importance weight min(p_old / p_engine, cap) (`train
 that step does not run at all. A term whose coefficient is 0 is logged but kept out of the
 graph, so nothing it computes (say an inf far from the reference) can reach the gradient.
 Metrics are returned pre-weighted by the micro-batch's share of the denominator, so the backend's sum over
-micro-batches is the global mean.
+micro-batches is the global mean; they are detached device scalars (no host sync per micro-batch).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from trainer.algo import (
     global_denominator,
 )
 from trainer.algo.mismatch import truncated_is_metrics, truncated_is_weights
+from trainer.backends.base import LossFn
 from trainer.passes import ALL_PASSES, Passes
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
 def advantages(grpo: GRPO, rewards: torch.Tensor) -> torch.Tensor:
@@ -86,13 +85,13 @@ def make_loss_fn(grpo: GRPO, global_tokens: float, passes: Passes = ALL_PASSES) 
         if grpo.entropy_coef:
             per_token = per_token - grpo.entropy_coef * entropy
         loss = mean(per_token, mask)
-        share = float(agg_denominator(mask, grpo.loss_agg)) / denominator
-        metrics = {"loss/total": loss.item(),
-                   "loss/pg": mean(pg.detach(), mask).item(),
-                   "loss/entropy": mean(entropy.detach(), mask).item()}
+        share = agg_denominator(mask, grpo.loss_agg) / denominator  # float64, as the host's division was
+        metrics = {"loss/total": loss.detach(),
+                   "loss/pg": mean(pg.detach(), mask),
+                   "loss/entropy": mean(entropy.detach(), mask)}
         if kl is not None:
-            metrics["loss/kl"] = mean(kl.detach(), mask).item()
-        metrics |= {k: v.item() * share for k, v in pg_metrics.items()}
+            metrics["loss/kl"] = mean(kl.detach(), mask)
+        metrics |= {k: v.detach().to(torch.float64) * share for k, v in pg_metrics.items()}
         return loss, metrics
 
     return loss_fn
@@ -103,6 +102,6 @@ def sft_loss_fn(global_tokens: float) -> LossFn:
 
     def loss_fn(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, torch.Tensor]):
         loss = agg_loss(-logp, mb["response_mask"], global_tokens)
-        return loss, {"loss/sft": loss.item()}
+        return loss, {"loss/sft": loss.detach()}
 
     return loss_fn

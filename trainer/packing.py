@@ -61,10 +61,10 @@ class Packed:
         return self.unpack(torch.ones(1, self.width, device=self.input_ids.device))
 
 
-def pack_rows(input_ids: Tensor, attention_mask: Tensor, *, multiple: int = 1, pad_id: int = 0) -> Packed:
-    """Pack the real tokens of right-padded rows (B, T); padded to a multiple of ``multiple`` at the end."""
+def pack_rows(input_ids: Tensor, lengths: list[int], *, multiple: int = 1, pad_id: int = 0) -> Packed:
+    """Pack the real tokens of right-padded rows (B, T), ``lengths[i]`` of row i; padded to a multiple of
+    ``multiple`` at the end. The lengths are the host's (the caller reads them once for all micro-batches)."""
     rows, width = input_ids.shape
-    lengths = attention_mask.sum(dim=1).tolist()
     ids, positions, labels, scored, target = [], [], [], [], []
     for i, n in enumerate(lengths):
         steps = torch.arange(n, device=input_ids.device)  # on the ids' device, as everything packed
@@ -89,4 +89,4 @@ def empty(multiple: int, columns: int, device: torch.device) -> Packed:
     """A micro-batch of padding only, on ``device``: ranks with fewer micro-batches run these, as FSDP's
     collectives need."""
     nothing = torch.zeros(1, columns + 1, dtype=torch.long, device=device)
-    return pack_rows(nothing, nothing, multiple=multiple)
+    return pack_rows(nothing, [0], multiple=multiple)

@@ -8,18 +8,36 @@ sees a shard, a process group or a rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from matrix import ResolvedRecipe
 from trainer.platform import CPU, Platform
 
-# loss_fn(logp, entropy, micro_batch) -> (loss, metrics); built for the step's global token count.
-LossFn = Callable[[Tensor, Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+# loss_fn(logp, entropy, micro_batch) -> (loss, metrics); built for the step's global token count. The metrics
+# are detached scalars, left on the device: the backend sums them over micro-batches (``summed_metrics``).
+LossFn = Callable[[Tensor, Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor | float]]]
 MakeLossFn = Callable[[float], LossFn]
+
+
+def summed_metrics(per_micro_batch: Iterable[Mapping[str, Tensor | float]]) -> dict[str, float]:
+    """Each key's sum over the micro-batches, in float64, brought to the host once for the whole step: a float()
+    per metric and micro-batch would make the host wait for the device that often (on a GPU, stalling the
+    launch of the next micro-batch's work every time). The sum is the one a host loop over float() would
+    make, to the bit: the same values, widened to float64, added in the same order."""
+    totals: dict[str, Tensor] = {}
+    for metrics in per_micro_batch:
+        for key, value in metrics.items():
+            value = torch.as_tensor(value).to(torch.float64)
+            totals[key] = totals[key] + value if key in totals else value
+    keys = sorted(totals)
+    if not keys:
+        return {}
+    return dict(zip(keys, torch.stack([totals[k] for k in keys]).tolist(), strict=True))
 
 
 class TrainingBackend(Protocol):

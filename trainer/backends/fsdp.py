@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
-from trainer.backends.base import MakeLossFn
+from trainer.backends.base import MakeLossFn, summed_metrics
 from trainer.backends.optim import check_finite, clip_and_step, for_training, state_mib
 from trainer.models import pretrained
 from trainer.models.families import family
@@ -176,7 +176,7 @@ class FSDPBackend:
         mbs = []
         for group in budget_groups(lengths, budget):
             mb = {k: v[group] for k, v in rows.items()}
-            mbs.append((mb, pack_rows(mb["input_ids"], mb["attention_mask"], multiple=self.sp)))
+            mbs.append((mb, pack_rows(mb["input_ids"], [lengths[i] for i in group], multiple=self.sp)))
         count = torch.tensor([len(mbs)])
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         while len(mbs) < int(count):
@@ -234,12 +234,13 @@ class FSDPBackend:
         self.optimizer.zero_grad(set_to_none=True)
         batch = self.platform.to_device(batch)
         mbs = self._micro_batches(self._rows(batch))
-        local = sum(float((mb["response_mask"] * self._slice(packed).owned()).sum())
-                    for mb, packed in mbs if mb is not None)
-        count = torch.tensor([local], dtype=torch.float64)
+        count = torch.zeros(1, dtype=torch.float64, device=self.platform.device)
+        for mb, packed in mbs:
+            if mb is not None:
+                count += (mb["response_mask"] * self._slice(packed).owned()).sum()
         dist.all_reduce(count)
         loss_fn = make_loss(float(count))
-        totals: dict[str, float] = {}
+        per_micro_batch = []
         forward_logprobs = []
         for mb, packed in mbs:
             mine, logits = self._forward(packed)
@@ -251,9 +252,8 @@ class FSDPBackend:
             loss, metrics = loss_fn(mine.unpack(logp), mine.unpack(entropy), inputs)
             loss.backward()
             forward_logprobs.append(mine.unpack(logp.detach()))
-            for key, value in {"loss": float(loss.detach()), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        totals = _sum_over_ranks(totals)
+            per_micro_batch.append({"loss": loss.detach(), **metrics})
+        totals = _sum_over_ranks(summed_metrics(per_micro_batch))
         check_finite("loss", totals.get("loss", 0.0), self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self._grad_norm(params)

@@ -37,7 +37,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import random as mcore_random
 from torch import Tensor
 
-from trainer.backends.base import MakeLossFn
+from trainer.backends.base import MakeLossFn, summed_metrics
 from trainer.backends.optim import check_finite, clip_and_step, for_training, state_mib, weights_loaded
 from trainer.batching import micro_batches
 from trainer.models import pretrained
@@ -172,16 +172,12 @@ class MegatronBackend:
         def finish(logits, mb):
             logp, entropy = vocab_parallel_logprobs(logits, mb["labels"], vocab, with_entropy=True)
             loss, metrics = loss_fn(logp, entropy, mb)
-            result = {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+            result = {"loss": loss.detach(), **metrics}
             return loss, result | ({"logp": _rows_in_order(logp.detach(), mb)} if return_logprobs else {})
 
         results = self._run(mbs, finish, forward_only=False)
         logprobs = _whole_batch([r.pop("logp") for r in results], batch["input_ids"]) if return_logprobs else None
-        partial: dict[str, float] = {}
-        for result in results:
-            for key, value in result.items():
-                partial[key] = partial.get(key, 0.0) + value
-        totals = dp.sum_over_dp_cp(pp.from_last_stage(partial))
+        totals = dp.sum_over_dp_cp(pp.from_last_stage(summed_metrics(results)))
         check_finite("loss", totals.get("loss", 0.0), self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         _sync_tied_embeddings(params)

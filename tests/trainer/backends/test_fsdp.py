@@ -59,7 +59,7 @@ def test_packed_rows_never_attend_to_each_other(resolved):
     model = build_hf_model(resolved, on_meta=False).eval()
     b = batch()
     expected = row_logprobs(model, b["input_ids"], b["attention_mask"])
-    packed = pack_rows(b["input_ids"], b["attention_mask"], multiple=4)
+    packed = pack_rows(b["input_ids"], b["attention_mask"].sum(1).tolist(), multiple=4)
     assert packed.width % 4 == 0 and packed.position_ids[0, :6].tolist() == list(range(6))
 
     def packed_logprobs(position_ids):
@@ -79,7 +79,7 @@ def test_packed_tensors_are_made_on_the_rows_device():
     """The batch is on the rank's device (a GPU's): positions, labels, what is scored and where it goes must be
     made there too, not on the host. A "meta" device shows where each lands (the lengths are read on the host)."""
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
-    packed = pack_rows(ids.to("meta"), (ids > 0).long(), multiple=4)
+    packed = pack_rows(ids.to("meta"), (ids > 0).sum(1).tolist(), multiple=4)
     tensors = (packed.input_ids, packed.position_ids, packed.labels, packed.scored, packed.target)
     assert [t.device.type for t in tensors] == ["meta"] * 5
 
