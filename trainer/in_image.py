@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,21 +23,11 @@ from images.common import UsageError
 from images.runtime import Mount, Needs, check_built, commands, find, run, shown
 from matrix import ResolvedRecipe, load_matrix
 from trainer.config import TrainerInputError
+from trainer.gpus import host_gpus
 from trainer.prepare.places import data_file, weights_dir
 
 HF_CACHE_INSIDE = Path("/hf-cache")
 PASSED_FLAGS = ("rehearse", "tensorboard", "mllog", "ignore_drift", "debug")
-
-
-def host_gpus() -> int:
-    """GPUs this host has (nvidia-smi; no torch import, so a refusal comes in seconds), as many as
-    CUDA_VISIBLE_DEVICES leaves visible where it is set (the container gets those: ``images.runtime``)."""
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    count = sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return count if visible is None else min(count, len([d for d in visible.split(",") if d.strip()]))
 
 
 def needs_gpus(r: ResolvedRecipe) -> int:

@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from trainer.gpus import cuda_visible_devices
+
 Precision = Literal["fp32", "bf16"]
 HOST = torch.device("cpu")
 """Host memory: where files are read into and results leave a rank, whatever the platform computes on."""
@@ -69,6 +71,10 @@ class Platform:
     def compiler(self) -> str | None:
         """The compiler torch.compile builds this platform's kernels with, as torch looks for it (None: none)."""
         raise NotImplementedError
+
+    def compiler_line(self) -> str:
+        """What ``describe`` says of the compiler: the one torch.compile uses, or why it runs eager."""
+        return self.compile_blocker() or str(self.compiler())
 
     def bind(self) -> None:
         """Make this rank's device the current one; called before any process group exists."""
@@ -206,7 +212,7 @@ class CpuPlatform(Platform):
 
     def describe(self) -> dict[str, str]:
         return {"device": f"cpu ({os.cpu_count()} cores)", "collectives": self.collective_backend,
-                "compiler": self.compile_blocker() or str(self.compiler())}
+                "compiler": self.compiler_line()}
 
     def memory(self) -> dict[str, float]:
         # ru_maxrss cannot be reset: a stage's peak on CPU is the process's peak so far.
@@ -256,9 +262,8 @@ class CudaPlatform(Platform):
 
     def engine_environment(self, replica: int, tp: int) -> dict[str, str]:
         # the devices this process sees, in its numbering: replica i takes the i-th run of tp of them
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = ([d.strip() for d in visible.split(",") if d.strip()] if visible is not None
-                   else [str(i) for i in range(torch.cuda.device_count())])
+        visible = cuda_visible_devices()
+        devices = visible if visible is not None else [str(i) for i in range(torch.cuda.device_count())]
         mine = devices[replica * tp:(replica + 1) * tp]
         if len(mine) < tp:
             raise PlatformUnavailable(f"rollout engine {replica} needs GPUs {replica * tp}..{(replica + 1) * tp - 1} "
@@ -289,7 +294,7 @@ class CudaPlatform(Platform):
             "device": f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)",
             "collectives": f"{self.collective_backend} (NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})",
             "cuda": str(torch.version.cuda),
-            "compiler": self.compile_blocker() or str(self.compiler()),
+            "compiler": self.compiler_line(),
         }
 
     def memory(self) -> dict[str, float]:
