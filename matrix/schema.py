@@ -320,8 +320,9 @@ class Rollout(Strict):
     gpus / tp when colocated, else 1. Colocated, tp × engines must be the recipe's gpus. They start from the
     driver's process, so at most gpus_per_node / tp of them run (engines on other nodes are not built)."""
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.6
-    """Share of each GPU the engine may take (vLLM gpu_memory_utilization, SGLang mem_fraction_static); colocated
-    engines leave the rest to the trainer."""
+    """Share of each GPU the engine may take for itself (vLLM gpu_memory_utilization, SGLang mem_fraction_static,
+    each translated so that memory the trainer holds when the engine starts is not counted: docs/rollout.md);
+    colocated engines leave the rest to the trainer."""
     enforce_eager: bool = False
     """No CUDA graphs (vLLM enforce_eager, SGLang disable_cuda_graph): slower decoding, faster start, less memory."""
     max_model_len: PositiveInt | None = None

@@ -232,3 +232,47 @@ def test_weights_cross_as_sglang_payloads_bit_equal_per_rank_within_the_bound(ti
         if process.is_alive():
             process.kill()
     assert sorted(rank1) == expected
+
+
+def _sglang_kv_pool_gib(mem_fraction_static: float, *, total: float, trainer: float, weights: float) -> float:
+    """SGLang 0.5.2's own ``ModelRunner.profile_max_num_token`` (its source, from the wheel: the module needs CUDA
+    to import), run on a simulated GPU of ``total`` GiB, ``trainer`` GiB held by another process and ``weights``
+    GiB loaded by the engine; its KV pool in GiB. SGLang's ``total_gpu_memory`` argument is the memory free at
+    its init, as ``init_torch_distributed`` measures it."""
+    from types import SimpleNamespace
+
+    path = SGLANG / "srt" / "model_executor" / "model_runner.py"
+    (method,) = [node for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.FunctionDef) and node.name == "profile_max_num_token"]
+    cell = 8 * 128 * 32 * 2 * 2  # KV heads × head dim × layers × (K, V) × bf16 bytes
+    namespace = {
+        "get_available_gpu_memory": lambda *args, **kwargs: total - trainer - weights,  # GiB free after loading
+        "get_world_group": lambda: SimpleNamespace(world_size=1, cpu_group=None),
+        "get_attention_tp_size": lambda: 1,
+        "torch": SimpleNamespace(_utils=SimpleNamespace(_element_size=lambda dtype: 2)),
+    }
+    exec(compile(ast.Module([method], type_ignores=[]), str(path), "exec"), namespace)
+    runner = SimpleNamespace(
+        device="cuda", gpu_id=0, is_draft_worker=False, is_hybrid_gdn=False, use_mla_backend=False,
+        num_effective_layers=32, kv_cache_dtype=None, mem_fraction_static=mem_fraction_static,
+        model_config=SimpleNamespace(get_num_kv_heads=lambda tp: 8, head_dim=128),
+    )
+    tokens = namespace["profile_max_num_token"](runner, total - trainer)
+    return tokens * cell / 2**30
+
+
+def test_a_colocated_engine_gets_its_share_beside_the_trainers_memory():
+    """On an 80 GiB GPU where the trainer holds 30 GiB, an engine whose recipe asks for 0.6 (48 GiB) with 16 GiB of
+    weights should have a 32 GiB KV pool. SGLang takes its fraction of the memory free at start: given 0.6 as it
+    is, 14 GiB; given ``static_memory_fraction``'s value, 32. A share that does not fit beside the trainer is
+    refused, naming the most it could be."""
+    from trainer.rollout.sglang_engine import static_memory_fraction
+
+    gib = 2**30
+    gpu = {"total": 80.0, "trainer": 30.0, "weights": 16.0}
+    assert _sglang_kv_pool_gib(0.6, **gpu) == pytest.approx(14.0, rel=1e-4)
+    assert _sglang_kv_pool_gib(static_memory_fraction(0.6, 30 * gib, 80 * gib), **gpu) == pytest.approx(32.0, rel=1e-4)
+    alone = static_memory_fraction(0.6, 0, 80 * gib)
+    assert alone == 0.6 and _sglang_kv_pool_gib(alone, **gpu | {"trainer": 0.0}) == pytest.approx(32.0, rel=1e-4)
+    with pytest.raises(ValueError, match=r"lower it to at most 0\.62"):
+        static_memory_fraction(0.7, 30 * gib, 80 * gib)

@@ -253,3 +253,68 @@ def test_vllm_finds_every_config_field_its_model_reads_in_the_engines_config(mat
         checked.add(name)
     assert {"moonlight-16b-a3b", "deepseek-v3-671b", "qwen2.5-7b", "qwen3-8b"} <= checked  # seeds rolling out on vLLM
     assert missing == {}
+
+
+def _v1_kv_cache_bytes(gpu_memory_utilization: float, *, total: int, trainer: int, weights: int,
+                       activations: int) -> int:
+    """vLLM 0.8.5's own V1 ``Worker.determine_available_memory`` (its source, from the installed wheel: the module
+    itself needs numba, which the CPU build lacks), run on a simulated GPU of ``total`` bytes, ``trainer`` of them
+    held by another process, ``weights`` allocated by the engine and ``activations`` more at its profiling peak."""
+    import ast
+    from types import SimpleNamespace
+
+    import vllm
+
+    path = Path(vllm.__file__).parent / "v1" / "worker" / "gpu_worker.py"
+    tree = ast.parse(path.read_text())
+    (method,) = [node for node in ast.walk(tree)
+                 if isinstance(node, ast.FunctionDef) and node.name == "determine_available_memory"]
+    method.decorator_list = []  # @torch.inference_mode(): no tensors here
+    gpu = SimpleNamespace(current=0, peak=0)
+
+    def profile_run():
+        gpu.peak = gpu.current + activations
+
+    fake_cuda = SimpleNamespace(
+        mem_get_info=lambda: (total - trainer - gpu.current, total),
+        memory_stats=lambda: {"allocated_bytes.all.peak": gpu.peak, "allocated_bytes.all.current": gpu.current},
+        empty_cache=lambda: None,
+        reset_peak_memory_stats=lambda: setattr(gpu, "peak", gpu.current),
+    )
+    namespace = {"torch": SimpleNamespace(cuda=fake_cuda)}
+    exec(compile(ast.Module([method], type_ignores=[]), str(path), "exec"), namespace)
+    worker = SimpleNamespace(init_gpu_memory=total - trainer, model_runner=SimpleNamespace(profile_run=profile_run),
+                             cache_config=SimpleNamespace(gpu_memory_utilization=gpu_memory_utilization))
+    gpu.current = weights  # loaded after init_device measured the free memory
+    return namespace["determine_available_memory"](worker)
+
+
+def test_a_colocated_v1_engine_gets_its_share_beside_the_trainers_memory():
+    """On an 80 GiB GPU where the trainer holds 30 GiB, an engine whose recipe asks for 0.6 (48 GiB) with 16 GiB
+    of weights and 4 GiB of activations should keep 28 GiB for its KV cache. V1 counts the trainer's 30 GiB
+    against its share: given 0.6 as it is, it has -2 GiB (no cache, it refuses to start); given
+    ``v1_memory_share``'s value, 28 GiB. A share that does not fit beside the trainer is refused, naming the most
+    it could be."""
+    from trainer.rollout.vllm_engine import v1_memory_share
+
+    gib = 2**30
+    gpu = {"total": 80 * gib, "trainer": 30 * gib, "weights": 16 * gib, "activations": 4 * gib}
+    assert _v1_kv_cache_bytes(0.6, **gpu) == -2 * gib
+    assert _v1_kv_cache_bytes(v1_memory_share(0.6, 30 * gib, 80 * gib), **gpu) == 28 * gib
+    assert _v1_kv_cache_bytes(v1_memory_share(0.6, 0, 80 * gib), **gpu | {"trainer": 0}) == 28 * gib
+    with pytest.raises(ValueError, match=r"lower it to at most 0\.62"):
+        v1_memory_share(0.7, 30 * gib, 80 * gib)
+
+
+def test_the_engine_version_is_vllms_own_choice(resolved, tmp_path, monkeypatch):
+    """``_runs_v1`` asks vLLM's EngineArgs as ``LLM`` does: on CPU, V0 (0.8.5's CPU build has no V1)."""
+    from trainer.models.config import hf_config
+    from trainer.rollout.factory import engine_rollout
+    from trainer.rollout.process import write_config
+    from trainer.rollout.vllm_engine import _runs_v1, engine_arguments
+
+    monkeypatch.setenv("VLLM_USE_V1", "")  # undone after the test: vLLM records its choice there
+    monkeypatch.delenv("VLLM_USE_V1")
+    write_config(hf_config(resolved.model), str(tmp_path))
+    settings = engine_rollout(resolved).model_dump()
+    assert _runs_v1(engine_arguments(str(tmp_path), settings, 0, "float32", cpu=True)) is False

@@ -61,6 +61,26 @@ def server_arguments(config_dir: str, settings: dict, seed: int, dtype: str) -> 
     }
 
 
+def static_memory_fraction(requested: float, in_use: int, total: int) -> float:
+    """The ``mem_fraction_static`` to give SGLang 0.5.2 so that its engine takes ``requested`` of the GPU (the
+    recipe's ``rollout.gpu_memory_utilization``) when ``in_use`` bytes of the GPU's ``total`` are held already (a
+    colocated trainer's weights and optimizer, built before the engine).
+
+    SGLang sizes weights + KV pool as that fraction of the memory *free when it starts*
+    (``ModelRunner.profile_max_num_token``: the free memory after loading less (1 − fraction) × the free memory at
+    init), so the recipe's share unchanged would shrink the engine by the trainer's share of the GPU. Raises
+    ValueError when the two do not fit the GPU. (GPU not verified here.)"""
+    free = total - in_use
+    if requested * total > free:
+        gib = 2**30
+        raise ValueError(
+            f"rollout.gpu_memory_utilization {requested} asks for {requested * total / gib:.1f} GiB of a "
+            f"{total / gib:.1f} GiB GPU on which {in_use / gib:.1f} GiB are held already (the colocated trainer): "
+            f"lower it to at most {free / total:.2f}, or give the trainer more GPUs"
+        )
+    return requested * total / free
+
+
 def sampling_arguments(params: SamplingParams) -> dict:
     """SGLang's ``sampling_params`` for ours. Our stop tokens are the only ones: the config the engine reads has no
     tokenizer and ``server_arguments`` overrides its EOS with none (``ignore_eos`` would ignore stop_token_ids too);
@@ -136,11 +156,18 @@ class SglangServer:
 
     def __init__(self, config_dir: str, settings: dict, seed: int):
         os.environ.setdefault(RAW_LOGPROBS_ENV, "1")  # read once, at sglang.srt.layers.sampler's import
+        import pynvml
         import sglang
         from sglang.srt.layers import sampler
 
+        from trainer.gpus import fullest_gpu
+
         self.tp = settings["tp"]
-        self.engine = sglang.Engine(**server_arguments(config_dir, settings, seed, model_dtype(config_dir)))
+        arguments = server_arguments(config_dir, settings, seed, model_dtype(config_dir))
+        arguments["mem_fraction_static"] = static_memory_fraction(
+            arguments["mem_fraction_static"], *fullest_gpu(pynvml, self.tp)
+        )
+        self.engine = sglang.Engine(**arguments)
         self.raw_logprobs = bool(sampler.RETURN_ORIGINAL_LOGPROB)
         self.version = sglang.__version__
 

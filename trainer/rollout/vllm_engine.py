@@ -86,6 +86,37 @@ def engine_arguments(config_dir: str, settings: dict, seed: int, dtype: str, *, 
     return arguments
 
 
+def v1_memory_share(requested: float, in_use: int, total: int) -> float:
+    """The ``gpu_memory_utilization`` to give vLLM 0.8.5's V1 engine so that it takes ``requested`` of the GPU for
+    itself, as the recipe's ``rollout.gpu_memory_utilization`` means and V0 reads it, when ``in_use`` bytes of the
+    GPU's ``total`` are held already (a colocated trainer's weights and optimizer, built before the engine).
+
+    V1's worker sizes its KV cache as total × gpu_memory_utilization − its own peak − every byte the device holds
+    outside its process's torch allocator (``v1/worker/gpu_worker.py``: ``determine_available_memory`` counts the
+    device-wide used memory), so given the recipe's share unchanged, the trainer's memory would come out of the
+    engine's KV cache: a small cache, or none ("No available memory for the cache blocks"). Raises ValueError when
+    the two do not fit the GPU. (GPU not verified here.)"""
+    share = requested + in_use / total
+    if share > 1.0:
+        gib = 2**30
+        raise ValueError(
+            f"rollout.gpu_memory_utilization {requested} asks for {requested * total / gib:.1f} GiB of a "
+            f"{total / gib:.1f} GiB GPU on which {in_use / gib:.1f} GiB are held already (the colocated trainer): "
+            f"lower it to at most {max(0.0, 1.0 - in_use / total):.2f}, or give the trainer more GPUs"
+        )
+    return share
+
+
+def _runs_v1(arguments: dict) -> bool:
+    """Whether ``vllm.LLM(**arguments)`` will run the V1 engine: vLLM's own choice, made the way ``LLM`` makes it
+    (``EngineArgs.create_engine_config`` records it in VLLM_USE_V1, which the ``LLM`` built next keeps)."""
+    from vllm import envs
+    from vllm.engine.arg_utils import EngineArgs
+
+    EngineArgs(**arguments).create_engine_config()
+    return bool(envs.VLLM_USE_V1)
+
+
 def sampling_params(params: SamplingParams, seed_offset: int):
     """vLLM's ``SamplingParams`` for ours: the sampled token's log-prob only, no detokenization; EOS is one of our
     stop tokens (``ignore_eos``: vLLM's own EOS, from a config without a tokenizer, is not ours)."""
@@ -119,12 +150,16 @@ class VllmServer:
         write_id_tokenizer(config_dir)
         _register_architecture(config["architectures"][0])
         from vllm.platforms import current_platform
+        from vllm.utils import import_pynvml
 
-        self.llm = vllm.LLM(
-            **engine_arguments(
-                config_dir, settings, seed, model_dtype(config_dir), cpu=current_platform.is_cpu()
+        from trainer.gpus import fullest_gpu
+
+        arguments = engine_arguments(config_dir, settings, seed, model_dtype(config_dir), cpu=current_platform.is_cpu())
+        if current_platform.is_cuda() and _runs_v1(arguments):
+            arguments["gpu_memory_utilization"] = v1_memory_share(
+                arguments["gpu_memory_utilization"], *fullest_gpu(import_pynvml(), settings["tp"])
             )
-        )
+        self.llm = vllm.LLM(**arguments)
         self.v1 = type(self.llm.llm_engine).__module__.startswith("vllm.v1")
         self.version = vllm.__version__
 
