@@ -1,9 +1,10 @@
 """Weight sync: the policy's whole weights under HF names, streamed into the driver's rollout engine.
 
-The engine consumes the backend's iterator as it is produced, so a backend that gathers lazily (FSDP2: one
-parameter per step) never has more than one whole tensor alive on the driver; the other ranks drain the same
-iterator, taking part in every gather. A backend that gathers everything first (megatron-core) goes through
-the same path. An engine in another process receives the stream in bounded buckets (``rollout.sync_bucket_mb``).
+The engine consumes the backend's iterator as it is produced, so the driver never has more than one whole
+tensor of the stream alive (FSDP2 gathers one parameter per step; megatron-core's owners each hold their share
+and send one whole tensor when the driver asks: ``gather.stream_whole_tensors``); the other ranks drain the same
+iterator, taking part in every gather and send. An engine in another process receives the stream in bounded
+buckets (``rollout.sync_bucket_mb``).
 """
 
 from __future__ import annotations

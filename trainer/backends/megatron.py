@@ -42,7 +42,7 @@ from trainer.backends.optim import check_finite, clip_and_step, for_training, st
 from trainer.batching import micro_batches
 from trainer.models import pretrained
 from trainer.models.build import build_gpt_model
-from trainer.models.weight_map import hf_to_mcore, iter_hf
+from trainer.models.weight_map import hf_to_mcore, stream_hf
 from trainer.parallel import cp, dp, gather, pp
 from trainer.parallel.distributed_optimizer import OptimizerShares
 from trainer.parallel.tp import vocab_parallel_logprobs
@@ -198,10 +198,12 @@ class MegatronBackend:
         return gather.whole_tensors(self.model, self.shape.vocab)
 
     def hf_named_tensors(self, compute_dtype: bool = False) -> Iterator[tuple[str, Tensor]]:
-        """Whole weights under HF names on the driver rank (empty elsewhere); collective, so gathered now. The
-        model's parameters are in its compute dtype already (a bf16 run's fp32 masters live in the optimizer)."""
-        whole = self.whole_weights()
-        return iter_hf(whole, self.shape) if whole else iter(())
+        """Whole weights under HF names on the driver rank (nothing elsewhere), one megatron tensor at a time
+        (``gather.stream_whole_tensors``); every rank must exhaust the iterator, as each step may be collective.
+        The model's parameters are in its compute dtype already (a bf16 run's fp32 masters live in the
+        optimizer)."""
+        stream = gather.stream_whole_tensors(self.model, self.shape.vocab)
+        return stream_hf(stream, self.shape) if dist.get_rank() == 0 else stream
 
     def load_whole(self, whole: Mapping[str, Tensor]) -> None:
         """Take this rank's shard of whole megatron-named weights, one parameter at a time (``whole`` may read

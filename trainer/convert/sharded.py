@@ -141,7 +141,8 @@ def _write_rank(hf_dir: Path, mapping: dict[str, str], out: Path, layout: Layout
 
 def read_sharded(mcore_dir: Path, out_dir: Path, like: Path, placement: Placement = LOCAL) -> Path:
     """A sharded megatron-core directory back to HF with ``like``'s shard layout: the layout's ranks load their
-    shards, the whole tensors are gathered so that rank 0 then holds the whole model, and rank 0 writes."""
+    shards, and rank 0 takes the whole tensors one at a time (``gather.stream_whole_tensors``: each owner holds
+    its share, rank 0 its own and the HF shards not complete yet) and writes each HF shard once complete."""
     from trainer.convert.hf_mcore import like_weight_map
 
     model, meta = read_mcore_model(mcore_dir)
@@ -168,12 +169,16 @@ def _read_rank(mcore_dir: Path, out: Path, like: Path, like_map: dict[str, str],
     with rank_session(layout) as me:  # first: it quiets megatron's import warnings
         from trainer.convert.hf_mcore import write_hf_like
         from trainer.models.build import build_gpt_model
-        from trainer.parallel.gather import whole_tensors
+        from trainer.parallel.gather import stream_whole_tensors
 
         gpt = build_gpt_model(model, seed=0, layout=layout)
         local = local_tensors(gpt, model)
         for name, t in own_shard(gpt, mcore_dir).items():
             local[name].data = t  # its stored dtype, so the gathered tensors are the stored ones bit for bit
-        whole = whole_tensors(gpt, model.shape.vocab)  # parameters and the mapped buffers
+        # parameters and the mapped buffers, one whole tensor at a time on rank 0, which writes each HF shard once
+        # its tensors are in; the other ranks send theirs as rank 0 asks
+        whole = stream_whole_tensors(gpt, model.shape.vocab)
         if me.rank == 0:
-            write_hf_like(whole.items(), model, like, like_map, out, source=mcore_dir)
+            write_hf_like(whole, model, like, like_map, out, source=mcore_dir)
+        for _ in whole:
+            pass

@@ -12,7 +12,7 @@ names under EP=1). Parallel backends gather shards into full tensors before call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +96,21 @@ def iter_hf(named_mcore: Mapping[str, Tensor], shape: Shape | Model) -> Iterator
                 continue
             raise KeyError(f"megatron parameter {rule.mcore!r} is missing from the state dict")
         yield from zip(rule.hf, rule.to_hf(named_mcore[rule.mcore]), strict=True)
+
+
+def stream_hf(named_mcore: Iterable[tuple[str, Tensor]], shape: Shape | Model) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, tensor) for each megatron tensor of a stream, in the stream's order, as each arrives (``iter_hf``
+    for tensors that come one at a time: weight sync from ``gather.stream_whole_tensors``). Tensors no rule
+    maps are passed over, as ``iter_hf`` does; a parameter the stream never brought is a KeyError at its end."""
+    rule_of = {rule.mcore: rule for rule in rules(shape)}
+    for name, tensor in named_mcore:
+        rule = rule_of.pop(name, None)
+        if rule is not None:
+            yield from zip(rule.hf, rule.to_hf(tensor), strict=True)
+        del tensor
+    missing = [name for name, rule in rule_of.items() if not rule.buffer]
+    if missing:
+        raise KeyError(f"megatron parameter {missing[0]!r} is missing from the stream ({len(missing)} in all)")
 
 
 def mcore_to_hf(state_dict: Mapping[str, Tensor], shape: Shape | Model) -> dict[str, Tensor]:

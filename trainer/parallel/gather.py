@@ -130,35 +130,62 @@ def persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
                 yield f"{module_name}.{name}" if module_name else name, buffer
 
 
-def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[str, Tensor]:
-    """Every parameter, and every persistent buffer (replicated over TP and DP: a router's expert bias, which
-    training may move), as a whole tensor under its global name, on global rank ``dst`` ({} elsewhere).
-
-    Collective: every rank of the job must call it. Gathers TP shards inside each group, then collects the
-    owners' tensors on ``dst`` (a tiny model's worth on CPU; a GPU job would stream them per bucket).
-    """
+def _owned_whole_tensors(model: torch.nn.Module, vocab: int) -> dict[str, Tensor]:
+    """This rank's share of the whole tensors: every parameter (TP shards gathered inside each TP group, a
+    collective every rank takes part in) and persistent buffer it owns (``_owns``), under global names, copied
+    to host memory (apart from the live weights; a pickled or sent device tensor would hold a second model on
+    the device, or come back on its sender's device)."""
     mark_tp_groups(model)
-    alone = dist.get_world_size() == 1
     mine: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         whole = _unshard_tp(p)
         if _owns(p) and not getattr(p, "shared", False):
             key = global_name(name, model)
             part = whole[:vocab] if key in VOCAB_PARAMS else whole
-            # alone: a copy kept apart from the live weights. Several ranks: host memory, where gather_object's
-            # pickling copies it anyway (a pickled device tensor would come back on its sender's device, another
-            # rank's GPU); a device-side copy first would hold a second model on the device
-            mine[key] = part.clone() if alone else part.to(HOST)
+            mine[key] = part.to(HOST, copy=True).contiguous()
     for name, buffer in persistent_buffers(model):
         if _owns(buffer):
-            mine[global_name(name, model)] = buffer.clone() if alone else buffer.to(HOST)
-    if alone:
-        return mine
-    received: list = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(mine, received, dst=dst)
+            mine[global_name(name, model)] = buffer.to(HOST, copy=True).contiguous()
+    return mine
+
+
+def stream_whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> Iterator[tuple[str, Tensor]]:
+    """Every parameter, and every persistent buffer (replicated over TP and DP: a router's expert bias, which
+    training may move), as (global name, whole tensor in host memory) on global rank ``dst``, one at a time;
+    nothing elsewhere. Every rank must exhaust the iterator (it gathers and sends as it goes).
+
+    Each owner first holds its own share (``_owned_whole_tensors``: 1/(PP·EP) of the model, on every node at
+    once); then ``dst`` takes the owners' tensors one by one, in rank order, each sent by its owner when ``dst``
+    asks for it. So ``dst`` never holds more than its own share and the tensor in hand, where gathering every
+    share there at once would need the whole model (DeepSeek-V3 in bf16: 1.3 TB) in one host's memory.
+    """
+    mine = _owned_whole_tensors(model, vocab)
+    world = dist.get_world_size()
+    if world == 1:
+        for key in list(mine):
+            yield key, mine.pop(key)
+        return
+    tables: list | None = [None] * world if dist.get_rank() == dst else None
+    dist.gather_object([(key, t.shape, t.dtype) for key, t in mine.items()], tables, dst=dst)
     if dist.get_rank() != dst:
-        return {}
-    return {k: v for part in received for k, v in part.items()}
+        for key in list(mine):
+            dist.send(mine.pop(key), dst=dst)
+        return
+    for owner, table in enumerate(tables):
+        for key, shape, dtype in table:
+            if owner == dst:
+                tensor = mine.pop(key)
+            else:
+                tensor = torch.empty(shape, dtype=dtype, device=HOST)
+                dist.recv(tensor, src=owner)
+            yield key, tensor
+            del tensor  # the consumer's reference is the only one left
+
+
+def whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> dict[str, Tensor]:
+    """``stream_whole_tensors`` collected into one dict on ``dst`` ({} elsewhere): a tiny model's worth, or a
+    checkpoint that must be whole. Collective."""
+    return dict(stream_whole_tensors(model, vocab, dst=dst))
 
 
 def local_tensors(model: torch.nn.Module, whole: dict[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:

@@ -108,3 +108,60 @@ def test_fsdp_sync_streams_one_whole_parameter_at_a_time(matrix):
     assert sorted(got["engine"]) == sorted(trained)
     for name, tensor in trained.items():
         assert torch.equal(got["engine"][name], tensor), name
+
+
+def stream_a_megatron_policy(resolved):
+    """One of two megatron ranks: the whole tensors streamed to the driver through a watch, then the HF-named sync
+    stream. The driver returns what the watch saw, its receives and takes in order (with the streamed tensors
+    alive at each), and both streams."""
+    import torch.distributed as dist
+
+    from trainer.parallel import gather
+    from trainer.parallel.rank import rank_session
+
+    with rank_session(resolved.layout) as me:
+        policy = MegatronBackend(resolved, seed=0)
+        watch, events = LiveTensors(), []
+        receive = dist.recv
+
+        def watched_receive(tensor, src):
+            events.append(("receive", watch.live))  # how many streamed tensors are alive as the next arrives
+            return receive(tensor, src=src)
+
+        dist.recv = watched_receive
+        whole = {}
+        try:
+            for name, tensor in watch.watch(gather.stream_whole_tensors(policy.model, policy.shape.vocab)):
+                events.append(("take", watch.live))
+                whole[name] = tensor.clone()
+                del tensor  # as the sync's consumer does, before taking the next
+        finally:
+            dist.recv = receive
+        hf = {name: t.clone() for name, t in policy.hf_named_tensors()}
+        return {"watch": vars(watch), "events": events, "whole": whole, "hf": hf,
+                "rank": me.rank}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "layout"), [("tiny-qwen2.5", {"pp": 2}), ("tiny-moonlight", {"ep": 2})])
+def test_megatron_sync_streams_one_whole_tensor_at_a_time(matrix, recipe, layout):
+    """PP2: the second stage's layers and output layer, EP2: half the experts, come from rank 1, each sent when
+    the driver asks for it; the driver holds its own share and the tensor in hand, never every rank's share at
+    once. What arrives is the whole model, and the sync's HF names are its conversion."""
+    from trainer.models.weight_map import iter_hf, rules
+    from trainer.parallel.launcher import launch
+
+    resolved = matrix.resolve(recipe)
+    resolved = resolved.model_copy(update={"layout": resolved.layout.model_copy(update=layout)})
+    got = launch(stream_a_megatron_policy, 2, resolved)
+    whole, watch = got["whole"], got["watch"]
+    assert got["rank"] == 0 and watch["seen"] == len(whole)
+    assert watch["peak"] == 1  # each whole tensor was dropped before the next was taken
+    received = [i for i, (event, _) in enumerate(got["events"]) if event == "receive"]
+    assert received and {got["events"][i] for i in received} == {("receive", 0)}  # nothing held as one arrives
+    assert all(got["events"][i + 1][0] == "take" for i in received)  # rank 1's tensors one by one, each taken
+    assert {rule.mcore for rule in rules(resolved.model) if not rule.buffer} <= set(whole)
+    expected = dict(iter_hf(whole, resolved.model))
+    assert sorted(got["hf"]) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got["hf"][name], tensor), name
