@@ -152,25 +152,37 @@ def _owned_whole_tensors(model: torch.nn.Module, vocab: int) -> dict[str, Tensor
 def stream_whole_tensors(model: torch.nn.Module, vocab: int, *, dst: int = 0) -> Iterator[tuple[str, Tensor]]:
     """Every parameter, and every persistent buffer (replicated over TP and DP: a router's expert bias, which
     training may move), as (global name, whole tensor in host memory) on global rank ``dst``, one at a time;
-    nothing elsewhere. Every rank must exhaust the iterator (it gathers and sends as it goes).
+    nothing elsewhere. Every rank must exhaust the iterator (its tensors are sent as it goes).
 
-    Each owner first holds its own share (``_owned_whole_tensors``: 1/(PP·EP) of the model, on every node at
-    once); then ``dst`` takes the owners' tensors one by one, in rank order, each sent by its owner when ``dst``
-    asks for it. So ``dst`` never holds more than its own share and the tensor in hand, where gathering every
-    share there at once would need the whole model (DeepSeek-V3 in bf16: 1.3 TB) in one host's memory.
+    Each owner first holds its own share (``_owned_whole_tensors``, now: 1/(PP·EP) of the model, on every node at
+    once, the TP gathers done before the caller goes on); then ``dst`` takes the owners' tensors one by one, in
+    rank order, each sent by its owner when ``dst`` asks for it. So ``dst`` never holds more than its own share
+    and the tensor in hand, where gathering every share there at once would need the whole model (DeepSeek-V3 in
+    bf16: 1.3 TB) in one host's memory.
     """
     mine = _owned_whole_tensors(model, vocab)
     world = dist.get_world_size()
     if world == 1:
-        for key in list(mine):
-            yield key, mine.pop(key)
-        return
+        return _handed_out(mine)
     tables: list | None = [None] * world if dist.get_rank() == dst else None
     dist.gather_object([(key, t.shape, t.dtype) for key, t in mine.items()], tables, dst=dst)
     if dist.get_rank() != dst:
-        for key in list(mine):
-            dist.send(mine.pop(key), dst=dst)
-        return
+        return _sent(mine, dst)
+    return _received(mine, tables, dst)
+
+
+def _handed_out(mine: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    for key in list(mine):
+        yield key, mine.pop(key)
+
+
+def _sent(mine: dict[str, Tensor], dst: int) -> Iterator[tuple[str, Tensor]]:
+    for key in list(mine):
+        dist.send(mine.pop(key), dst=dst)
+    yield from ()
+
+
+def _received(mine: dict[str, Tensor], tables: list, dst: int) -> Iterator[tuple[str, Tensor]]:
     for owner, table in enumerate(tables):
         for key, shape, dtype in table:
             if owner == dst:

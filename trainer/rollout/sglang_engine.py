@@ -30,6 +30,7 @@ the weight payloads through ``UpdateWeightsFromTensorReqInput`` back to the tens
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from trainer.rollout.base import SamplingParams
@@ -76,7 +77,7 @@ def static_memory_fraction(requested: float, in_use: int, total: int) -> float:
         raise ValueError(
             f"rollout.gpu_memory_utilization {requested} asks for {requested * total / gib:.1f} GiB of a "
             f"{total / gib:.1f} GiB GPU on which {in_use / gib:.1f} GiB are held already (the colocated trainer): "
-            f"lower it to at most {free / total:.2f}, or give the trainer more GPUs"
+            f"lower it to at most {math.floor(free / total * 100) / 100:.2f}, or give the trainer more GPUs"
         )
     return requested * total / free
 

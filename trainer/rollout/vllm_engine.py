@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -102,7 +103,8 @@ def v1_memory_share(requested: float, in_use: int, total: int) -> float:
         raise ValueError(
             f"rollout.gpu_memory_utilization {requested} asks for {requested * total / gib:.1f} GiB of a "
             f"{total / gib:.1f} GiB GPU on which {in_use / gib:.1f} GiB are held already (the colocated trainer): "
-            f"lower it to at most {max(0.0, 1.0 - in_use / total):.2f}, or give the trainer more GPUs"
+            f"lower it to at most {math.floor(max(0.0, 1.0 - in_use / total) * 100) / 100:.2f}, or give the "
+            "trainer more GPUs"
         )
     return share
 
@@ -112,8 +114,10 @@ def _runs_v1(arguments: dict) -> bool:
     (``EngineArgs.create_engine_config`` records it in VLLM_USE_V1, which the ``LLM`` built next keeps)."""
     from vllm import envs
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
 
-    EngineArgs(**arguments).create_engine_config()
+    # as LLM builds its EngineArgs (its usage context sets defaults the checks depend on, e.g. batched tokens)
+    EngineArgs(**arguments, disable_log_stats=True).create_engine_config(UsageContext.LLM_CLASS)
     return bool(envs.VLLM_USE_V1)
 
 
