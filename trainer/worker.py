@@ -74,10 +74,12 @@ def _train_rank(request: RunRequest, me) -> dict:
     from trainer.passes import passes
     from trainer.rollout.base import EngineError
     from trainer.rollout.factory import build_engine
+    from trainer.run_dir import check_shared
     from trainer.tasks import build_task
 
     r, engine, platform = request.resolved, None, me.platform
     job = Job(ParallelLayout.of(r.layout, me.world), me.rank, platform)
+    check_shared(request.run_dir, job)
     log = (MetricsLog(request.run_dir, tensorboard=request.tensorboard, wandb_project=request.wandb_project,
                       config=r.model_dump(mode="json"), mllog=request.mllog) if job.is_driver else DiscardLog())
     try:
@@ -90,6 +92,9 @@ def _train_rank(request: RunRequest, me) -> dict:
         behaviour = build_backend(r, seed=r.recipe.run.seed, trainable=False, **start) if passes(r).behaviour else None
         try:
             engine = job.on_driver(lambda: build_engine(r, task, platform))
+            # an engine sizes its share of each of its GPUs from what they hold as it starts (colocated, other
+            # ranks' GPUs too): nothing more is allocated on them until it has
+            job.barrier()
             summary = train(r, request.run_dir, task=task, policy=policy, ref=ref, engine=engine, log=log, job=job,
                             resume=request.resume, behaviour=behaviour)
         except (RunStopped, EngineError) as exc:
