@@ -31,7 +31,11 @@ def _mb(n: int) -> str:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """An OSError ENOSPC, or torch's serializer failing on a short write (it reports no errno)."""
+    """An OSError ENOSPC, or torch's serializer failing on a short write (it reports no errno), or either among
+    the ranks' failures of a torch distributed checkpoint (its CheckpointException, a BaseException)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        return any(is_disk_full(failure) for failure, _trace in failures.values())
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(exc, RuntimeError) and any(

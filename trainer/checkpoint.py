@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.atomic import DiskFull, is_disk_full, write_bytes, write_json
 from trainer.parallel.job import Job
@@ -73,7 +74,7 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
         state = state | {name: model.save(tmp / name) if model is not None else None
                          for name, model in (models or {}).items()}
         torch.save(state, part.with_suffix(".partial"))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, CheckpointException) as exc:  # DCP (FSDP2) raises CheckpointException
         if not is_disk_full(exc):
             raise
         full = DiskFull(root, _nbytes(state), f"the checkpoint of episode {episode} (this rank's part)")
@@ -86,9 +87,10 @@ def save(run_dir: Path, episode: int, state: dict, job: Job,
         job.barrier()  # the ranks that had space wait here until the run stops with the full rank's line
     part.with_suffix(".partial").rename(part)
     job.barrier()
+    files = _describe(tmp, job)
 
     def publish() -> None:
-        write_json(tmp / MANIFEST, {"episode": episode, "files": _describe(tmp)})
+        write_json(tmp / MANIFEST, {"episode": episode, "files": files})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -121,9 +123,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _describe(directory: Path) -> dict[str, dict]:
-    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+def _describe(directory: Path, job: Job) -> dict[str, dict]:
+    """Size and sha256 of every file of the checkpoint in ``directory``, the hashing shared out among the ranks
+    (one host alone would take minutes over a 7B model's files while the others wait). Collective."""
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    mine = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files[job.rank::job.world_size]}
+    return dict(sorted(item for part in job.gather(mine) for item in part.items()))
 
 
 def check(directory: Path, *, hashes: bool = False) -> dict:
@@ -204,7 +210,8 @@ def ranks_in(directory: Path) -> int:
 
 def read(directory: Path, rank: int = 0) -> dict:
     """This rank's file of the checkpoint in ``directory``."""
-    return torch.load(_rank_file(directory, rank), map_location=HOST, weights_only=False)
+    # mapped, not read: the tensors are copied into the models from the file's pages, not from a second copy
+    return torch.load(_rank_file(directory, rank), map_location=HOST, weights_only=False, mmap=True)
 
 
 def restore(directory: Path, state: dict, models: Mapping[str, Checkpointable | None]) -> None:

@@ -86,6 +86,7 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
         # the row of the checkpoint's episode rides in it: a kill between the checkpoint and the row loses nothing
         if log.truncate_after(start) != start and state.get("row") is not None:
             log.log(start, state["row"])
+        del state  # the models hold what they need: the file's tensors would stay mapped for the whole run
     else:
         log.truncate_after(0)  # a run killed before its first checkpoint starts over in place
         if run.warm_start_steps:

@@ -239,22 +239,27 @@ class MegatronBackend:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
-    def state_dict(self) -> dict:
-        """This rank's model, optimizer, LR schedule, step and RNG states (a copy), for an exact resume."""
+    def _live_state(self) -> dict:
+        """This rank's model, optimizer, LR schedule, step and RNG states, as references to the live tensors."""
         tracker = mcore_random.get_cuda_rng_tracker()
-        return copy.deepcopy(
-            {
-                "model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")},
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "steps": self.steps,
-                "rng": self.platform.rng_state() | {"tracker": tracker.get_states()},
-            }
-        )
+        return {
+            "model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")},
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "steps": self.steps,
+            "rng": self.platform.rng_state() | {"tracker": tracker.get_states(),
+                                                "tracker_device": self.platform.device.type},
+        }
+
+    def state_dict(self) -> dict:
+        """This rank's state for an exact resume, a copy (training on leaves it as it is)."""
+        return copy.deepcopy(self._live_state())
 
     def save(self, directory: Path) -> dict:
-        """All of this rank's state goes into its rank file (``directory`` stays unwritten)."""
-        return self.state_dict()
+        """All of this rank's state goes into its rank file (``directory`` stays unwritten), uncopied: the
+        checkpoint serializes it before training goes on, and a copy would hold a second model and optimizer
+        state on the device (~18 bytes per parameter of a bf16 run) at every checkpoint."""
+        return self._live_state()
 
     def load(self, directory: Path, own: dict) -> None:
         self.load_state_dict(own)
@@ -269,7 +274,10 @@ class MegatronBackend:
             self.scheduler.load_state_dict(sd["scheduler"])
         self.steps = sd["steps"]
         self.platform.set_rng_state(sd["rng"])
-        mcore_random.get_cuda_rng_tracker().set_states(copy.deepcopy(sd["rng"]["tracker"]))
+        # the tracker's generators are the device's: a checkpoint of another device kind (a CPU run resumed on a
+        # GPU) has states of another size, which set_states refuses; the run goes on with this device's streams
+        if sd["rng"].get("tracker_device", self.platform.device.type) == self.platform.device.type:
+            mcore_random.get_cuda_rng_tracker().set_states(copy.deepcopy(sd["rng"]["tracker"]))
 
 
 def _update_routers(model) -> None:

@@ -62,7 +62,8 @@ class MainParamsAdamW(torch.optim.AdamW):
             p.grad = None
 
     def state_dict(self) -> dict:
-        return super().state_dict() | {"main_params": [main.detach().clone() for _, main in self.pairs]}
+        # references, as torch's own state_dict gives the moments: a clone would be a second fp32 model on the device
+        return super().state_dict() | {"main_params": [main.detach() for _, main in self.pairs]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)

@@ -1,5 +1,7 @@
 """MegatronBackend (one process): log-probs, train steps, non-finite guard, determinism, exact resume, weights."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -200,3 +202,34 @@ def test_the_expert_bias_moves_by_its_rate_against_the_steps_token_counts(groups
     synced = dict(be.hf_named_tensors(compute_dtype=True))
     for layer, router in zip((1, 2, 3), routers, strict=True):  # layer 0 is dense
         assert torch.equal(synced[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"], router.expert_bias)
+
+
+def test_a_checkpoint_serializes_the_live_state_without_copying_it(resolved, groups):
+    """A copy of a bf16 run's model and optimizer state (~18 bytes per parameter) on the device at every checkpoint
+    would not fit beside the run: ``save`` hands the checkpoint the live tensors, fp32 main copies included."""
+    bf16 = resolved.model_copy(update={"recipe": resolved.recipe.model_copy(update={"precision": "bf16"})})
+    be = MegatronBackend(bf16, seed=0)
+    be.train_step(batch(), nll, micro_batch_size=3)
+    state = be.save(Path("unused"))
+    live = dict(be.model.named_parameters())
+    assert all(state["model"][name].data_ptr() == p.data_ptr() for name, p in live.items())
+    mains = {main.data_ptr() for _, main in be.optimizer.pairs}
+    assert {t.data_ptr() for t in state["optimizer"]["main_params"]} == mains
+    moments = {t.data_ptr() for s in be.optimizer.state.values() for t in s.values() if t.dim() > 0}
+    assert moments and moments <= {t.data_ptr() for s in state["optimizer"]["state"].values() for t in s.values()}
+
+
+def test_a_checkpoint_of_another_device_kind_resumes_with_this_devices_tracker_streams(resolved, groups):
+    """megatron's RNG tracker holds the device's generator states (a GPU's Philox state is 16 bytes, the CPU's 5056):
+    a CPU run's checkpoint resumed on a GPU, or the reverse, keeps the new device's streams instead of failing with
+    "RNG state is wrong size" at the first fork."""
+    from megatron.core import tensor_parallel
+
+    be = MegatronBackend(resolved, seed=0)
+    saved = be.state_dict()
+    saved["rng"]["tracker"] = {name: torch.zeros(16, dtype=torch.uint8) for name in saved["rng"]["tracker"]}
+    saved["rng"]["tracker_device"] = "another-kind"
+    before = tensor_parallel.get_cuda_rng_tracker().get_states()
+    MegatronBackend(resolved, seed=1).load_state_dict(saved)
+    after = tensor_parallel.get_cuda_rng_tracker().get_states()
+    assert sorted(after) == sorted(before) and all(after[k].numel() != 16 for k in after)

@@ -406,3 +406,17 @@ def test_the_run_directory_records_its_provenance_and_is_readable_by_the_team(st
     assert "\r" not in log and log.splitlines()[-1] == f"run directory: {straight}"
     assert [line for line in log.splitlines() if line.startswith("tiny-qwen2.5:")] == [
         next(line for line in log.splitlines() if line.startswith("tiny-qwen2.5: 100%"))]  # the bar, once
+
+
+def test_a_full_disk_inside_a_distributed_checkpoint_is_a_full_disk():
+    """FSDP2's checkpoints are torch distributed checkpoints: a rank's ENOSPC reaches every rank inside DCP's
+    CheckpointException (a BaseException), which the checkpoint must read as a full disk, not let escape."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from trainer.atomic import is_disk_full
+
+    full = CheckpointException("save failed", {1: (OSError(errno.ENOSPC, "No space left on device"), None)})
+    other = CheckpointException("save failed", {0: (ValueError("bad plan"), None)})
+    assert is_disk_full(full) and not is_disk_full(other)
