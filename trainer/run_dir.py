@@ -173,3 +173,26 @@ def record_session(run_dir: Path, root: Path, argv: list[str]) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         sessions = []
     write_json(path, {"sessions": [*sessions, provenance(root, argv)]})
+
+
+def check_shared(run_dir: Path, job) -> None:
+    """Every rank sees the run directory as the driver writes it: each rank writes its checkpoint part into the
+    driver's folder there and reads its own back on resume, so the nodes of a multi-node run must share it (one
+    filesystem, mounted at the same path). Checked before anything is trained: the driver leaves a marker that
+    every rank looks for; a rank that cannot see it stops the run with one line naming it and its host. Collective."""
+    if job.world_size == 1:
+        return
+    marker = run_dir / f".shared-check-{job.broadcast(job.on_driver(lambda: os.urandom(8).hex()))}"
+    job.on_driver(lambda: write_json(marker, {}))
+    job.barrier()
+    views = job.gather((marker.exists(), platform.node()))
+    job.barrier()
+    job.on_driver(lambda: marker.unlink(missing_ok=True))
+    blind = [(rank, host) for rank, (sees, host) in enumerate(views) if not sees]
+    if blind:
+        rank, host = blind[0]
+        raise TrainerInputError(
+            f"the run directory {run_dir} that rank 0 writes (on {views[0][1]}) is not there for rank {rank} on "
+            f"{host} ({len(blind)} rank(s) in all): the nodes of a run must share it; put --run-dir on a "
+            "filesystem every node mounts at the same path"
+        )

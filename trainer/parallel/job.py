@@ -45,6 +45,14 @@ class Job:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def max(self, value: int) -> int:
         """The largest of every rank's ``value`` (ranks agree on one decision, e.g. to stop)."""
         if self.world_size == 1:

@@ -1,9 +1,12 @@
-"""Run directories: unique even within one second, and a directory holding a run is never appended to."""
+"""Run directories: unique even within one second, a directory holding a run is never appended to, and the ranks
+of a run all see the one the driver writes."""
 
 import hashlib
 import json
 import subprocess
 import sys
+
+import pytest
 
 from trainer.cli import _new_run_dir
 
@@ -43,3 +46,40 @@ def test_resume_with_another_layout_is_refused(repo, tmp_path):
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert "its checkpoint holds 2 rank(s), this layout runs 1" in line
+
+
+def _check_from(views: dict, layout):
+    """One rank of two: ``check_shared`` on the run directory as this rank's host shows it (``views[rank]``)."""
+    from matrix.layout import ParallelLayout
+    from trainer.config import TrainerInputError
+    from trainer.parallel.job import Job
+    from trainer.parallel.rank import rank_session
+    from trainer.run_dir import check_shared
+
+    with rank_session(layout) as me:
+        job = Job(ParallelLayout.of(layout, me.world), me.rank)
+        try:
+            check_shared(views[me.rank], job)
+        except TrainerInputError as exc:
+            return str(exc)
+        return "shared"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False])
+def test_ranks_that_do_not_see_the_drivers_run_directory_stop_the_run_naming_one(tmp_path, shared):
+    """On two hosts without a shared filesystem, rank 1 looks at the same path on its own disk (here another
+    directory): every rank would write its checkpoint part where the driver never reads it. The run stops at
+    start, naming the rank and its host; where the directory is shared, nothing is left behind."""
+    from matrix.schema import Layout
+    from trainer.parallel.launcher import launch
+
+    drivers, elsewhere = tmp_path / "run", tmp_path / "other-host"
+    drivers.mkdir(), elsewhere.mkdir()
+    said = launch(_check_from, 2, {0: drivers, 1: drivers if shared else elsewhere}, Layout(dp=2))
+    if shared:
+        assert said == "shared"
+    else:
+        assert said.startswith(f"the run directory {drivers} that rank 0 writes (on ") and " is not there for rank 1 on " in said
+        assert said.endswith("put --run-dir on a filesystem every node mounts at the same path")
+    assert list(drivers.iterdir()) == [] and list(elsewhere.iterdir()) == []
