@@ -73,7 +73,8 @@ def train(r: ResolvedRecipe, run_dir: Path, *, task: Task, policy: TrainingBacke
     start = 0
     models = {"policy": policy, "reference": ref} | ({"behaviour": behaviour} if behaviour is not None else {})
     in_flight = False  # whether a checkpoint gave the pipeline the weights of its in-flight batch
-    saved = checkpoint.latest_episode(run_dir) if resume else None
+    # the driver's choice for every rank: a node whose view of the shared directory lags must not pick another
+    saved = job.broadcast(job.on_driver(lambda: checkpoint.latest_episode(run_dir))) if resume else None
     if saved is not None:
         start, directory = saved
         state = checkpoint.read(directory, job.rank)
