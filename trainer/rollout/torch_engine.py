@@ -12,7 +12,9 @@ Log-probs are raw (``log_softmax`` of the logits, before temperature / top-k / t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -52,8 +54,19 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _built_on_host(model: Model | PretrainedConfig, hf_config: PretrainedConfig) -> AbstractContextManager:
+    """The family's context for building transformers' model to run on the host (``FamilyBundle.hf_on_host``)."""
+    from trainer.models.families import family, family_of_hf
+
+    try:
+        bundle = family(model.family) if isinstance(model, Model) else family_of_hf(hf_config.model_type)
+    except (LookupError, NotImplementedError):  # a model no family of ours describes: transformers' own choice
+        return contextlib.nullcontext()
+    return bundle.hf_on_host()
+
+
 class TorchEngine:
-    """Rollout engine on CPU (or any torch device) over a transformers causal LM.
+    """Rollout engine on the host over a transformers causal LM.
 
     ``model``: a matrix ``Model`` (its HF config is derived by ``trainer.models.config.hf_config``) or a
     transformers config. ``decode`` turns token ids into text; ``eos_token_id`` (optional) always stops a
@@ -73,12 +86,11 @@ class TorchEngine:
     ):
         hf_config = model if isinstance(model, PretrainedConfig) else hf_config_of(model)
         dtype = getattr(hf_config, "dtype", None) or torch.float32
-        rng = torch.get_rng_state()
-        torch.manual_seed(seed)  # initial weights only matter until the first update_weights
-        try:
+        # initial weights only matter until the first update_weights: drawn from the host's generator alone, which
+        # goes on as it was (torch.manual_seed would reseed a GPU's generator too)
+        with torch.random.fork_rng(devices=[]), _built_on_host(model, hf_config):
+            torch.random.default_generator.manual_seed(seed)
             self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
-        finally:
-            torch.set_rng_state(rng)
         self.model.eval().requires_grad_(False)
         self.decode = decode
         self.eos_token_id = eos_token_id

@@ -91,3 +91,25 @@ def test_cached_decoding_scores_tokens_as_a_full_forward_does(engine):
             logits = engine.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
         full = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(out.logprobs), full, rtol=0, atol=1e-5)
+
+
+def test_a_qwen3_next_engine_takes_the_host_paths_where_transformers_bound_gpu_kernels(matrix, monkeypatch):
+    """On a machine with a GPU and flash-linear-attention / causal-conv1d, transformers' Qwen3-Next module binds
+    their GPU kernels and a fused gated norm made on the current GPU; the torch engine's model runs on the host,
+    so its layers must take the torch paths (here the bound names are stand-ins that fail when used)."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as modeling
+
+    def gpu_kernel(*args, **kwargs):
+        raise RuntimeError("a GPU kernel was called on host tensors")
+
+    class NormOnTheCurrentGpu:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("a norm made on the current GPU")
+
+    for name in ("causal_conv1d_fn", "causal_conv1d_update", "chunk_gated_delta_rule",
+                 "fused_recurrent_gated_delta_rule"):
+        monkeypatch.setattr(modeling, name, gpu_kernel)
+    monkeypatch.setattr(modeling, "FusedRMSNormGated", NormOnTheCurrentGpu)
+    engine = TorchEngine(matrix.models["tiny-qwen3-next"], decode=str, seed=0)
+    out = engine.generate([[5, 6, 7]], SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=4, seed=1))
+    assert len(out[0].token_ids) == 4 and modeling.causal_conv1d_fn is gpu_kernel  # bound again afterwards

@@ -6,7 +6,9 @@ A bundle is plain functions; ``trainer.models.build``, ``config``, ``weight_map`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,10 @@ class FamilyBundle:
     untrained: Callable[[Shape, str], bool] = lambda shape, name: False
     """(shape, HF tensor name) → whether the checkpoint's tensor belongs to a part not trained here (a
     multi-token-prediction head): conversion skips it instead of refusing the checkpoint"""
+    hf_on_host: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    """→ the context transformers' model class is built in when it is to run on the host (the torch rollout
+    engine) on a machine that has a GPU: a family whose transformers module chose GPU kernels at import, because
+    a GPU is present, gets its host code paths"""
 
 
 def torch_dtype(model: Model) -> torch.dtype:

@@ -35,8 +35,9 @@ Fused layouts (every map is a permutation of rows, so conversion is bit-exact bo
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from megatron.core.models.backends import BackendSpecProvider
@@ -359,6 +360,27 @@ def untrained(shape: Shape, name: str) -> bool:
     return name.startswith("mtp.")
 
 
+# transformers' Qwen3-Next module binds these when a GPU is present and flash-linear-attention / causal-conv1d
+# import; each gated-delta-net layer takes them at construction (its norm made on the current GPU), else its torch
+# paths. None while a host model is built: its layers take the torch paths.
+_GPU_KERNELS = ("causal_conv1d_fn", "causal_conv1d_update", "chunk_gated_delta_rule",
+                "fused_recurrent_gated_delta_rule", "FusedRMSNormGated")
+
+
+@contextlib.contextmanager
+def hf_on_host() -> Iterator[None]:
+    from transformers.models.qwen3_next import modeling_qwen3_next as modeling
+
+    bound = {name: getattr(modeling, name) for name in _GPU_KERNELS}
+    try:
+        for name in _GPU_KERNELS:
+            setattr(modeling, name, None)
+        yield
+    finally:
+        for name, value in bound.items():
+            setattr(modeling, name, value)
+
+
 BUNDLE = FamilyBundle(
     name="qwen3_next",
     hf_model_type="qwen3_next",
@@ -371,4 +393,5 @@ BUNDLE = FamilyBundle(
     rules=rules,
     flops_per_token=flops_per_token,
     untrained=untrained,
+    hf_on_host=hf_on_host,
 )
