@@ -70,7 +70,7 @@ def pack_rows(input_ids: Tensor, lengths: list[int], *, multiple: int = 1, pad_i
         steps = torch.arange(n, device=input_ids.device)  # on the ids' device, as everything packed
         ids.append(input_ids[i, :n])
         positions.append(steps)
-        labels.append(torch.cat([input_ids[i, 1:n], input_ids.new_zeros(1)]))
+        labels.append(torch.cat([input_ids[i, 1:n], input_ids.new_zeros(min(n, 1))]))  # an empty row: none
         scored.append(steps < n - 1)
         target.append(i * (width - 1) + steps)
     total = sum(lengths)

@@ -195,3 +195,14 @@ def test_gradients_are_summed_under_either_torch_api():
     sum_gradients(newer)
     sum_gradients(older)
     assert newer.calls == [("divide", 1.0), ("sum", True)] and older.calls == [("reduce_scatter_divide", 1.0)]
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_a_padding_only_micro_batch_has_a_label_per_token(multiple):
+    """A rank with fewer micro-batches than another runs padding-only ones (FSDP's collectives need as many on
+    every rank): their labels must match their tokens, or the log-prob gather fails on that rank alone."""
+    from trainer.packing import empty
+
+    packed = empty(multiple, 7, torch.device("cpu"))
+    assert packed.input_ids.shape == packed.labels.shape == packed.position_ids.shape == (1, multiple)
+    assert not packed.scored.any()
