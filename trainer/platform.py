@@ -294,6 +294,8 @@ class CudaPlatform(Platform):
             "device": f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)",
             "collectives": f"{self.collective_backend} (NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})",
             "cuda": str(torch.version.cuda),
+            # an fp32 run's matmuls and convolutions may round through TF32 (torch's flags; TE's fp32 GEMMs too)
+            "tf32": f"matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}",
             "compiler": self.compiler_line(),
         }
 

@@ -64,7 +64,9 @@ def run_one(recipe: str, overrides: list[str], precision: str, episodes: int, ru
     )
     if code != 0:
         raise RuntimeError(f"{recipe} precision={precision}: the trainer exited with {code}")
-    (run_dir,) = [d for d in runs.iterdir() if (d / "metrics.jsonl").exists()]
+    # the run just made: an earlier smoke given the same --runs left its own beside it
+    run_dir = max((d for d in runs.iterdir() if (d / "metrics.jsonl").exists()),
+                  key=lambda d: (d / "metrics.jsonl").stat().st_mtime_ns)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     peak = max(r.get("memory/peak_device_mib", r["memory/peak_rss_mib"]) for r in rows)
     return {
