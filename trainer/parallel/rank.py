@@ -51,7 +51,9 @@ def start_process() -> tuple[int, int]:
 
     rank, world = rank_and_world()
     interrupts.install(world)
-    if world > 1:  # the ranks of one host share its cores
+    # the ranks of one host share its cores, unless OMP_NUM_THREADS says how many each takes (it is passed to every
+    # rank, Ray's too: on some CPUs the host's kernels round differently with another thread count)
+    if world > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # megatron-core warns at import that TE/apex are absent: expected on CPU, and noise in every run
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
