@@ -4,6 +4,7 @@ engine sizing its share of a GPU the trainer already holds memory on)."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -42,3 +43,15 @@ def fullest_gpu(nvml, count: int) -> tuple[int, int]:
         return max(readings)
     finally:
         nvml.nvmlShutdown()
+
+
+def check_engine_share(requested: float, in_use: int, total: int) -> None:
+    """Raises ValueError, naming the largest share that would fit, when an engine's ``requested`` share of a GPU
+    does not fit beside the ``in_use`` bytes (of ``total``) already held there (a colocated trainer)."""
+    if requested * total > total - in_use:
+        gib = 2**30
+        raise ValueError(
+            f"rollout.gpu_memory_utilization {requested} asks for {requested * total / gib:.1f} GiB of a "
+            f"{total / gib:.1f} GiB GPU on which {in_use / gib:.1f} GiB are held already (the colocated trainer): "
+            f"lower it to at most {math.floor((total - in_use) / total * 100) / 100:.2f}, or give the trainer more GPUs"
+        )

@@ -30,9 +30,9 @@ the weight payloads through ``UpdateWeightsFromTensorReqInput`` back to the tens
 from __future__ import annotations
 
 import json
-import math
 import os
 
+from trainer.gpus import check_engine_share
 from trainer.rollout.base import SamplingParams
 from trainer.rollout.buckets import FlatBucket
 from trainer.rollout.process import ProcessEngine, model_dtype
@@ -71,15 +71,8 @@ def static_memory_fraction(requested: float, in_use: int, total: int) -> float:
     (``ModelRunner.profile_max_num_token``: the free memory after loading less (1 − fraction) × the free memory at
     init), so the recipe's share unchanged would shrink the engine by the trainer's share of the GPU. Raises
     ValueError when the two do not fit the GPU. (GPU not verified here.)"""
-    free = total - in_use
-    if requested * total > free:
-        gib = 2**30
-        raise ValueError(
-            f"rollout.gpu_memory_utilization {requested} asks for {requested * total / gib:.1f} GiB of a "
-            f"{total / gib:.1f} GiB GPU on which {in_use / gib:.1f} GiB are held already (the colocated trainer): "
-            f"lower it to at most {math.floor(free / total * 100) / 100:.2f}, or give the trainer more GPUs"
-        )
-    return requested * total / free
+    check_engine_share(requested, in_use, total)
+    return requested * total / (total - in_use)
 
 
 def sampling_arguments(params: SamplingParams) -> dict:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import pickle
 from pathlib import Path
 
+from trainer.gpus import check_engine_share
 from trainer.rollout.base import SamplingParams
 from trainer.rollout.buckets import FlatBucket
 from trainer.rollout.process import ProcessEngine, model_dtype
@@ -97,16 +97,8 @@ def v1_memory_share(requested: float, in_use: int, total: int) -> float:
     device-wide used memory), so given the recipe's share unchanged, the trainer's memory would come out of the
     engine's KV cache: a small cache, or none ("No available memory for the cache blocks"). Raises ValueError when
     the two do not fit the GPU. (GPU not verified here.)"""
-    share = requested + in_use / total
-    if share > 1.0:
-        gib = 2**30
-        raise ValueError(
-            f"rollout.gpu_memory_utilization {requested} asks for {requested * total / gib:.1f} GiB of a "
-            f"{total / gib:.1f} GiB GPU on which {in_use / gib:.1f} GiB are held already (the colocated trainer): "
-            f"lower it to at most {math.floor(max(0.0, 1.0 - in_use / total) * 100) / 100:.2f}, or give the "
-            "trainer more GPUs"
-        )
-    return share
+    check_engine_share(requested, in_use, total)
+    return requested + in_use / total
 
 
 def _runs_v1(arguments: dict) -> bool:
