@@ -2,14 +2,24 @@
 
 A free rendezvous port, no restarts; when any rank fails the agent stops every other rank (SIGTERM, then SIGKILL)
 and the first failure is reported as one line. Each rank dies with the agent (``die_with_parent``).
+
+Ranks start as forks of multiprocessing's fork server, which has imported what every rank imports: a rank that
+started a fresh interpreter spent seconds of CPU on imports alone (megatron-core ~5 s), which on a host of few cores
+was most of a short run. The server belongs to this process: it is started with this process's environment, working
+directory and import path, started again when one of them changed since (a rank sees what a spawned process would),
+and exits with this process; a rank is its child and dies with it.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import sys
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
+from multiprocessing import forkserver
 from typing import Any
 
 from trainer.parallel.ranks import RankFailed, die_with_parent
@@ -30,10 +40,46 @@ def _first_failure(exc) -> str:
     return f"rank {rank} failed (exit code {failure.exitcode}): {reason or 'see the log above'}"
 
 
+# Imported by the fork server beside each rank's entry module, only where torch is a CPU build: a library that
+# reached CUDA at import would leave every forked rank unable to use a GPU, and Transformer Engine (which
+# megatron-core imports where it is installed) cannot be checked here.
+CPU_TORCH_RANK_IMPORTS = ("megatron.core", "transformers", "trainer.backends.megatron", "trainer.backends.fsdp",
+                          "trainer.loop")
+_server_started_for: tuple | None = None
+
+
+def rank_imports(fn: Callable[..., Any]) -> list[str]:
+    """What the fork server imports before the ranks of ``fn`` are forked from it."""
+    import torch
+
+    cpu_torch = not torch.backends.cuda.is_built()
+    return ["torch", fn.__module__, *(CPU_TORCH_RANK_IMPORTS if cpu_torch else ())]
+
+
+def _fork_server_for(fn: Callable[..., Any]) -> None:
+    """The fork server running with this process's environment, working directory, import path and ``fn``'s
+    imports (started again where any of them changed since it started)."""
+    global _server_started_for
+    imports = rank_imports(fn)
+    # the agent leaves TORCHELASTIC_* of its own in this process's environment (each rank gets its own from it)
+    environment = sorted((k, v) for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_"))
+    state = (tuple(environment), os.getcwd(), tuple(sys.path), tuple(imports))
+    if state != _server_started_for:
+        forkserver._forkserver._stop()  # multiprocessing's own way to stop it (its tests'); no-op when not running
+        multiprocessing.set_forkserver_preload(imports)
+        forkserver.ensure_running()
+        _server_started_for = state
+
+
 def _agent_rank(fn: Callable[..., Any], *args: Any) -> Any:
     """A rank under the agent: dies with it, and its error is recorded for the agent's first-failure report."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    # A forked rank holds a copy of the fork server's "alive" pipe, which keeps the server running (and so, by
+    # die_with_parent, its ranks) while any holder lives: closed, the server and the ranks end with the driver.
+    if forkserver._forkserver._forkserver_alive_fd is not None:
+        os.close(forkserver._forkserver._forkserver_alive_fd)
+        forkserver._forkserver._forkserver_alive_fd = None
     die_with_parent()
     return record(fn)(*args)
 
@@ -53,12 +99,13 @@ class ElasticLauncher:
         signals = {"signals_to_handle": AGENT_SIGNALS} if "signals_to_handle" in fields else {}
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=str(uuid.uuid4()),
                               rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                              monitor_interval=MONITOR_INTERVAL, start_method="spawn", **signals)
+                              monitor_interval=MONITOR_INTERVAL, start_method="forkserver", **signals)
         # The agent logs each failure with a traceback of its own polling; the one line below says it all.
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
         watch = StallWatch(world_size, stall_timeout_s) if stall_timeout_s else nullcontext()
         try:
             with forwarding(), watch:
+                _fork_server_for(fn)  # after the watch has set the ranks' heartbeat folder in the environment
                 results = elastic_launch(config, _agent_rank)(fn, *args)
         except ChildFailedError as exc:
             raise RankFailed(getattr(watch, "verdict", None) or _first_failure(exc)) from None

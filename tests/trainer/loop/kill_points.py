@@ -64,7 +64,14 @@ def sigterm_to_launcher_after_row_1():
     from trainer.parallel.ranks import rank_and_world
 
     _, world = rank_and_world()
-    _after_row(1, lambda: os.kill(os.getppid() if world > 1 else os.getpid(), signal.SIGTERM))
+    _after_row(1, lambda: os.kill(_launcher_pid() if world > 1 else os.getpid(), signal.SIGTERM))
+
+
+def _launcher_pid() -> int:
+    """The local launcher's process: the parent of the fork server this rank was forked from."""
+    server = os.getppid()
+    with open(f"/proc/{server}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 def deadlock_after_row_1():

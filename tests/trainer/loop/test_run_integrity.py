@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import local_ranks
 from trainer.cli import main
 
 KILL_POINTS = Path(__file__).with_name("kill_points.py")
@@ -352,8 +353,7 @@ def test_a_stopped_rank_ends_the_run_within_the_stall_timeout_naming_it(repo, tm
         deadline = time.time() + 300
         while not ((run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 2) and time.time() < deadline:
             time.sleep(0.2)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-        ranks = dict(enumerate(sorted(workers, key=lambda p: (p.create_time(), p.pid))))  # spawned in rank order
+        ranks = dict(enumerate(local_ranks(psutil.Process(proc.pid))))
         ranks[1].suspend()  # SIGSTOP
         stopped = time.time()
         _, err = proc.communicate(timeout=stall + 60)
