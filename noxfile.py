@@ -88,8 +88,9 @@ def _ray_extra(session: nox.Session) -> str:
 
 @nox.session(venv_backend="none")
 def prepare(session: nox.Session) -> None:
-    """Fetch and prepare what a recipe trains from: `-- RECIPE [--from DIR] [--dry-run]` (see trainer/prepare/)."""
-    python = _install_heavy(session)
+    """Fetch and prepare what a recipe trains from: `-- RECIPE [--from DIR] [--dry-run] [--launcher ray]` (see
+    trainer/prepare/)."""
+    python = _install_heavy(session, _ray_extra(session))
     session.run(python, "-m", "trainer.prepare", *(session.posargs or ["--help"]), external=True)
 
 

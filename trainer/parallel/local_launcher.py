@@ -1,27 +1,19 @@
 """The local launcher: one process per rank on this host with torch's elastic agent (``torchrun --standalone``).
 
 A free rendezvous port, no restarts; when any rank fails the agent stops every other rank (SIGTERM, then SIGKILL)
-and the first failure is reported as one line. Each rank dies with the agent (``die_with_parent``).
-
-Ranks start as forks of multiprocessing's fork server, which has imported what every rank imports: a rank that
-started a fresh interpreter spent seconds of CPU on imports alone (megatron-core ~5 s), which on a host of few cores
-was most of a short run. The server belongs to this process: it is started with this process's environment, working
-directory and import path, started again when one of them changed since (a rank sees what a spawned process would),
-and exits with this process; a rank is its child and dies with it.
+and the first failure is reported as one line. Ranks start as forks of a fork server that has imported what ranks
+import (``trainer.parallel.fork_server``); each dies with it (``die_with_parent``), and it with the driver.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-import sys
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from multiprocessing import forkserver
 from typing import Any
 
+from trainer.parallel import fork_server
 from trainer.parallel.ranks import RankFailed, die_with_parent
 
 # Seconds between the agent's health checks of its workers: a dead rank is noticed within this.
@@ -45,7 +37,6 @@ def _first_failure(exc) -> str:
 # megatron-core imports where it is installed) cannot be checked here.
 CPU_TORCH_RANK_IMPORTS = ("megatron.core", "transformers", "trainer.backends.megatron", "trainer.backends.fsdp",
                           "trainer.loop")
-_server_started_for: tuple | None = None
 
 
 def rank_imports(fn: Callable[..., Any]) -> list[str]:
@@ -56,30 +47,11 @@ def rank_imports(fn: Callable[..., Any]) -> list[str]:
     return ["torch", fn.__module__, *(CPU_TORCH_RANK_IMPORTS if cpu_torch else ())]
 
 
-def _fork_server_for(fn: Callable[..., Any]) -> None:
-    """The fork server running with this process's environment, working directory, import path and ``fn``'s
-    imports (started again where any of them changed since it started)."""
-    global _server_started_for
-    imports = rank_imports(fn)
-    # the agent leaves TORCHELASTIC_* of its own in this process's environment (each rank gets its own from it)
-    environment = sorted((k, v) for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_"))
-    state = (tuple(environment), os.getcwd(), tuple(sys.path), tuple(imports))
-    if state != _server_started_for:
-        forkserver._forkserver._stop()  # multiprocessing's own way to stop it (its tests'); no-op when not running
-        multiprocessing.set_forkserver_preload(imports)
-        forkserver.ensure_running()
-        _server_started_for = state
-
-
 def _agent_rank(fn: Callable[..., Any], *args: Any) -> Any:
     """A rank under the agent: dies with it, and its error is recorded for the agent's first-failure report."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    # A forked rank holds a copy of the fork server's "alive" pipe, which keeps the server running (and so, by
-    # die_with_parent, its ranks) while any holder lives: closed, the server and the ranks end with the driver.
-    if forkserver._forkserver._forkserver_alive_fd is not None:
-        os.close(forkserver._forkserver._forkserver_alive_fd)
-        forkserver._forkserver._forkserver_alive_fd = None
+    fork_server.in_rank()
     die_with_parent()
     return record(fn)(*args)
 
@@ -105,8 +77,11 @@ class ElasticLauncher:
         watch = StallWatch(world_size, stall_timeout_s) if stall_timeout_s else nullcontext()
         try:
             with forwarding(), watch:
-                _fork_server_for(fn)  # after the watch has set the ranks' heartbeat folder in the environment
-                results = elastic_launch(config, _agent_rank)(fn, *args)
+                fork_server.start(rank_imports(fn))  # after the watch has set the ranks' heartbeat folder
+                try:
+                    results = elastic_launch(config, _agent_rank)(fn, *args)
+                finally:
+                    fork_server.stop()
         except ChildFailedError as exc:
             raise RankFailed(getattr(watch, "verdict", None) or _first_failure(exc)) from None
         return results[0]

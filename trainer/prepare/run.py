@@ -1,6 +1,6 @@
 """Run a `prepare` plan: skip what the manifest says is done, check the disk, run the rest in order.
 
-``python -m trainer.prepare RECIPE [--from DIR ...] [--dry-run]`` (``nox -s prepare -- ...``). A step is done when
+``python -m trainer.prepare RECIPE [--from DIR ...] [--dry-run] [--launcher local|ray]`` (``nox -s prepare -- ...``). A step is done when
 the manifest's hashes of its inputs and outputs are those on disk now, so a rerun skips everything, and a changed
 input redoes exactly the steps that read it (and those downstream whose input then changed). Bad input or an
 unmet need is one line and exit code 2.
@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, load_matrix
+from matrix import DEFAULT_MATRIX_PATH, Matrix, MatrixError, ResolvedRecipe, load_matrix
+from trainer.parallel.launcher import Placement, add_launcher_options, missing_package
 from trainer.prepare import PrepareError
 from trainer.prepare.manifest import Manifest, size
 from trainer.prepare.places import prepared_root
@@ -93,6 +94,16 @@ def run_plan(matrix: Matrix, steps: list[Step], *, dry_run: bool, out=print) -> 
     return ran
 
 
+def conversion_placement(args: argparse.Namespace, resolved: ResolvedRecipe) -> Placement:
+    """Where a sharded conversion's ranks run: as the recipe's training would (``--launcher``, else its
+    ``run.launcher``; its nodes' worth of ranks to a node)."""
+    launcher = args.launcher or resolved.recipe.run.launcher
+    lacking = missing_package(launcher)
+    if lacking:
+        raise PrepareError(lacking)
+    return Placement(launcher, args.ray_address, resolved.gpus_per_node)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.prepare", description=__doc__.splitlines()[0])
     p.add_argument("recipe")
@@ -100,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="weights (config.json + safetensors) or data (*.parquet) already on disk; no download")
     p.add_argument("--dry-run", action="store_true", help="show the plan (done / would run, and why); run nothing")
     p.add_argument("--matrix", default=str(DEFAULT_MATRIX_PATH), help="matrix file (default: matrix.yaml)")
+    add_launcher_options(p, ranks="a sharded conversion's ranks", default=None)
     args = p.parse_args(argv)
     try:
         try:
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.recipe not in matrix.recipes:
             raise PrepareError(f"unknown recipe {args.recipe!r}; recipes: {', '.join(matrix.recipes)}")
         resolved = matrix.resolve(args.recipe)
-        steps = plan(matrix, resolved, args.froms)
+        steps = plan(matrix, resolved, args.froms, conversion_placement(args, resolved))
         if not steps:
             print(f"recipe {args.recipe} needs nothing prepared (random initialisation, the embedded demo data)")
             return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from matrix import Matrix, ResolvedRecipe
 from matrix.schema import PrepareStep
+from trainer.parallel.launcher import LOCAL, Placement
 from trainer.prepare import PrepareError
 from trainer.prepare.fetch import download
 from trainer.prepare.manifest import size
@@ -82,10 +83,10 @@ def _config_fixes(src: Path, out: Path, fixes: list) -> None:
                 set_config(tmp, [f"{k}={json.dumps(v)}" for k, v in fix.args.items()])
 
 
-def _convert(hf: Path, out: Path, layout: str) -> None:
+def _convert(hf: Path, out: Path, layout: str, placement: Placement = LOCAL) -> None:
     from trainer.convert.sharded import write_sharded
 
-    write_sharded(hf, out, layout)
+    write_sharded(hf, out, layout, placement)
 
 
 def _cast(src: Path, out: Path, block) -> None:
@@ -134,8 +135,9 @@ def prepare_model_dir(steps: list[PrepareStep], in_dir: Path, out_dir: Path) -> 
     return done
 
 
-def plan(matrix: Matrix, r: ResolvedRecipe, froms: list[Path]) -> list[Step]:
-    """The steps recipe ``r`` needs, in order (empty: it needs nothing prepared)."""
+def plan(matrix: Matrix, r: ResolvedRecipe, froms: list[Path], placement: Placement = LOCAL) -> list[Step]:
+    """The steps recipe ``r`` needs, in order (empty: it needs nothing prepared); ``placement``: where a sharded
+    conversion's ranks run."""
     given_weights, given_data = classify(froms)
     steps: list[Step] = []
     model, name = r.model, r.recipe.model
@@ -165,7 +167,7 @@ def plan(matrix: Matrix, r: ResolvedRecipe, froms: list[Path]) -> list[Step]:
             out = weights_dir(matrix, r)
             steps.append(Step(f"{name}/hf-to-mcore-{r.recipe.layout}",
                               f"megatron-core, sharded for layout {r.recipe.layout}", [hf], [out],
-                              lambda hf=hf, out=out: _convert(hf, out, r.recipe.layout),
+                              lambda hf=hf, out=out: _convert(hf, out, r.recipe.layout, placement),
                               lambda hf=hf: size([hf])))
     if r.recipe.data.source == "math-lighteval":
         raw = given_data

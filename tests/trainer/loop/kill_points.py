@@ -59,6 +59,11 @@ def ctrl_c_twice_after_row_1():
     _after_row(1, twice)
 
 
+def sigterm_to_group_after_row_1():
+    """A scheduler's SIGTERM to the job's whole process group (Slurm's cancel, GNU timeout): launcher and ranks."""
+    _after_row(1, lambda: os.killpg(os.getpgrp(), signal.SIGTERM))
+
+
 def sigterm_to_launcher_after_row_1():
     """A scheduler's SIGTERM to the job's process (the launcher; in a one-process run, the rank itself)."""
     from trainer.parallel.ranks import rank_and_world

@@ -226,9 +226,11 @@ def test_ctrl_c_on_two_processes_checkpoints_every_rank_and_resumes_exactly(repo
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_of_two_processes_stops_every_rank_with_a_checkpoint(repo, tmp_path):
+@pytest.mark.parametrize("fault", ["sigterm_to_launcher_after_row_1", "sigterm_to_group_after_row_1"])
+def test_sigterm_to_the_launcher_of_two_processes_stops_every_rank_with_a_checkpoint(repo, tmp_path, fault):
+    """To the group: the fork server the ranks come from ignores it (it would take every rank down with it)."""
     run_dir = tmp_path / "run"
-    stopped_line(interrupted(repo, run_dir, MULTI, "sigterm_to_launcher_after_row_1"), run_dir, 143)
+    stopped_line(interrupted(repo, run_dir, MULTI, fault), run_dir, 143)
     assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000001").glob("rank-*")) == [
         "rank-00000.pt", "rank-00001.pt"]
 

@@ -5,6 +5,7 @@ import importlib.util
 from trainer import cli
 from trainer.convert.__main__ import main as convert
 from trainer.equivalence import run as equivalence
+from trainer.prepare.run import main as prepare
 
 
 def _without_ray(monkeypatch):
@@ -23,3 +24,6 @@ def test_the_ray_launcher_without_ray_is_one_line_exit_2(monkeypatch, tmp_path, 
     assert convert(["hf-to-mcore", str(tmp_path), str(tmp_path / "mcore"), "--layout", "tp2", "--launcher", "ray"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the ray package is not installed" in err and not (tmp_path / "mcore").exists()
+    assert prepare(["tiny-qwen2.5", "--launcher", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: prepare tiny-qwen2.5: launcher ray: the ray package is not installed" in err

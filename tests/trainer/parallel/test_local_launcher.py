@@ -1,11 +1,13 @@
-"""The local launcher's ranks are forks of one fork server per driver process, which has imported what they
-import: a rank sees the driver's environment and working directory as a spawned process would, the server is
-reused while they stay the same, and the imports it makes before forking never reach CUDA (a forked rank could
-not use a GPU then)."""
+"""The local launcher's ranks are forks of a fork server started for the launch, which has imported what they
+import: a rank sees the driver's environment and working directory of the moment as a spawned process would, the
+server is gone when the launch is, and the imports it makes before forking never reach CUDA (a forked rank could not
+use a GPU then)."""
 
 import os
 import subprocess
 import sys
+
+import psutil
 
 from tests.conftest import REPO
 from tests.trainer.parallel.forked_ranks import what_the_rank_sees
@@ -14,19 +16,24 @@ from trainer.parallel.launcher import launch
 KEY = "GRPO_STACK_TEST_FORKED"
 
 
-def test_ranks_see_the_drivers_environment_and_folder_and_share_one_server_while_they_stay(monkeypatch, tmp_path):
+def _servers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+
+
+def test_ranks_see_the_drivers_environment_and_folder_of_the_moment_and_no_server_outlives_its_launch(
+        monkeypatch, tmp_path):
     monkeypatch.setenv(KEY, "first")
     server, seen, folder = launch(what_the_rank_sees, 2, KEY)
     assert (seen, folder) == ("first", os.getcwd())
-    assert launch(what_the_rank_sees, 2, KEY)[0] == server  # nothing changed: the same server, nothing re-imported
+    assert _servers() == [] and not psutil.pid_exists(server)
 
     monkeypatch.setenv(KEY, "second")
-    changed_server, seen, _ = launch(what_the_rank_sees, 2, KEY)
-    assert seen == "second" and changed_server != server
+    assert launch(what_the_rank_sees, 2, KEY)[1] == "second"
     monkeypatch.delenv(KEY)
     assert launch(what_the_rank_sees, 2, KEY)[1] is None
     monkeypatch.chdir(tmp_path)
     assert launch(what_the_rank_sees, 2, KEY)[2] == str(tmp_path)
+    assert _servers() == []
 
 
 # Where a library asks torch about CUDA: each raises in the test below, as if the import had touched the GPU.
@@ -37,7 +44,7 @@ CUDA_QUERIES = ("is_available", "device_count", "init", "_lazy_init", "current_d
 def test_what_the_server_imports_where_torch_has_cuda_never_asks_for_cuda():
     """With a CUDA build of torch the server imports torch and the ranks' entry modules only: each is imported
     here with torch's CUDA queries raising."""
-    script = f"""
+    script = """
 import torch
 from trainer.parallel import local_launcher
 from trainer.convert.sharded import _write_rank
@@ -45,7 +52,7 @@ from trainer.equivalence.replay import replay_rank
 from trainer.worker import run_rank
 entries = [run_rank, _write_rank, replay_rank]
 torch.backends.cuda.is_built = lambda: True
-imports = sorted({{name for fn in entries for name in local_launcher.rank_imports(fn)}})
+imports = sorted({name for fn in entries for name in local_launcher.rank_imports(fn)})
 assert set(imports).isdisjoint(local_launcher.CPU_TORCH_RANK_IMPORTS), imports
 print(" ".join(imports))
 """
