@@ -199,16 +199,6 @@ def test_prepare_then_train_then_skip_and_redo(setup, monkeypatch, capsys, matri
     assert planned == [f"{MODEL}/fp8-to-bf16", f"{MODEL}/config", f"{MODEL}/hf-to-mcore-tp2-sp"], out
     assert "data/math-lighteval: preprocess MATH-lighteval (boxed ground truths) — done, skipped" in out
 
-    # Run for real with `--launcher ray` (a one-host cluster the launcher starts): the conversion's ranks are Ray
-    # actors, and its tensor files are those the local launcher's ranks wrote, byte for byte.
-    converted = model_dir / "mcore-tp2-sp"
-    local = {p.relative_to(converted): p.read_bytes() for p in converted.rglob("*.pt")}
-    done = subprocess.run([sys.executable, "-m", "trainer.prepare", RECIPE, "--matrix", str(setup["matrix"]), *froms,
-                           "--launcher", "ray"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert ran(done.stdout) == planned, done.stdout
-    assert local and {p.relative_to(converted): p.read_bytes() for p in converted.rglob("*.pt")} == local
-
 
 def test_too_little_disk_is_said_before_the_step(setup, monkeypatch, capsys):
     import trainer.prepare.run as run
