@@ -1,9 +1,9 @@
 """Run a `prepare` plan: skip what the manifest says is done, check the disk, run the rest in order.
 
-``python -m trainer.prepare RECIPE [--from DIR ...] [--dry-run] [--launcher local|ray]`` (``nox -s prepare -- ...``). A step is done when
-the manifest's hashes of its inputs and outputs are those on disk now, so a rerun skips everything, and a changed
-input redoes exactly the steps that read it (and those downstream whose input then changed). Bad input or an
-unmet need is one line and exit code 2.
+``python -m trainer.prepare RECIPE [--from DIR ...] [--dry-run] [--launcher local|ray]`` (``nox -s prepare -- ...``).
+A step is done when the manifest's hashes of its inputs and outputs are those on disk now, so a rerun skips
+everything, and a changed input redoes exactly the steps that read it (and those downstream whose input then
+changed). Bad input or an unmet need is one line and exit code 2.
 """
 
 from __future__ import annotations
