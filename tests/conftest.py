@@ -69,3 +69,12 @@ def matrix():
     from matrix import load_matrix
 
     return load_matrix()
+
+
+def local_ranks(driver) -> list:
+    """The rank processes the local launcher started under ``driver`` (a ``psutil.Process``), in the order they
+    started (rank order): the children of its fork server, which share the server's command line."""
+    server = "multiprocessing.forkserver"
+    ranks = [p for p in driver.children(recursive=True)
+             if server in " ".join(p.cmdline()) and server in " ".join(p.parent().cmdline())]
+    return sorted(ranks, key=lambda p: (p.create_time(), p.pid))

@@ -13,8 +13,8 @@ class RankFailed(RuntimeError):
 
 
 def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent (a local launcher's agent, the driver of an engine) dies, so
-    no child outlives it."""
+    """Linux: this process gets SIGKILL when its parent (the local launcher's fork server, the driver of an engine)
+    dies, so no child outlives it."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

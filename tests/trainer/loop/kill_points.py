@@ -59,12 +59,24 @@ def ctrl_c_twice_after_row_1():
     _after_row(1, twice)
 
 
+def sigterm_to_group_after_row_1():
+    """A scheduler's SIGTERM to the job's whole process group (Slurm's cancel, GNU timeout): launcher and ranks."""
+    _after_row(1, lambda: os.killpg(os.getpgrp(), signal.SIGTERM))
+
+
 def sigterm_to_launcher_after_row_1():
     """A scheduler's SIGTERM to the job's process (the launcher; in a one-process run, the rank itself)."""
     from trainer.parallel.ranks import rank_and_world
 
     _, world = rank_and_world()
-    _after_row(1, lambda: os.kill(os.getppid() if world > 1 else os.getpid(), signal.SIGTERM))
+    _after_row(1, lambda: os.kill(_launcher_pid() if world > 1 else os.getpid(), signal.SIGTERM))
+
+
+def _launcher_pid() -> int:
+    """The local launcher's process: the parent of the fork server this rank was forked from."""
+    server = os.getppid()
+    with open(f"/proc/{server}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 def deadlock_after_row_1():

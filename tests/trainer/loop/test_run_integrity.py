@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import local_ranks
 from trainer.cli import main
 
 KILL_POINTS = Path(__file__).with_name("kill_points.py")
@@ -225,9 +226,11 @@ def test_ctrl_c_on_two_processes_checkpoints_every_rank_and_resumes_exactly(repo
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_of_two_processes_stops_every_rank_with_a_checkpoint(repo, tmp_path):
+@pytest.mark.parametrize("fault", ["sigterm_to_launcher_after_row_1", "sigterm_to_group_after_row_1"])
+def test_sigterm_to_the_launcher_of_two_processes_stops_every_rank_with_a_checkpoint(repo, tmp_path, fault):
+    """To the group: the fork server the ranks come from ignores it (it would take every rank down with it)."""
     run_dir = tmp_path / "run"
-    stopped_line(interrupted(repo, run_dir, MULTI, "sigterm_to_launcher_after_row_1"), run_dir, 143)
+    stopped_line(interrupted(repo, run_dir, MULTI, fault), run_dir, 143)
     assert sorted(p.name for p in (run_dir / "checkpoints" / "episode-000001").glob("rank-*")) == [
         "rank-00000.pt", "rank-00001.pt"]
 
@@ -352,8 +355,7 @@ def test_a_stopped_rank_ends_the_run_within_the_stall_timeout_naming_it(repo, tm
         deadline = time.time() + 300
         while not ((run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 2) and time.time() < deadline:
             time.sleep(0.2)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-        ranks = dict(enumerate(sorted(workers, key=lambda p: (p.create_time(), p.pid))))  # spawned in rank order
+        ranks = dict(enumerate(local_ranks(psutil.Process(proc.pid))))
         ranks[1].suspend()  # SIGSTOP
         stopped = time.time()
         _, err = proc.communicate(timeout=stall + 60)

@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import local_ranks
+
 REPO = Path(__file__).resolve().parents[3]
 
 BASE = ["tiny-qwen2.5", "run.episodes=2", "run.seed=3"]
@@ -53,10 +55,6 @@ def test_layout_run_follows_the_single_process_run(repo, tmp_path, single, layou
         "manifest.json", "rank-00000.pt", "rank-00001.pt"]
 
 
-def _workers(parent: psutil.Process) -> list[psutil.Process]:
-    return [p for p in parent.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-
-
 @pytest.mark.slow
 def test_killing_one_rank_stops_every_rank_with_the_first_error(repo, tmp_path):
     run_dir = tmp_path / "run"
@@ -68,7 +66,7 @@ def test_killing_one_rank_stops_every_rank_with_the_first_error(repo, tmp_path):
         deadline = time.time() + 600
         while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and rows(run_dir)):
             time.sleep(0.2)
-        workers = _workers(parent)
+        workers = local_ranks(parent)
         assert len(workers) == 2, [w.cmdline() for w in workers]
         workers[1].kill()
         _, stderr = proc.communicate(timeout=120)
