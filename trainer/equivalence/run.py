@@ -66,6 +66,15 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+CACHE_ENV = "GRPO_STACK_GATES_CACHE"
+
+
+def cache_dir(out: Path) -> Path:
+    """Where prepared rollouts are kept: ``$GRPO_STACK_GATES_CACHE`` (CI: beside its wheel caches, so that a rerun
+    on the same code reuses them), else OUT/.cache."""
+    return Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else out / ".cache"
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("gates", nargs="*", help="gate names (default: every gate of the matrix)")
     p.add_argument("--matrix", default=str(DEFAULT_MATRIX_PATH))
     p.add_argument("--out", default=str(ROOT / "runs" / "gates"), help="verdicts go to OUT/<gate>/")
-    p.add_argument("--cache", help="where prepared rollouts are kept (default: OUT/.cache)")
+    p.add_argument("--cache", help=f"where prepared rollouts are kept (default: ${CACHE_ENV}, else OUT/.cache)")
     p.add_argument("--candidate", type=int, action="append", metavar="N",
                    help="run only candidate N (0-based, repeatable) of each named gate; default: all")
     p.add_argument("--plant", metavar="FILE:FUNCTION", help=argparse.SUPPRESS)  # tests: a fault in the candidates
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.parallel.launcher import RankFailed
 
     out = Path(args.out)
-    runner = Runner(m, Path(args.cache) if args.cache else out / ".cache", plant=args.plant, launcher=args.launcher,
+    runner = Runner(m, Path(args.cache) if args.cache else cache_dir(out), plant=args.plant, launcher=args.launcher,
                     ray_address=args.ray_address)
     failed = []
     for name in args.gates or list(m.gates):

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from trainer.equivalence.run import cache_dir
+
 REPO = Path(__file__).resolve().parents[3]
 # Its sitecustomize makes multi-rank SUM all-reduces 1% large.
 PLANTED_ENV = Path(__file__).with_name("planted_env")
 # The cache `nox -s equivalence` uses too (keyed by the code, so never stale): CI's gate session then reuses the
 # rollouts prepared here instead of warm-starting them again.
-CACHE = REPO / "runs" / "gates" / ".cache"
+CACHE = cache_dir(REPO / "runs" / "gates")
 
 CASES = [  # (fault, gate, its candidate that the fault reaches, the quantity that must fail)
     ("label_shift_at_chunk_boundaries", "cp-equivalence", 0, "logprobs at CP chunk boundaries, max abs"),
