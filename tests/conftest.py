@@ -71,10 +71,13 @@ def matrix():
     return load_matrix()
 
 
+def forked_from_server(process) -> bool:
+    """A local launcher's fork server, or a rank forked from it (a ``psutil.Process``): both have its command line."""
+    return "multiprocessing.forkserver" in " ".join(process.cmdline())
+
+
 def local_ranks(driver) -> list:
     """The rank processes the local launcher started under ``driver`` (a ``psutil.Process``), in the order they
-    started (rank order): the children of its fork server, which share the server's command line."""
-    server = "multiprocessing.forkserver"
-    ranks = [p for p in driver.children(recursive=True)
-             if server in " ".join(p.cmdline()) and server in " ".join(p.parent().cmdline())]
+    started (rank order): the children of its fork server."""
+    ranks = [p for p in driver.children(recursive=True) if forked_from_server(p) and forked_from_server(p.parent())]
     return sorted(ranks, key=lambda p: (p.create_time(), p.pid))

@@ -74,9 +74,9 @@ def sigterm_to_launcher_after_row_1():
 
 def _launcher_pid() -> int:
     """The local launcher's process: the parent of the fork server this rank was forked from."""
-    server = os.getppid()
-    with open(f"/proc/{server}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])
+    import psutil
+
+    return psutil.Process(os.getppid()).ppid()
 
 
 def deadlock_after_row_1():

@@ -9,7 +9,7 @@ import sys
 
 import psutil
 
-from tests.conftest import REPO
+from tests.conftest import REPO, forked_from_server
 from tests.trainer.parallel.forked_ranks import what_the_rank_sees
 from trainer.parallel.launcher import launch
 
@@ -17,7 +17,7 @@ KEY = "GRPO_STACK_TEST_FORKED"
 
 
 def _servers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process().children(recursive=True) if forked_from_server(p)]
 
 
 def test_ranks_see_the_drivers_environment_and_folder_of_the_moment_and_no_server_outlives_its_launch(
